@@ -1,11 +1,38 @@
 """Eager hyperparameter checks shared by every optimizer: ValueError naming the argument."""
+import functools
+import inspect
 import math
+
+import jax
+import numpy as np
 
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _accepts_injected(check):
+    """Lets `check` take hyperparameters as `optax.inject_hyperparams` passes them: 0-d arrays.
+
+    A concrete 0-d array is checked as the Python number it holds; a traced one (inside jit)
+    cannot be checked and passes (`inject_hyperparams` builds the optimizer again every step).
+    """
+    signature = inspect.signature(check)
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        value = bound.arguments["value"]
+        if isinstance(value, jax.core.Tracer):
+            return None
+        if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+            bound.arguments["value"] = np.asarray(value).item()
+        return check(*bound.args, **bound.kwargs)
+
+    return checked
+
+
+@_accepts_injected
 def learning_rate(value, name="learning_rate"):
     """A learning rate is a non-negative finite number or a schedule (callable)."""
     if callable(value):
@@ -14,6 +41,7 @@ def learning_rate(value, name="learning_rate"):
         raise ValueError(f"{name} must be a non-negative number or a schedule, got {value!r}")
 
 
+@_accepts_injected
 def in_range(name, value, low=0.0, high=1.0, high_inclusive=False):
     """`low <= value < high` (or `<= high` when high_inclusive)."""
     ok = _is_number(value) and low <= value and (value <= high if high_inclusive else value < high)
@@ -22,21 +50,32 @@ def in_range(name, value, low=0.0, high=1.0, high_inclusive=False):
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
 
 
+@_accepts_injected
 def non_negative(name, value):
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
+@_accepts_injected
 def positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+@_accepts_injected
 def non_negative_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+@_accepts_injected
 def one_of(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@_accepts_injected
+def greater_than(name, value, bound):
+    """A finite number strictly above `bound` (e.g. a loss scale > 0, a growth factor > 1)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= bound:
+        raise ValueError(f"{name} must be a finite number > {bound}, got {value!r}")

@@ -1,0 +1,304 @@
+"""First-order optimizers (optim.transforms, optim.alias) against optax, closed forms and numpy."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optim
+from tests.oracle import MIXED_SHAPES, assert_same_updates, random_tree
+
+LR = 0.01
+# Decay the matrix and the kernel, not the scalar and the bias.
+MASK_TREE = {"scalar": False, "bias": False, "dense": True, "conv": True}
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 0.05, warmup_steps=10, decay_steps=100)
+# Adafactor factors a leaf when its two largest dims reach min_dim_size_to_factor (128).
+LARGE_SHAPES = {"bias": (130,), "narrow": (127, 160), "dense": (128, 160), "stack": (2, 130, 128),
+                "tied": (3, 129, 129)}
+
+
+def _momentum_wd_chain(momentum, nesterov, weight_decay, mask, learning_rate):
+    """optax.sgd with add_decayed_weights inserted before the learning rate (DESIGN.md)."""
+    return optax.chain(optax.trace(momentum, nesterov), optax.add_decayed_weights(weight_decay, mask),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+EQUAL_TO_OPTAX = {
+    "sgd": (lambda: optim.sgd(LR), lambda: optax.sgd(LR)),
+    "sgd_momentum": (lambda: optim.sgd(LR, momentum=0.9), lambda: optax.sgd(LR, momentum=0.9)),
+    "sgd_nesterov_wd_mask_tree": (
+        lambda: optim.sgd(LR, momentum=0.8, nesterov=True, weight_decay=0.1, mask=MASK_TREE),
+        lambda: _momentum_wd_chain(0.8, True, 0.1, MASK_TREE, LR)),
+    "sgd_wd_mask_callable": (
+        lambda: optim.sgd(LR, momentum=0.9, weight_decay=0.05, mask=optim.decay_mask),
+        lambda: _momentum_wd_chain(0.9, False, 0.05, optim.decay_mask, LR)),
+    "adagrad": (lambda: optim.adagrad(LR), lambda: optax.adagrad(LR)),
+    "adagrad_args": (lambda: optim.adagrad(LR, initial_accumulator_value=0.5, eps=1e-4),
+                     lambda: optax.adagrad(LR, initial_accumulator_value=0.5, eps=1e-4)),
+    "rmsprop": (lambda: optim.rmsprop(LR), lambda: optax.rmsprop(LR)),
+    "rmsprop_nesterov": (
+        lambda: optim.rmsprop(LR, decay=0.95, eps=1e-6, momentum=0.9, nesterov=True),
+        lambda: optax.rmsprop(LR, decay=0.95, eps=1e-6, momentum=0.9, nesterov=True)),
+    "adam": (lambda: optim.adam(LR), lambda: optax.adam(LR)),
+    "adam_args": (lambda: optim.adam(LR, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-8),
+                  lambda: optax.adam(LR, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-8)),
+    "adamw": (lambda: optim.adamw(LR), lambda: optax.adamw(LR)),
+    "adamw_mask_tree": (lambda: optim.adamw(LR, b1=0.5, weight_decay=0.1, mask=MASK_TREE),
+                        lambda: optax.adamw(LR, b1=0.5, weight_decay=0.1, mask=MASK_TREE)),
+    "adamw_mask_callable": (
+        lambda: optim.adamw(LR, b2=0.9, eps=1e-5, weight_decay=0.1, mask=optim.decay_mask),
+        lambda: optax.adamw(LR, b2=0.9, eps=1e-5, weight_decay=0.1, mask=optim.decay_mask)),
+    "lion": (lambda: optim.lion(LR), lambda: optax.lion(LR)),
+    "lion_args": (lambda: optim.lion(LR, b1=0.5, b2=0.9, weight_decay=0.1, mask=optim.decay_mask),
+                  lambda: optax.lion(LR, b1=0.5, b2=0.9, weight_decay=0.1, mask=optim.decay_mask)),
+    "lion_no_decay": (lambda: optim.lion(LR, weight_decay=0.0),
+                      lambda: optax.lion(LR, weight_decay=0.0)),
+    "adafactor": (lambda: optim.adafactor(LR), lambda: optax.adafactor(LR)),
+    "adafactor_factored_small": (lambda: optim.adafactor(LR, min_dim_size_to_factor=4),
+                                 lambda: optax.adafactor(LR, min_dim_size_to_factor=4)),
+    "adafactor_args": (
+        lambda: optim.adafactor(LR, min_dim_size_to_factor=3, decay_rate=0.6, decay_offset=2,
+                                multiply_by_parameter_scale=False, clipping_threshold=None,
+                                eps=1e-20, weight_decay=0.5, mask=MASK_TREE),
+        lambda: optax.adafactor(LR, min_dim_size_to_factor=3, decay_rate=0.6, decay_offset=2,
+                                multiply_by_parameter_scale=False, clipping_threshold=None,
+                                eps=1e-20, weight_decay_rate=0.5 * LR,
+                                weight_decay_mask=MASK_TREE)),
+    # Schedules: momentum after the learning rate (rmsprop) and before it (sgd) must both match.
+    "sgd_schedule": (lambda: optim.sgd(SCHEDULE, momentum=0.9, nesterov=True),
+                     lambda: optax.sgd(SCHEDULE, momentum=0.9, nesterov=True)),
+    "rmsprop_schedule": (lambda: optim.rmsprop(SCHEDULE, momentum=0.9),
+                         lambda: optax.rmsprop(SCHEDULE, momentum=0.9)),
+    "adamw_schedule": (lambda: optim.adamw(SCHEDULE, weight_decay=0.1),
+                       lambda: optax.adamw(SCHEDULE, weight_decay=0.1)),
+    "lion_schedule": (lambda: optim.lion(SCHEDULE), lambda: optax.lion(SCHEDULE)),
+    "adafactor_schedule": (lambda: optim.adafactor(SCHEDULE), lambda: optax.adafactor(SCHEDULE)),
+    # optax.inject_hyperparams hands every numeric hyperparameter over as a (traced) array.
+    "inject_adamw": (
+        lambda: optax.inject_hyperparams(optim.adamw)(learning_rate=SCHEDULE, b1=0.8,
+                                                      weight_decay=0.1, mask=optim.decay_mask),
+        lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=SCHEDULE, b1=0.8,
+                                                      weight_decay=0.1, mask=optim.decay_mask)),
+    "inject_sgd": (
+        lambda: optax.inject_hyperparams(optim.sgd)(learning_rate=LR, momentum=0.9),
+        lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=LR, momentum=0.9)),
+    "inject_lion": (lambda: optax.inject_hyperparams(optim.lion)(learning_rate=SCHEDULE),
+                    lambda: optax.inject_hyperparams(optax.lion)(learning_rate=SCHEDULE)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EQUAL_TO_OPTAX))
+def test_equals_optax(case):
+    ours, theirs = EQUAL_TO_OPTAX[case]
+    assert_same_updates(ours(), theirs())
+
+
+def test_adafactor_at_defaults_factors_large_leaves_like_optax():
+    ours = optim.adafactor(LR)
+    params = random_tree(jax.random.key(0), LARGE_SHAPES)
+    factored = {name for name, moment in ours.init(params)[0].moments.items()
+                if isinstance(moment, optim.transforms.FactoredMoments)}
+    assert factored == {"dense", "stack", "tied"}
+    assert_same_updates(ours, optax.adafactor(LR), steps=10, shapes=LARGE_SHAPES)
+
+
+def test_adam_by_hand():
+    """theta0 = 2, loss theta^2 / 2, lr 0.1: Adam's first step is lr * sign(g), then numpy."""
+    learning_rate, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    tx = optim.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    theta = jnp.asarray(2.0)
+    state = tx.init(theta)
+    ours = []
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(lambda t: t**2 / 2)(theta), state, theta)
+        theta = optax.apply_updates(theta, updates)
+        ours.append(float(theta))
+
+    expected, t, m, v = [], 2.0, 0.0, 0.0
+    for step in range(1, 4):
+        m = b1 * m + (1 - b1) * t
+        v = b2 * v + (1 - b2) * t * t
+        t -= learning_rate * (m / (1 - b1**step)) / (np.sqrt(v / (1 - b2**step)) + eps)
+        expected.append(t)
+    assert ours[0] == pytest.approx(2.0 - learning_rate, rel=1e-6)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)  # float32 vs float64
+    np.testing.assert_allclose(ours, [1.900, 1.800, 1.701], atol=1e-3)
+
+
+INVALID = [
+    (optim.sgd, dict(learning_rate=-0.1), "learning_rate", "-0.1"),
+    (optim.sgd, dict(learning_rate=0.1, momentum=1.0), "momentum", "1.0"),
+    (optim.sgd, dict(learning_rate=0.1, weight_decay=-1.0), "weight_decay", "-1.0"),
+    (optim.adagrad, dict(learning_rate=0.1, initial_accumulator_value=-1.0),
+     "initial_accumulator_value", "-1.0"),
+    (optim.adagrad, dict(learning_rate=0.1, eps=-1e-7), "eps", "-1e-07"),
+    (optim.rmsprop, dict(learning_rate=0.1, decay=1.0), "decay", "1.0"),
+    (optim.rmsprop, dict(learning_rate=0.1, momentum=-0.5), "momentum", "-0.5"),
+    (optim.adam, dict(learning_rate=0.1, b1=1.0), "b1", "1.0"),
+    (optim.adam, dict(learning_rate=0.1, b2=-0.1), "b2", "-0.1"),
+    (optim.adam, dict(learning_rate=0.1, eps=-1.0), "eps", "-1.0"),
+    (optim.adam, dict(learning_rate=0.1, eps_root=-1.0), "eps_root", "-1.0"),
+    (optim.adamw, dict(learning_rate=float("nan")), "learning_rate", "nan"),
+    (optim.adamw, dict(learning_rate=0.1, weight_decay=-1e-4), "weight_decay", "-0.0001"),
+    (optim.lion, dict(learning_rate=0.1, b2=1.5), "b2", "1.5"),
+    (optim.lion, dict(learning_rate="fast"), "learning_rate", "'fast'"),
+    (optim.adafactor, dict(learning_rate=0.1, min_dim_size_to_factor=0),
+     "min_dim_size_to_factor", "0"),
+    (optim.adafactor, dict(learning_rate=0.1, decay_rate=-0.8), "decay_rate", "-0.8"),
+    (optim.adafactor, dict(learning_rate=0.1, clipping_threshold=0.0), "clipping_threshold", "0.0"),
+    (optim.scale_by_momentum, dict(decay=1.2), "decay", "1.2"),
+]
+
+
+@pytest.mark.parametrize("factory, kwargs, name, value", INVALID)
+def test_invalid_hyperparameter_names_argument_and_value(factory, kwargs, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} .*{re.escape(value)}$"):
+        factory(**kwargs)
+
+
+def test_injected_hyperparameters_are_validated_at_init():
+    tx = optax.inject_hyperparams(optim.adam)(learning_rate=0.1, b1=1.5)
+    with pytest.raises(ValueError, match=r"^b1 .*1\.5$"):
+        tx.init({"w": jnp.ones(3)})
+
+
+# Every optimizer, with state in every piece: momentum on, adafactor factoring small leaves.
+ALL = {
+    "sgd": lambda: optim.sgd(LR, momentum=0.9, weight_decay=0.1),
+    "adagrad": lambda: optim.adagrad(LR),
+    "rmsprop": lambda: optim.rmsprop(LR, momentum=0.9),
+    "adam": lambda: optim.adam(LR),
+    "adamw": lambda: optim.adamw(LR, mask=optim.decay_mask),
+    "lion": lambda: optim.lion(LR),
+    "adafactor": lambda: optim.adafactor(LR, min_dim_size_to_factor=4),
+}
+
+
+def _numpy_tree(seed, shapes=MIXED_SHAPES, dtype=jnp.float32):
+    """Like oracle.random_tree, from numpy: new shapes and dtypes need no eager XLA compiles."""
+    rng = np.random.default_rng(seed)
+    return {name: jnp.asarray(rng.standard_normal(shape), dtype) for name, shape in shapes.items()}
+
+
+def _array_dtypes(tree):
+    return [leaf.dtype for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_state_keeps_dtype_and_structure_under_jit(name):
+    """bf16 params and grads keep bf16 state and updates (as optax), and jit never re-traces."""
+    tx = ALL[name]()
+    params = _numpy_tree(1, dtype=jnp.bfloat16)
+    state = tx.init(params)
+    initial = (jax.tree.structure(state), _array_dtypes(state))
+    traces = []
+
+    @jax.jit
+    def step(grads, state, params):
+        traces.append(None)
+        return tx.update(grads, state, params)
+
+    for seed in range(3):
+        grads = _numpy_tree(seed, dtype=jnp.bfloat16)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert (jax.tree.structure(state), _array_dtypes(state)) == initial
+    assert len(traces) == 1
+    assert set(_array_dtypes(updates)) == {jnp.dtype(jnp.bfloat16)}
+    assert set(_array_dtypes(state)) <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
+
+
+SHARDED_SPECS = {"scalar": P(), "bias": P("model"), "dense": P("data", "model"),
+                 "conv": P(None, None, "data", "model")}
+SHARDED_SHAPES = {"scalar": (), "bias": (8,), "dense": (16, 8), "conv": (3, 3, 4, 8)}
+
+
+@pytest.mark.parametrize("name, axis_type", [(name, AxisType.Auto) for name in sorted(ALL)]
+                         + [("adamw", AxisType.Explicit), ("adafactor", AxisType.Explicit)])
+def test_state_follows_param_shardings(name, axis_type):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):  # Explicit axes need the mesh in context for eager ops
+        _check_state_follows_param_shardings(ALL[name](), mesh)
+
+
+def _check_state_follows_param_shardings(tx, mesh):
+    shardings = {k: NamedSharding(mesh, spec) for k, spec in SHARDED_SPECS.items()}
+    params = jax.device_put(_numpy_tree(3, SHARDED_SHAPES), shardings)
+
+    @jax.jit
+    def train_step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for seed in range(2):
+        grads = jax.device_put(_numpy_tree(seed, SHARDED_SHAPES), shardings)
+        params, state = train_step(params, state, grads)
+
+    checked = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path((params, state)):
+        param_name = getattr(path[-1], "key", None)
+        if param_name in shardings and leaf.shape == SHARDED_SHAPES[param_name]:
+            assert leaf.sharding.is_equivalent_to(shardings[param_name], leaf.ndim), (
+                jax.tree_util.keystr(path), leaf.sharding)
+            checked += 1
+    assert checked > len(SHARDED_SHAPES)  # params and at least one param-shaped state tree
+
+
+def _state_bytes(state):
+    """Bytes of the state's arrays, leaving out step counters."""
+    return sum(leaf.nbytes for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+               if getattr(path[-1], "name", None) != "count")
+
+
+def test_lion_state_is_half_of_adams():
+    params = random_tree(jax.random.key(5))
+    adam_bytes = _state_bytes(optim.adamw(LR).init(params))
+    assert adam_bytes == 2 * sum(p.nbytes for p in jax.tree.leaves(params))
+    assert 2 * _state_bytes(optim.lion(LR).init(params)) == adam_bytes
+
+
+def test_decay_mask_and_shared_helpers():
+    params = random_tree(jax.random.key(6))
+    assert optim.decay_mask(params) == MASK_TREE
+    assert optim.decay_mask(jax.eval_shape(lambda: params)) == MASK_TREE
+
+    grads = random_tree(jax.random.key(7))
+    no_decay = optim.add_decoupled_weight_decay(0.0, MASK_TREE)
+    updates, _ = no_decay.update(grads, no_decay.init(params), params)
+    assert updates is grads
+    decay = optim.add_decoupled_weight_decay(0.5, MASK_TREE)
+    updates, _ = decay.update(grads, decay.init(params), params)
+    for name, decayed in MASK_TREE.items():
+        np.testing.assert_allclose(updates[name], grads[name] + decayed * 0.5 * params[name],
+                                   rtol=1e-6)
+
+    lr = optim.scale_by_learning_rate(lambda step: 0.1 * (step + 1))
+    state = lr.init(params)
+    for step in range(3):
+        updates, state = lr.update(grads, state)
+        np.testing.assert_allclose(updates["dense"], -0.1 * (step + 1) * grads["dense"], rtol=1e-6)
+
+
+def test_registry_builds_every_first_order_optimizer():
+    names = optim.available()
+    assert set(ALL) <= set(names)
+    assert_same_updates(optim.create("adamw", learning_rate=LR, b1=0.8, mask=optim.decay_mask),
+                        optax.adamw(LR, b1=0.8, mask=optim.decay_mask), steps=5)
+    assert_same_updates(optim.create("sgd", learning_rate=LR, momentum=0.9),
+                        optax.sgd(LR, momentum=0.9), steps=5)
+
+
+def test_registry_rejects_unknown_names_and_hyperparameters():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamax'") as info:
+        optim.create("adamax", learning_rate=LR)
+    for name in optim.available():
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter.*'momentum'.*'adam'"):
+        optim.create("adam", learning_rate=LR, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^b1 .*2\.0$"):
+        optim.create("lion", learning_rate=LR, b1=2.0)
