@@ -15,5 +15,15 @@ from optim.averaging import (TailAverage, ema_params, init_average, init_tail_av
 from optim.loss_scale import (DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite,
                               select_tree)
 
+# --- Shampoo and SOAP (shampoo.py, soap.py) ---
+from optim.shampoo import scale_by_shampoo, shampoo
+from optim.soap import scale_by_soap, soap
+
+# --- Muon (muon.py) ---
+from optim.muon import hidden_matrices, muon, scale_by_muon
+
+# --- diagnostics (diagnostics.py): imported as optim.diagnostics ---
+from optim import diagnostics
+
 # --- registry (registry.py) ---
 from optim.registry import available, create

@@ -1,0 +1,242 @@
+"""Block layout and batched matrix functions shared by Shampoo and SOAP.
+
+Blocking. A leaf of shape `(d_0, ..., d_{k-1})` is cut into blocks of at most `block_size`
+entries per dim: dim j holds `g_j = ceil(d_j / b_j)` blocks of `b_j = min(d_j, block_size)`
+entries, the last one zero-padded. The blocked layout of the leaf is
+`(g_0, ..., g_{k-1}, b_0, ..., b_{k-1})`: the block grid leads, so every per-block quantity
+(statistics and roots `(*grid, b_j, b_j)`) also has the grid as its leading dims.
+
+Sharding. Keeping the grid as separate leading dims (rather than flattening all blocks of
+all leaves into one stack) is what lets the state follow the params: grid dim j can carry
+the mesh axes of param dim j, so when a dim is split at block boundaries over devices, each
+device holds the statistics and roots of the blocks of its own shard and the statistics
+update needs no communication. Under jit, GSPMD propagates exactly this layout from the
+gradients' shardings (grid dim j gets the axes of param dim j). A per-leaf state node whose
+arrays all start with the grid says so with the class attribute `FOLLOWS_PARAM_GRID = True`,
+for sharding rules that lay out optimizer state ahead of time. Same-shape stacks of
+different leaves are stacked along a new leading axis only inside the root computation
+(`map_stacked`), which keeps the grid dims and their shardings intact.
+"""
+import collections
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class Blocking(NamedTuple):
+    """How a leaf is cut into blocks (static: built from its shape)."""
+    shape: tuple  # the leaf's shape
+    block: tuple  # entries per block along each dim
+    grid: tuple   # blocks along each dim
+
+    @property
+    def padded(self):
+        return any(g * b != d for d, b, g in zip(self.shape, self.block, self.grid))
+
+
+def make_blocking(shape, block_size):
+    """Blocks of at most `block_size` per dim (the last one padded where it does not divide)."""
+    block = tuple(min(d, block_size) for d in shape)
+    grid = tuple(math.ceil(d / b) if b else 1 for d, b in zip(shape, block))
+    return Blocking(tuple(shape), block, grid)
+
+
+def to_blocks(x, blocking):
+    """`x` in the blocked layout `(*grid, *block)`, zero-padded."""
+    grid, block = blocking.grid, blocking.block
+    if blocking.padded:
+        x = jnp.pad(x, [(0, g * b - d) for d, b, g in zip(x.shape, block, grid)])
+    k = len(grid)
+    x = x.reshape([n for pair in zip(grid, block) for n in pair])
+    return x.transpose(tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)))
+
+
+def from_blocks(x, blocking):
+    """Inverse of `to_blocks`: the leaf's shape, padding cropped."""
+    grid, block, k = blocking.grid, blocking.block, len(blocking.grid)
+    x = x.transpose([i for j in range(k) for i in (j, k + j)])
+    x = x.reshape([g * b for g, b in zip(grid, block)])
+    if blocking.padded:
+        x = x[tuple(slice(0, d) for d in blocking.shape)]
+    return x
+
+
+def block_norms(x, batch_ndim):
+    """Frobenius norm of each block of `x` (all dims after the first `batch_ndim`), kept dims."""
+    axes = tuple(range(batch_ndim, x.ndim))
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def gram(x, axis, batch_ndim, dtype=jnp.float32):
+    """Per block, `X_(axis) X_(axis)^T`: `x` contracted with itself over every non-batch dim
+    except `batch_ndim + axis` (the mode-`axis` unfolding times its transpose).
+
+    For a matrix block G this is `G G^T` (axis 0) or `G^T G` (axis 1). Returns
+    `(*batch, n, n)` with `n = x.shape[batch_ndim + axis]`, accumulated in `dtype`.
+    """
+    batch = tuple(range(batch_ndim))
+    contract = tuple(d for d in range(batch_ndim, x.ndim) if d != batch_ndim + axis)
+    return lax.dot_general(x, x, ((contract, contract), (batch, batch)),
+                           preferred_element_type=dtype)
+
+
+def multiply_dims(x, matrices, batch_ndim, transpose=False):
+    """Multiplies every non-batch dim j of `x` by `matrices[j]` (None: identity).
+
+    `out[..., i'_j, ...] = sum_{i_j} x[..., i_j, ...] M_j[..., i_j, i'_j]` (with `transpose`,
+    `M_j[..., i'_j, i_j]`): for a matrix block G and symmetric P_0, P_1 this is `P_0 G P_1`;
+    with eigenbases Q_j it is `Q_0^T G Q_1` (and `Q_0 G Q_1^T` with `transpose`). Each
+    product contracts the first non-batch dim and appends the result last, so after all
+    dims the order is restored without transposes of our own.
+    """
+    batch = tuple(range(batch_ndim))
+    for matrix in matrices:
+        if matrix is None:
+            x = jnp.moveaxis(x, batch_ndim, -1)
+        else:
+            contract = batch_ndim + (1 if transpose else 0)
+            x = lax.dot_general(x, matrix.astype(x.dtype),
+                                (((batch_ndim,), (contract,)), (batch, batch)))
+    return x
+
+
+def map_stacked(fn, args, keys):
+    """`[fn(key, *a) for a, key in zip(args, keys)]` with one call of `fn` per distinct key.
+
+    Items with equal keys (which must have equal shapes) are stacked along a new leading axis
+    and `fn` gets the stacks; it returns a pytree of stacked results, split back per item.
+    Batching same-shape matrices makes one eigh / matmul call of a large batch instead of
+    many small ones; stacking on a new axis leaves the items' own (sharded) dims alone.
+    """
+    groups = collections.defaultdict(list)
+    for index, key in enumerate(keys):
+        groups[key].append(index)
+    results = [None] * len(args)
+    for key, indices in groups.items():
+        stacked = [jnp.stack(parts) for parts in zip(*(args[i] for i in indices))]
+        out = fn(key, *stacked)
+        for position, index in enumerate(indices):
+            results[index] = jax.tree.map(lambda r, p=position: r[p], out)
+    return results
+
+
+def per_matrix(fn, matrices):
+    """`fn` (a LAPACK-backed decomposition such as `jnp.linalg.eigh`) of `matrices[..., n, n]`.
+
+    On CPU it is called once per matrix: jaxlib 0.10's batched CPU LAPACK kernels occupy a
+    thread of XLA's pool while they wait for their batch to run on that same pool, so inside
+    a larger program they can deadlock (seen with a 1-device mesh and with 8 emulated
+    devices; fixed in jaxlib 0.11.1). Separate one-matrix calls run side by side on every
+    core. On CPU a sharded batch dim is gathered for this, which costs only host copies.
+    Elsewhere one batched call keeps the batch dims' shardings.
+    """
+    batch = matrices.shape[:-2]
+    if jax.default_backend() != "cpu" or not batch:
+        return fn(matrices)
+    flat = matrices.reshape((-1,) + matrices.shape[-2:])
+    outs = [fn(flat[i]) for i in range(flat.shape[0])]
+    return jax.tree.map(lambda *parts: jnp.stack(parts).reshape(batch + parts[0].shape), *outs)
+
+
+def keep_finite(new, old):
+    """`new` where a whole matrix (last two dims) is finite, else `old`."""
+    ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
+    return jnp.where(ok, new, old)
+
+
+def eye_like(shape, dtype=jnp.float32):
+    """Identity matrices of shape `(..., n, n)`."""
+    return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+
+def _damping(max_eigenvalue, eps, relative_eps):
+    return eps * max_eigenvalue if relative_eps else jnp.asarray(eps, jnp.float32)
+
+
+def inverse_root_eigh(matrices, p, eps, relative_eps):
+    """`(A + d I)^(-1/p)` of symmetric PSD matrices `(..., n, n)` by eigendecomposition.
+
+    Eigenvalues below 0 (rounding) are clipped to 0; `d = eps * lambda_max(A)` when
+    `relative_eps`, else `eps`. Computed in float32.
+    """
+    eigenvalues, vectors = per_matrix(jnp.linalg.eigh, matrices.astype(jnp.float32))
+    eigenvalues = jnp.maximum(eigenvalues, 0.0)
+    damping = _damping(eigenvalues[..., -1:], eps, relative_eps)
+    scale = (eigenvalues + damping) ** (-1.0 / p)
+    return jnp.matmul(vectors * scale[..., None, :], jnp.swapaxes(vectors, -1, -2),
+                      precision=HIGHEST)
+
+
+def max_eigenvalue(matrices, iterations=20):
+    """Power-iteration estimate of the largest eigenvalue of PSD matrices `(..., n, n)`."""
+    n = matrices.shape[-1]
+    start = jax.random.normal(jax.random.key(0), (n, 1), jnp.float32)
+    vector = jnp.broadcast_to(start, matrices.shape[:-1] + (1,))
+
+    def step(_, v):
+        v = jnp.matmul(matrices, v, precision=HIGHEST)
+        return v * lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-2, keepdims=True), 1e-30))
+
+    vector = lax.fori_loop(0, iterations, step, vector)
+    return jnp.sum(vector * jnp.matmul(matrices, vector, precision=HIGHEST), axis=(-2, -1))
+
+
+def _matrix_power(x, p):
+    """x^p for a static integer p >= 1, by repeated squaring."""
+    result = None
+    while p:
+        if p & 1:
+            result = x if result is None else jnp.matmul(result, x, precision=HIGHEST)
+        p >>= 1
+        if p:
+            x = jnp.matmul(x, x, precision=HIGHEST)
+    return result
+
+
+def inverse_root_newton(matrices, p, eps, relative_eps, max_iterations=100, tolerance=1e-6):
+    """`(A + d I)^(-1/p)` of symmetric PSD matrices `(..., n, n)` by coupled Newton iteration.
+
+    Matmul-only (Guo & Higham 2006; as in Anil et al. 2020): with `z = (1+p) / (2 |A|_F)`,
+    `M_0 = z A`, `H_0 = z^(1/p) I`, iterate `X = ((p+1) I - M) / p`, `M <- X^p M`,
+    `H <- H X`, so that `M -> I` and `H -> A^(-1/p)`. Each matrix stops when
+    `max|M - I| <= tolerance`, or keeps its previous `H` and stops when an iteration grows
+    that error by more than 1.2x (small transient increases are normal; larger ones mean
+    float32 rounding has taken over).
+    `d = eps * lambda_max(A)` (power iteration) when `relative_eps`, else `eps`.
+    """
+    a = matrices.astype(jnp.float32)
+    eye = eye_like(a.shape)
+    damping = _damping(max_eigenvalue(a)[..., None, None], eps, relative_eps)
+    a = a + damping * eye
+    z = (1.0 + p) / (2.0 * jnp.linalg.norm(a, axis=(-2, -1), keepdims=True))
+    m, h = z * a, eye * z ** (1.0 / p)
+
+    def error(m):
+        return jnp.max(jnp.abs(m - eye), axis=(-2, -1), keepdims=True)
+
+    def cond(carry):
+        i, _, _, _, active = carry
+        return (i < max_iterations) & jnp.any(active)
+
+    def body(carry):
+        i, m, h, err, active = carry
+        x = ((p + 1.0) * eye - m) / p
+        new_m = jnp.matmul(_matrix_power(x, p), m, precision=HIGHEST)
+        new_h = jnp.matmul(h, x, precision=HIGHEST)
+        new_err = error(new_m)
+        accept = active & (new_err < 1.2 * err)
+        return (i + 1, jnp.where(accept, new_m, m), jnp.where(accept, new_h, h),
+                jnp.where(accept, new_err, err), accept & (new_err > tolerance))
+
+    err = error(m)
+    _, _, h, _, _ = lax.while_loop(cond, body, (0, m, h, err, err > tolerance))
+    return h
+
+
+INVERSE_ROOTS = {"eigh": inverse_root_eigh, "newton": inverse_root_newton}
+

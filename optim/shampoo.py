@@ -1,0 +1,261 @@
+"""Shampoo: Kronecker-factored preconditioning per block, with grafting.
+
+Gupta, Koren & Singer 2018, "Shampoo: Preconditioned Stochastic Tensor Optimization";
+Anil et al. 2020, "Scalable Second Order Optimization for Deep Learning" (blocking, grafting,
+coupled Newton roots, relative damping); Shi et al. 2023, "A Distributed Data-Parallel
+PyTorch Implementation of the Distributed Shampoo Optimizer" (Adam grafting, momentum on the
+grafted direction).
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optim import _blocks, _validate
+from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+
+GRAFTINGS = ("adam", "rmsprop", "sgd", None)
+
+
+class ShampooBlocks(NamedTuple):
+    """Per preconditioned leaf: one statistic and one inverse root per dim, for every block.
+
+    `stats[j]` and `roots[j]` have shape `(*grid, b_j, b_j)` (see `optim._blocks`): the block
+    grid leads, so these arrays can be sharded like the param's dims.
+    """
+    stats: tuple
+    roots: tuple
+    FOLLOWS_PARAM_GRID = True  # class attribute, not a field: see optim._blocks
+
+
+class ShampooState(NamedTuple):
+    count: jax.Array  # int32: steps taken (it alone decides when roots are refreshed)
+    momentum: Any     # like params: EMA of the directions; None when b1 == 0
+    diagonal: Any     # per leaf: grafting second moment (params' shape), or None
+    blocks: Any       # per leaf: ShampooBlocks, or None for leaves it does not precondition
+
+
+def _new_weight(decay):
+    """Weight of a new term in the accumulators: `1 - decay`, or 1 for plain sums (decay 1)."""
+    return 1.0 if decay == 1 else 1.0 - decay
+
+
+def _debias(decay, count):
+    """`1 - decay^count`, or 1 for plain sums (decay 1), as float32."""
+    if decay == 1:
+        return jnp.float32(1)
+    return 1 - jnp.float32(decay) ** count.astype(jnp.float32)
+
+
+def _validate_dtype(name, value):
+    try:
+        ok = jnp.issubdtype(value, jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a floating dtype, got {value!r}")
+
+
+def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1024,
+                     precondition_every=10, start_preconditioning_step=10, grafting="adam",
+                     inverse_root="eigh", statistics_dtype=jnp.float32, nesterov=False,
+                     graft_eps=1e-8):
+    """Shampoo's direction (Gupta et al. 2018) with blocking and grafting (Anil et al. 2020).
+
+    Every leaf with ndim k >= 2 is cut into blocks of at most `block_size` per dim (see
+    `optim._blocks`). For each block G and each dim j, with G_(j) its mode-j unfolding:
+
+        S_j <- b2 S_j + (1 - b2) G_(j) G_(j)^T      (b2 = 1: S_j <- S_j + G_(j) G_(j)^T)
+        P_j  = (S_j + d_j I)^(-1/(2k))               at steps t with t % precondition_every == 0
+        D    = G x_0 P_0 x_1 ... x_{k-1} P_{k-1}     (matrix: P_0 G P_1, P = (.)^(-1/4))
+
+    with damping `d_j = eps * lambda_max(S_j)` (`relative_eps`) or `eps`. A root that comes
+    out non-finite keeps the previous one (initially the identity). Grafting: each block of D
+    is rescaled to the norm of the same block of the grafting step A
+    (`D * |A_block| / |D_block|`), where A is
+      "adam":    g / (sqrt(v / (1 - b2^t)) + graft_eps),   v <- b2 v + (1 - b2) g^2
+      "rmsprop": g / sqrt(v + graft_eps)
+      "sgd":     g
+    and None keeps Shampoo's own norms. Before `start_preconditioning_step`, and for leaves
+    that are not preconditioned (scalars, 1-D), the direction is A itself (Adam's when
+    `grafting` is None). Finally momentum on the direction:
+
+        m <- b1 m + (1 - b1) D,   update = m / (1 - b1^t)
+        (Nesterov: b1 m / (1 - b1^(t+1)) + (1 - b1) D / (1 - b1^t))
+
+    Statistics live in `statistics_dtype`; roots are computed and stored in float32. Roots of
+    same-shape blocks (across leaves) are computed in one batched call, inside a `lax.cond`
+    so steps that do not refresh them do not pay for them. Everything (including the step
+    count that schedules the refreshes) is in the state, so a restored state resumes exactly.
+
+    Args:
+      b1: momentum on the (grafted) direction, in [0, 1); 0 keeps no momentum state.
+      b2: decay of the statistics and of the grafting second moment, in (0, 1].
+      eps: damping added to each statistic before its root.
+      relative_eps: damping `eps * lambda_max` (robust to the statistics' scale) instead of eps.
+      block_size: largest block extent along any dim.
+      precondition_every: roots are recomputed at steps t with t % precondition_every == 0,
+        after adding that step's statistics.
+      start_preconditioning_step: first step t that uses Shampoo's direction.
+      grafting: "adam", "rmsprop", "sgd" or None.
+      inverse_root: "eigh" (symmetric eigendecomposition) or "newton" (coupled Newton,
+        matmul-only: usually faster on GPU/TPU, slower on CPU).
+      statistics_dtype: dtype of the statistics (e.g. jnp.bfloat16 to halve their memory).
+      nesterov: Nesterov momentum.
+      graft_eps: eps of the grafting step.
+    """
+    _validate.in_range("b1", b1)
+    _validate.greater_than("b2", b2, 0)
+    _validate.in_range("b2", b2, high_inclusive=True)
+    _validate_dtype("statistics_dtype", statistics_dtype)
+    _validate.non_negative("eps", eps)
+    _validate.positive_int("block_size", block_size)
+    _validate.positive_int("precondition_every", precondition_every)
+    _validate.non_negative_int("start_preconditioning_step", start_preconditioning_step)
+    _validate.one_of("grafting", grafting, GRAFTINGS)
+    _validate.one_of("inverse_root", inverse_root, tuple(_blocks.INVERSE_ROOTS))
+    _validate.non_negative("graft_eps", graft_eps)
+    # The diagonal step used for grafting norms and wherever Shampoo does not precondition.
+    diagonal = "adam" if grafting is None else grafting
+    compute_roots = _blocks.INVERSE_ROOTS[inverse_root]
+
+    def preconditioned(param):
+        return param.ndim >= 2
+
+    def needs_diagonal(param):
+        if diagonal == "sgd":
+            return False
+        return not preconditioned(param) or grafting is not None or start_preconditioning_step > 0
+
+    def init_blocks(param):
+        if not preconditioned(param):
+            return None
+        blocking = _blocks.make_blocking(param.shape, block_size)
+        shapes = [blocking.grid + (b, b) for b in blocking.block]
+        return ShampooBlocks(
+            stats=tuple(jnp.zeros(s, statistics_dtype) for s in shapes),
+            roots=tuple(_blocks.eye_like(s) for s in shapes))
+
+    def init_fn(params):
+        return ShampooState(
+            count=jnp.zeros([], jnp.int32),
+            momentum=None if b1 == 0 else optax.tree.zeros_like(params),
+            diagonal=jax.tree.map(
+                lambda p: jnp.zeros_like(p) if needs_diagonal(p) else None, params),
+            blocks=jax.tree.map(init_blocks, params))
+
+    def diagonal_step(grad, v, count):
+        """The diagonal (grafting) step and the new second moment (None where not needed)."""
+        if diagonal == "sgd":
+            return grad, v
+        if v is None:
+            return None, None
+        v = (_new_weight(b2) * jnp.square(grad) + b2 * v).astype(v.dtype)
+        if diagonal == "rmsprop":
+            return grad * lax.rsqrt(v + graft_eps), v
+        return grad / (jnp.sqrt(v / _debias(b2, count)) + graft_eps), v
+
+    def refresh_roots(all_stats, all_roots):
+        """New roots for every block of every leaf; same-shape stacks in one batched call."""
+        pairs = [(s, r) for stats, roots in zip(all_stats, all_roots)
+                 for s, r in zip(stats, roots)]
+        # Order-k blocks take the -1/(2k) root: k is the number of grid dims.
+        keys = [(s.shape, len(s.shape) - 2) for s, _ in pairs]
+
+        def roots_of(key, stats, old):
+            _, order = key
+            new = compute_roots(stats, 2 * order, eps, relative_eps)
+            return _blocks.keep_finite(new, old)
+
+        flat = iter(_blocks.map_stacked(roots_of, pairs, keys))
+        return [tuple(next(flat) for _ in roots) for roots in all_roots]
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = state.count
+        new_count = optax.safe_increment(count)
+        grads, treedef = jax.tree.flatten(updates)
+        diagonals = treedef.flatten_up_to(state.diagonal)
+        blocks = treedef.flatten_up_to(state.blocks)
+
+        diag_steps, new_diagonals = [], []
+        for grad, v in zip(grads, diagonals):
+            step, v = diagonal_step(grad.astype(jnp.float32), v, new_count)
+            diag_steps.append(step)
+            new_diagonals.append(v)
+
+        # Statistics of this step, then (maybe) roots, for the preconditioned leaves.
+        indices = [i for i, b in enumerate(blocks) if b is not None]
+        blockings = {i: _blocks.make_blocking(grads[i].shape, block_size) for i in indices}
+        blocked = {i: _blocks.to_blocks(grads[i].astype(jnp.float32), blockings[i])
+                   for i in indices}
+        stats = []
+        for i in indices:
+            k = grads[i].ndim
+            g = blocked[i].astype(statistics_dtype)
+            stats.append(tuple(
+                (_new_weight(b2) * _blocks.gram(g, j, k, jnp.float32)
+                 + b2 * s.astype(jnp.float32)).astype(statistics_dtype)
+                for j, s in enumerate(blocks[i].stats)))
+        old_roots = [blocks[i].roots for i in indices]
+        roots = lax.cond(count % precondition_every == 0, refresh_roots,
+                         lambda _, r: r, stats, old_roots) if indices else []
+
+        directions = list(diag_steps)
+        use_shampoo = count >= start_preconditioning_step
+        for i, leaf_roots in zip(indices, roots):
+            k = grads[i].ndim
+            direction = _blocks.multiply_dims(blocked[i], leaf_roots, k)
+            if grafting is not None:
+                graft = _blocks.to_blocks(diag_steps[i], blockings[i])
+                norm = _blocks.block_norms(direction, k)
+                direction = direction * (_blocks.block_norms(graft, k)
+                                         / jnp.where(norm > 0, norm, 1))
+            direction = _blocks.from_blocks(direction, blockings[i])
+            directions[i] = (direction if start_preconditioning_step == 0
+                             else jnp.where(use_shampoo, direction, diag_steps[i]))
+
+        new_blocks = list(blocks)
+        for i, s, r in zip(indices, stats, roots):
+            new_blocks[i] = ShampooBlocks(s, tuple(r))
+
+        if b1 == 0:
+            momentum, outputs = None, directions
+        else:
+            old = treedef.flatten_up_to(state.momentum)
+            new = [(b1 * m + (1 - b1) * d).astype(m.dtype) for m, d in zip(old, directions)]
+            outputs = [m / _debias(b1, new_count) for m in new]
+            if nesterov:
+                outputs = [b1 * m / _debias(b1, new_count + 1) + (1 - b1) * d
+                           / _debias(b1, new_count) for m, d in zip(new, directions)]
+            momentum = treedef.unflatten(new)
+
+        outputs = [u.astype(g.dtype) for u, g in zip(outputs, grads)]
+        new_state = ShampooState(
+            count=new_count, momentum=momentum,
+            diagonal=treedef.unflatten(new_diagonals), blocks=treedef.unflatten(new_blocks))
+        return treedef.unflatten(outputs), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def shampoo(learning_rate, b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, weight_decay=0.0,
+            block_size=1024, precondition_every=10, start_preconditioning_step=10,
+            grafting="adam", inverse_root="eigh", statistics_dtype=jnp.float32,
+            nesterov=False, mask=None, graft_eps=1e-8):
+    """Shampoo with grafting, momentum and decoupled weight decay.
+
+    Step `-lr * (shampoo_direction + weight_decay * params)`, the direction from
+    `scale_by_shampoo` (see there for the update rule and the papers: Gupta et al. 2018,
+    Anil et al. 2020, Shi et al. 2023). `mask` chooses the leaves that get weight decay
+    (None: all). With the default "adam" grafting, learning rates tuned for Adam are a
+    good start.
+    """
+    return optax.chain(
+        scale_by_shampoo(b1, b2, eps, relative_eps, block_size, precondition_every,
+                         start_preconditioning_step, grafting, inverse_root,
+                         statistics_dtype, nesterov, graft_eps),
+        add_decoupled_weight_decay(weight_decay, mask),
+        scale_by_learning_rate(learning_rate))

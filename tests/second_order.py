@@ -1,0 +1,99 @@
+"""Shared by test_shampoo and test_soap: an ill-conditioned Kronecker quadratic, a learning
+rate sweep on it, and a sharded run of an optimizer on 8 CPU devices."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sharding
+
+LEARNING_RATES = tuple(np.logspace(-3, 0, 7))
+COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"
+                         r"reduce-scatter)\b")
+
+
+def _spd(key, n, cond):
+    """A random symmetric positive definite matrix with eigenvalues from 1 down to 1/cond."""
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+    return (q * jnp.logspace(0, -np.log10(cond), n)) @ q.T
+
+
+def kronecker_quadratic(rows=16, cols=12, cond=1e3, seed=0):
+    """`f(W) = 1/2 tr((W - W*)^T A (W - W*) B)` with cond(A) = cond(B) = `cond`.
+
+    Its Hessian A (x) B has condition number cond^2 and eigenvectors that are not axis
+    aligned, so diagonal methods (Adam) cannot undo it while Kronecker-factored ones can.
+    """
+    ka, kb, kw = jax.random.split(jax.random.key(seed), 3)
+    a, b = _spd(ka, rows, cond), _spd(kb, cols, cond)
+    target = jax.random.normal(kw, (rows, cols))
+
+    def loss(w):
+        d = w - target
+        return 0.5 * jnp.trace(d.T @ a @ d @ b)
+
+    return loss, jnp.zeros((rows, cols))
+
+
+def best_final_loss(make_tx, loss, w0, steps=200, learning_rates=LEARNING_RATES):
+    """Lowest loss after `steps` steps of `make_tx(lr)` over the learning rate grid.
+
+    The learning rate enters as a schedule returning a traced value, so one compilation
+    serves the whole grid.
+    """
+    @jax.jit
+    def final_loss(lr):
+        tx = make_tx(lambda _: lr)
+
+        def step(carry, _):
+            w, state = carry
+            updates, state = tx.update(jax.grad(loss)(w), state, w)
+            return (optax.apply_updates(w, updates), state), None
+
+        (w, _), _ = jax.lax.scan(step, (w0, tx.init(w0)), None, length=steps)
+        return loss(w)
+
+    losses = np.array([float(final_loss(lr)) for lr in learning_rates])
+    return np.nanmin(losses)
+
+
+def sharded_run(tx, shape=(64, 256), steps=3):
+    """Runs `tx` on a leaf sharded over 8 devices on dim 1 (and a replicated bias).
+
+    The state starts laid out by `sharding.optimizer_state_shardings`; the first update is
+    jitted with the params' shardings in and the new state's layout left to GSPMD, the
+    following ones with that layout fixed as in/out shardings. Returns the updates, the state
+    after the first update, the compiled text of the fixed-layout update and the updates of
+    the same run on one device (to compare with).
+    """
+    mesh = sharding.make_mesh("data=1,fsdp=1,tensor=8")
+    param_sh = {"w": NamedSharding(mesh, P(None, "tensor")), "b": NamedSharding(mesh, P())}
+    keys = jax.random.split(jax.random.key(1), steps + 1)
+    params = {"w": jax.random.normal(keys[0], shape), "b": jnp.ones((7,))}
+    grads = [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
+             for k in keys[1:]]
+
+    state_sh = sharding.optimizer_state_shardings(tx, params, param_sh)
+    with jax.set_mesh(mesh):  # as sharding.jit_train_step traces a train step
+        state = jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
+        first = jax.jit(tx.update, in_shardings=(param_sh, state_sh, param_sh))
+        updates, state = first(grads[0], state, params)
+        first_state = state
+        layout = jax.tree.map(lambda x: x.sharding, state)
+        fixed = jax.jit(tx.update, in_shardings=(param_sh, layout, param_sh),
+                        out_shardings=(param_sh, layout)).lower(grads[0], state, params)
+        fixed = fixed.compile()
+        sharded = [updates]
+        for g in grads[1:]:
+            updates, state = fixed(g, state, params)
+            sharded.append(updates)
+
+    local_update, local_params = jax.jit(tx.update), jax.device_get(params)
+    local_state, local = tx.init(local_params), []
+    for g in grads:
+        updates, local_state = local_update(jax.device_get(g), local_state, local_params)
+        local.append(updates)
+    return sharded, first_state, fixed.as_text(), local

@@ -1,0 +1,210 @@
+"""Muon against optax.contrib.muon / optax.adamw, the spectrum of its update, routing, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import optim
+from optim.muon import hidden_matrices, orthogonalize
+from tests.oracle import assert_same_updates, random_tree, run_updates
+
+# Tall, wide and square matrices (two of the same shape, stacked together) and non-matrices.
+SHAPES = {"tall": (16, 8), "tall_too": (16, 8), "wide": (8, 12), "square": (6, 6),
+          "bias": (7,), "scalar": (), "conv": (3, 3, 4, 5)}
+NON_MATRICES = {"bias": (7,), "scalar": (), "conv": (3, 3, 4, 5)}
+
+
+def optax_muon(shapes, **kwargs):
+    """optax.contrib.muon set up to compute what `optim.muon` computes.
+
+    optax scales by sqrt(max(1, fan_out / fan_in)) with fan_in = the reduction axis, 0 by
+    default; declaring axis 1 as the reduction axis turns that into our
+    sqrt(max(1, rows / cols)). Orthogonalization does not care which axis is which.
+    """
+    dims = {name: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=0)
+            if len(shape) == 2 else None for name, shape in shapes.items()}
+    return optax.contrib.muon(muon_weight_dimension_numbers=dims, **kwargs)
+
+
+def test_update_of_a_64x32_gradient_is_orthogonal_with_singular_values_near_lr_sqrt2():
+    lr = 0.1
+    grad = jax.random.normal(jax.random.key(0), (64, 32))
+    tx = optim.muon(lr, momentum=0.0)
+    params = {"w": jnp.zeros((64, 32))}
+    updates, _ = tx.update({"w": grad}, tx.init(params), params)
+    update = np.asarray(updates["w"], np.float64)
+    singular_values = np.linalg.svd(update, compute_uv=False)
+    target = lr * np.sqrt(64 / 32)
+    assert singular_values.min() >= 0.5 * target and singular_values.max() <= 1.3 * target
+    # -update = U h(S) V^T with h > 0 for grad = U S V^T, so -update^T grad = V h(S) S V^T
+    # is symmetric positive definite: the update has the gradient's singular vectors.
+    product = -update.T @ np.asarray(grad, np.float64)
+    np.testing.assert_allclose(product, product.T, atol=1e-4)
+    assert np.linalg.eigvalsh(product).min() > 0
+
+
+def test_matches_optax_contrib_muon_without_nesterov():
+    # Without Nesterov, optax's bias-corrected EMA momentum is a positive multiple of our
+    # undamped momentum sum, which the Frobenius normalization removes. Its non-matrix
+    # leaves get optax.adamw with adam_weight_decay, which we take from weight_decay.
+    # A schedule as learning rate: both sides evaluate it at their own counter from step 0.
+    schedule = optax.linear_schedule(0.02, 0.002, transition_steps=20)
+    hparams = dict(learning_rate=schedule, adam_b1=0.8, adam_b2=0.9, weight_decay=0.1)
+    ours = optim.muon(momentum=0.9, nesterov=False, **hparams)
+    theirs = optax_muon(SHAPES, beta=0.9, nesterov=False, adam_weight_decay=0.1, **hparams)
+    assert_same_updates(ours, theirs, steps=20, shapes=SHAPES, rtol=1e-4, atol=1e-6)
+
+
+def test_nesterov_direction_is_orthogonalized_by_the_same_newton_schulz_as_optax():
+    # optax's Nesterov mixes bias corrections of different steps, so it is not a multiple
+    # of ours; its Newton–Schulz (beta=0) serves as oracle on our momentum recursion
+    # m <- beta m + g, d = g + beta m, computed here in numpy.
+    lr, beta = 0.05, 0.9
+    shapes = {"tall": (16, 8), "wide": (8, 12)}
+    params = random_tree(jax.random.key(0), shapes)
+    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 10)]
+    newton_schulz = optax.contrib.scale_by_muon(
+        beta=0.0, nesterov=False,
+        weight_dimension_numbers={name: optax.contrib.MuonDimensionNumbers() for name in shapes})
+    ns_state = newton_schulz.init(params)
+    orthogonalize_like_optax = jax.jit(newton_schulz.update)
+    momentum = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    ours = run_updates(optim.muon(lr, momentum=beta, nesterov=True), params, grads_seq)
+    for step, (grads, updates) in enumerate(zip(grads_seq, ours)):
+        direction = {}
+        for name, g in grads.items():
+            momentum[name] = beta * momentum[name] + np.asarray(g)
+            direction[name] = jnp.asarray(np.asarray(g) + beta * momentum[name])
+        orthogonal, _ = orthogonalize_like_optax(direction, ns_state)
+        for name, (rows, cols) in shapes.items():
+            expected = -lr * max(1.0, rows / cols) ** 0.5 * np.asarray(orthogonal[name])
+            np.testing.assert_allclose(updates[name], expected, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"step {step}, leaf {name}")
+
+
+def test_non_matrix_leaves_get_adamw_with_adam_learning_rate():
+    ours = optim.muon(0.02, adam_learning_rate=3e-3, adam_b1=0.85, adam_b2=0.97,
+                      weight_decay=0.05, adam_eps=1e-7)
+    theirs = optax.adamw(3e-3, b1=0.85, b2=0.97, eps=1e-7, weight_decay=0.05)
+    assert_same_updates(ours, theirs, steps=100, shapes=NON_MATRICES)
+
+
+def test_muon_mask_routes_a_matrix_to_adamw():
+    shapes = {"hidden": (16, 8), "head": (8, 12), "bias": (7,)}
+    params = random_tree(jax.random.key(0), shapes)
+    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 3)]
+    hparams = dict(learning_rate=0.02, adam_learning_rate=1e-3, momentum=0.9)
+    tree_mask = {"hidden": True, "head": False, "bias": False}
+    by_tree = run_updates(optim.muon(muon_mask=tree_mask, **hparams), params, grads_seq)
+    by_name = run_updates(optim.muon(muon_mask=hidden_matrices(exclude="head"), **hparams),
+                          params, grads_seq)
+    default = run_updates(optim.muon(**hparams), params, grads_seq)
+    adamw = run_updates(optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0),
+                        params, grads_seq)
+    for routed, named, plain, adam in zip(by_tree, by_name, default, adamw):
+        for name in shapes:
+            np.testing.assert_array_equal(routed[name], named[name])
+        np.testing.assert_allclose(routed["head"], adam["head"], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(routed["hidden"], plain["hidden"], rtol=1e-6)
+        assert not np.allclose(routed["head"], plain["head"], rtol=0.1)
+
+
+def test_muon_mask_as_a_prefix_tree_and_as_a_callable():
+    shapes = {"hidden": (16, 8), "head": (8, 12)}
+    params = {"block": random_tree(jax.random.key(0), shapes), "out": jnp.ones((4, 4))}
+    grads = [{"block": random_tree(jax.random.key(1), shapes), "out": jnp.ones((4, 4))}]
+    prefix = run_updates(optim.muon(0.1, muon_mask={"block": True, "out": False}), params, grads)
+    call = run_updates(optim.muon(0.1, muon_mask=lambda p: {"block": True, "out": False}),
+                       params, grads)
+    for name in shapes:
+        singular_values = np.linalg.svd(prefix[0]["block"][name], compute_uv=False)
+        assert singular_values.min() > 0.5 * 0.1
+        np.testing.assert_array_equal(prefix[0]["block"][name], call[0]["block"][name])
+    # Adam's first step is -lr * sign(g) (up to eps): the unrouted matrix is on AdamW.
+    np.testing.assert_allclose(prefix[0]["out"], -0.1 * np.ones((4, 4)), rtol=1e-6)
+
+
+def test_a_non_matrix_leaf_on_muon_fails_at_init():
+    tx = optim.muon(0.1, muon_mask={"w": True, "b": True})
+    with pytest.raises(ValueError, match=r"needs 2-D leaves, got shape \(3,\) at \['b'\]"):
+        tx.init({"w": jnp.ones((3, 3)), "b": jnp.ones((3,))})
+
+
+def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
+    shapes = {"tall": (32, 16), "wide": (16, 24)}
+    params = random_tree(jax.random.key(0), shapes)
+    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 3)]
+    exact = run_updates(optim.muon(0.1), params, grads_seq)
+    low = run_updates(optim.muon(0.1, ns_dtype=jnp.bfloat16), params, grads_seq)
+    for a, b in zip(exact, low):
+        for name, (rows, cols) in shapes.items():
+            assert b[name].dtype == jnp.float32
+            a_flat, b_flat = np.ravel(a[name]), np.ravel(b[name])
+            assert not np.array_equal(a_flat, b_flat)  # bf16 was really used
+            # bf16 rounding (2^-8) is amplified by the steep quintic near 0; the direction
+            # stays within a few degrees and the spectrum within the same band.
+            cosine = a_flat @ b_flat / (np.linalg.norm(a_flat) * np.linalg.norm(b_flat))
+            assert cosine > 0.99, cosine
+            target = 0.1 * max(1.0, rows / cols) ** 0.5
+            singular_values = np.linalg.svd(b[name], compute_uv=False)
+            assert 0.5 * target <= singular_values.min() <= singular_values.max() <= 1.3 * target
+
+
+def test_orthogonalize_stacks_and_transposes_consistently():
+    matrices = jax.random.normal(jax.random.key(0), (3, 10, 6))
+    ortho = jax.jit(orthogonalize)
+    stacked = ortho(matrices)
+    for i in range(3):
+        np.testing.assert_allclose(stacked[i], ortho(matrices[i]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ortho(matrices[i].T), stacked[i].T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ortho(jnp.zeros((4, 5))), np.zeros((4, 5)))
+
+
+def test_state_keeps_param_shardings_on_a_mesh():
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"w": P("data", "model"), "v": P(None, "data"), "b": P("model")}
+    shapes = {"w": (16, 8), "v": (8, 12), "b": (6,)}  # distinct shapes: find state's param
+    shardings = {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
+    params = jax.device_put(random_tree(jax.random.key(0), shapes), shardings)
+    tx = optim.muon(0.02, muon_mask={"w": True, "v": True, "b": False}, weight_decay=0.1)
+
+    def assert_follows_params(state):
+        leaves = [leaf for leaf in jax.tree.leaves(state) if jnp.ndim(leaf) > 0]
+        by_shape = {shapes[name]: shardings[name] for name in shapes}
+        assert sorted(leaf.shape for leaf in leaves) == sorted([(16, 8), (8, 12), (6,), (6,)])
+        for leaf in leaves:
+            assert leaf.sharding.is_equivalent_to(by_shape[leaf.shape], leaf.ndim), (
+                leaf.shape, leaf.sharding)
+
+    state = tx.init(params)
+    assert_follows_params(state)
+    grads = jax.device_put(random_tree(jax.random.key(1), shapes), shardings)
+    _, state = jax.jit(tx.update)(grads, state, params)
+    assert_follows_params(state)
+
+
+def test_validation_errors():
+    cases = [
+        (dict(learning_rate=-1.0), "learning_rate must be a non-negative"),
+        (dict(learning_rate=0.1, momentum=1.0), r"momentum must be in \[0.0, 1.0\), got 1.0"),
+        (dict(learning_rate=0.1, ns_steps=0), "ns_steps must be a positive integer, got 0"),
+        (dict(learning_rate=0.1, weight_decay=-0.1), "weight_decay must be a non-negative"),
+        (dict(learning_rate=0.1, adam_learning_rate=-2.0), "adam_learning_rate must be"),
+        (dict(learning_rate=0.1, adam_b1=1.5), r"adam_b1 must be in \[0.0, 1.0\)"),
+        (dict(learning_rate=0.1, adam_b2=-0.1), r"adam_b2 must be in \[0.0, 1.0\)"),
+        (dict(learning_rate=0.1, adam_eps=-1e-8), "adam_eps must be a non-negative"),
+        (dict(learning_rate=0.1, ns_dtype=jnp.int32), "ns_dtype must be one of .* got 'int32'"),
+    ]
+    for hparams, message in cases:
+        with pytest.raises(ValueError, match=message):
+            optim.muon(**hparams)
+
+
+def test_create_builds_muon_by_name():
+    by_name = optim.create("muon", learning_rate=0.02, adam_learning_rate=1e-3, momentum=0.9)
+    direct = optim.muon(0.02, adam_learning_rate=1e-3, momentum=0.9)
+    assert_same_updates(by_name, direct, steps=3, shapes=SHAPES, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        optim.create("muon", learning_rate=0.02, beta=0.9)
