@@ -1,0 +1,25 @@
+"""ravine.models: Flax (linen) models with a mixed-precision dtype policy.
+
+Params carry logical axis names ("vocab", "embed", "mlp", "heads", "kv", "length") and
+activations are constrained to ("batch", "length", "embed"), so `sharding.RULES` lays a model
+out on any mesh without changes here.
+
+    cfg = models.TransformerConfig(d_model=512, policy="p=f32,c=bf16,o=f32")
+    model = models.Transformer(cfg)
+    variables = model.init(key, tokens)                      # {"params": boxed params}
+    loss = models.cross_entropy(model.apply(variables, tokens[:, :-1]), tokens[:, 1:])
+"""
+from models.accounting import count_params, flops_per_token, non_embedding_params
+from models.attention import causal_attention, chunked_causal_attention
+from models.loss import cross_entropy
+from models.mlp import MLP
+from models.policy import Policy, get_policy
+from models.transformer import (Block, CausalSelfAttention, FeedForward, Transformer,
+                                TransformerConfig, rotary_embedding)
+
+__all__ = [
+    "MLP", "Block", "CausalSelfAttention", "FeedForward", "Policy", "Transformer",
+    "TransformerConfig", "causal_attention", "chunked_causal_attention", "count_params",
+    "cross_entropy", "flops_per_token", "get_policy", "non_embedding_params",
+    "rotary_embedding",
+]

@@ -1,0 +1,63 @@
+"""Parameter counts and training FLOPs per token, for model-FLOPs-utilisation (MFU).
+
+Training FLOPs per token follow Kaplan et al. (2020, "Scaling Laws for Neural Language
+Models", Table 1) and PaLM (Chowdhery et al., 2022, Appendix B), as nanoGPT's MFU estimate:
+a forward pass costs 2 FLOPs per weight that multiplies an activation plus the attention
+scores and weighted sum, and a backward pass twice the forward, so
+
+    flops_per_token = 6 * (N + d_model * vocab) + 12 * n_layers * d_model * seq_len
+
+- N = `non_embedding_params(config)`: every param outside the token embedding, the learned
+  position table and the output head, i.e. the blocks' matrices and norm gains and the
+  final norm (Kaplan's "non-embedding parameters"; the gains are ~0.1% of N).
+- d_model * vocab is the output head (the "de-embedding" matmul), counted whether or not it
+  is tied to the token embedding. The embedding lookup and position table are gathers and
+  cost no FLOPs.
+- 12 * n_layers * d_model * seq_len is QK^T and the attention-weighted sum of V (each
+  2 * seq_len * d_model per token forward, x3 for training), counted over the full
+  seq_len x seq_len square as PaLM does, although a causal mask needs only half of it.
+
+Elementwise work (norms, softmax, activations, the optimizer) is not counted: MFU measures
+useful matmul work, so those show up as lost utilisation.
+"""
+import math
+
+import jax
+from flax import linen as nn
+
+
+def count_params(params):
+    """Total number of scalars in a params tree (boxed or unboxed, arrays or shape structs).
+
+    Works on `model.init(...)` output, its `nn.unbox`, a `{"params": ...}` variables dict or
+    a `jax.eval_shape` of any of them.
+    """
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.unbox(params)))
+
+
+def non_embedding_params(config):
+    """N: params of a `Transformer(config)` other than the embedding, positions and head.
+
+    Per block: Q, K, V and output projections (4 d^2), the MLP (2 d d_ff for "gelu", 3 for
+    "swiglu") and two norms (d gains each, plus d biases for "layernorm"); plus the final norm.
+    """
+    d = config.d_model
+    norm_params = d if config.norm == "rmsnorm" else 2 * d
+    mlp_matrices = 3 if config.mlp == "swiglu" else 2
+    block = 4 * d * d + mlp_matrices * d * config.ff_dim + 2 * norm_params
+    return config.n_layers * block + norm_params
+
+
+def flops_per_token(config, seq_len=None):
+    """Training FLOPs (forward + backward) per token of a `Transformer(config)`.
+
+    `6 * (N + d_model * vocab) + 12 * n_layers * d_model * seq_len` (see the module
+    docstring for what is counted).
+
+    Args:
+      config: a `TransformerConfig`.
+      seq_len: the training sequence length (default: `config.max_len`).
+    """
+    seq_len = config.max_len if seq_len is None else seq_len
+    matmul_params = non_embedding_params(config) + config.d_model * config.vocab_size
+    return 6 * matmul_params + 12 * config.n_layers * config.d_model * seq_len

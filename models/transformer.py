@@ -1,0 +1,258 @@
+"""A causal decoder-only transformer language model (GPT-2 / LLaMA family), in Flax linen.
+
+    tokens [B, T] -> embed -> n_layers x Block -> final norm -> logits [B, T, vocab]
+    Block: x + Attention(norm(x)), then x + FeedForward(norm(x))   (pre-norm)
+
+Choices (defaults are LLaMA-like; GPT-2 is `mlp="gelu", norm="layernorm",
+position="learned", tie_embeddings=True`):
+- Positions: rotary embeddings on queries and keys (`position="rope"`, Su et al., 2021,
+  "RoFormer"; the rotate-half convention of GPT-NeoX / LLaMA) or a learned absolute table
+  added to the token embeddings (`position="learned"`, GPT-2).
+- No biases in linear layers. Init as GPT-2 / nanoGPT: N(0, init_std) for every matrix, and
+  init_std / sqrt(2 * n_layers) for the two projections that write into the residual stream
+  (attention output, second MLP layer), so the residual's variance does not grow with depth.
+- Mixed precision by `policy`: params stored in param dtype (fp32 master weights), matmuls
+  in compute dtype, attention softmax and norms in float32, logits returned in output dtype.
+- Every param is boxed with logical axis names ("vocab", "embed", "mlp", "heads", "kv",
+  "length") and activations are constrained to ("batch", "length", "embed"); the sharding
+  rules map those onto a mesh without touching the model.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from models.attention import IMPLEMENTATIONS, causal_attention
+from models.layers import Dense, logical_init
+from models.policy import get_policy
+
+MLPS = ("swiglu", "gelu")
+NORMS = ("rmsnorm", "layernorm")
+REMATS = ("none", "block", "dots")
+POSITIONS = ("rope", "learned")
+
+# What a rematerialised block keeps for the backward pass; everything else is recomputed.
+# "dots" keeps the outputs of the weight matmuls (dot_generals without batch dimensions), but
+# not the attention scores (they have batch dims), so it never stores a length^2 tensor.
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_one_of(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of `Transformer` (hashable; validated at construction).
+
+    Attributes:
+      vocab_size: number of token ids.
+      d_model: width of the residual stream.
+      n_layers: number of blocks.
+      n_heads: attention heads; must divide d_model.
+      d_ff: hidden width of the MLP; None gives 4 * d_model for "gelu" and, for "swiglu",
+        8/3 * d_model rounded up to a multiple of 64 (the same parameter count, as LLaMA).
+      max_len: the longest sequence the model accepts (size of the learned position table).
+      mlp: "swiglu" (Shazeer, 2020, "GLU Variants Improve Transformer") or "gelu".
+      norm: "rmsnorm" (Zhang & Sennrich, 2019) or "layernorm".
+      remat: "none", "block" (recompute each block in the backward pass, save nothing) or
+        "dots" (save the weight-matmul outputs, recompute the rest).
+      attention: "xla", "cudnn" or "chunked" (see `models.attention`).
+      policy: a dtype policy spec (see `models.get_policy`).
+      position: "rope" or "learned".
+      tie_embeddings: use the token embedding as the output head (logits = x E^T).
+      rope_base: the rotary base wavelength.
+      init_std: standard deviation of the weight init.
+      attention_chunk_size: keys per block for attention="chunked".
+    """
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None
+    max_len: int = 256
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    remat: str = "none"
+    attention: str = "xla"
+    policy: str = "params=float32,compute=float32,output=float32"
+    position: str = "rope"
+    tie_embeddings: bool = False
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    attention_chunk_size: int = 128
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len",
+                     "attention_chunk_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.d_ff is not None:
+            _check_positive_int("d_ff", self.d_ff)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head dim, got "
+                             f"d_model / n_heads = {self.head_dim}")
+        _check_one_of("mlp", self.mlp, MLPS)
+        _check_one_of("norm", self.norm, NORMS)
+        _check_one_of("remat", self.remat, REMATS)
+        _check_one_of("attention", self.attention, IMPLEMENTATIONS)
+        _check_one_of("position", self.position, POSITIONS)
+        for name in ("rope_base", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        get_policy(self.policy)  # raises ValueError on a bad spec
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self):
+        """The MLP hidden width, `d_ff` or its default."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 64 * -(-8 * self.d_model // (3 * 64))  # ceil(8/3 d / 64) * 64
+
+
+def _norm(config, name):
+    """RMSNorm / LayerNorm; flax computes the statistics and the scaling in float32."""
+    policy = get_policy(config.policy)
+    kwargs = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, name=name,
+                  scale_init=logical_init(nn.initializers.ones_init(), ("embed",)))
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(**kwargs)
+    return nn.LayerNorm(bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+                        **kwargs)
+
+
+def _residual_init(config):
+    """GPT-2's init for projections into the residual stream: std / sqrt(2 * n_layers)."""
+    return nn.initializers.normal(config.init_std / math.sqrt(2 * config.n_layers))
+
+
+def rotary_embedding(x, base=10000.0):
+    """Rotates pairs (x_i, x_{i + d/2}) of `x` [B, T, H, d] by angle t * base^(-2i/d).
+
+    Computed in float32 and returned in x's dtype. After it, q . k depends on positions only
+    through their difference (Su et al., 2021).
+    """
+    length, dim = x.shape[1], x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [T, d/2]
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; Q, K, V column-parallel over heads, output row-parallel."""
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        policy = get_policy(cfg.policy)
+        init = nn.initializers.normal(cfg.init_std)
+        heads = (cfg.n_heads, cfg.head_dim)
+        q, k, v = (Dense(heads, ("embed", "heads", "kv"), policy, init, name=name)(x)
+                   for name in ("query", "key", "value"))
+        if cfg.position == "rope":
+            q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
+        names = ("batch", "length", "heads", "kv")
+        q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+        y = causal_attention(q, k, v, cfg.attention, cfg.attention_chunk_size)
+        y = nn.with_logical_constraint(y, names)
+        return Dense((cfg.d_model,), ("heads", "kv", "embed"), policy, _residual_init(cfg),
+                     contract=2, name="out")(y)
+
+
+class FeedForward(nn.Module):
+    """`down(silu(gate(x)) * up(x))` (SwiGLU) or `down(gelu(up(x)))`."""
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        policy = get_policy(cfg.policy)
+        init = nn.initializers.normal(cfg.init_std)
+        hidden = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="up")(x)
+        if cfg.mlp == "swiglu":
+            gate = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="gate")(x)
+            hidden = nn.silu(gate) * hidden
+        else:
+            hidden = nn.gelu(hidden)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return Dense((cfg.d_model,), ("mlp", "embed"), policy, _residual_init(cfg),
+                     name="down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x += attn(norm(x)); x += mlp(norm(x))`."""
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + CausalSelfAttention(self.config, name="attn")(_norm(self.config, "attn_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = x + FeedForward(self.config, name="mlp")(_norm(self.config, "mlp_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Transformer(nn.Module):
+    """Causal decoder-only LM: `apply(variables, tokens[B, T]) -> logits[B, T, vocab]`.
+
+    `variables` is `{"params": ...}`, boxed (as `init` returns them) or unboxed. Logits at
+    position t depend only on tokens[:, :t + 1]. T may not exceed `config.max_len`.
+    """
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.config
+        policy = get_policy(cfg.policy)
+        length = tokens.shape[1]
+        if length > cfg.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {cfg.max_len}")
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=policy.compute_dtype,
+                         param_dtype=policy.param_dtype, name="embed",
+                         embedding_init=logical_init(nn.initializers.normal(cfg.init_std),
+                                                     ("vocab", "embed")))
+        x = embed(tokens)
+        if cfg.position == "learned":
+            table = self.param("position", logical_init(nn.initializers.normal(cfg.init_std),
+                                                        ("length", "embed")),
+                               (cfg.max_len, cfg.d_model), policy.param_dtype)
+            x = x + policy.cast_to_compute(table[:length])
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+        for i in range(cfg.n_layers):
+            x = block(cfg, name=f"block_{i}")(x)
+
+        x = _norm(cfg, "final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), policy,
+                           nn.initializers.normal(cfg.init_std), name="head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return policy.cast_to_output(logits)
