@@ -1,0 +1,60 @@
+"""ravine.sharding: meshes, logical-axis rules, shardings for params / optimizer state / batches.
+
+One code path from 1 CPU to a multi-host pod: params are laid out by logical axis names
+(`RULES`), optimizer state follows the params (optionally ZeRO-1 over "data"), the batch is
+split over ("data", "fsdp"), and `jit` (GSPMD) inserts the collectives.
+
+Usage (what experiments/train.py does)::
+
+    import jax, optax
+    from flax import linen as nn
+    import sharding
+
+    mesh = sharding.make_mesh("data=2,fsdp=1,tensor=4")          # or config.mesh
+    model = models.Transformer(cfg)
+    init = lambda key: model.init(key, jnp.zeros((1, cfg.max_len), jnp.int32))
+    boxed = jax.eval_shape(init, key)                          # logical names, no memory
+    param_sh = sharding.logical_to_shardings(boxed, mesh)      # tree of NamedSharding
+    params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=param_sh)(key)
+
+    tx = optax.adamw(1e-3)                                     # any GradientTransformation
+    opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero=config.zero)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    state_sh = {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
+
+    def train_step(state, batch):                              # your own: accum, clip, EMA...
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, {"loss": loss}
+
+    step = sharding.jit_train_step(train_step, mesh, state_sh, sharding.batch_sharding(mesh))
+    for local_batch in data:                                   # this process's rows only
+        state, metrics = step(state, sharding.shard_batch(local_batch, mesh))
+
+Other trees that mirror params (EMA copies, gradient accumulators) get shardings from
+`follow_param_shardings(tree, params, param_sh)`. With grad accumulation, a batch shaped
+[accum, micro, ...] uses `batch_sharding(mesh, batch_dim=1)` / `shard_batch(..., batch_dim=1)`.
+Multi-host: call `jax.distributed.initialize()` before any other JAX call; everything else
+is unchanged (each process feeds its own rows to `shard_batch`).
+"""
+from sharding.batch import BATCH_AXES, batch_sharding, shard_batch
+from sharding.mesh import AXES, DATA, FSDP, TENSOR, make_mesh, parse_mesh_spec
+from sharding.partition import (
+    bytes_per_device,
+    follow_param_shardings,
+    optimizer_state_shardings,
+    replicated,
+    zero1_spec,
+)
+from sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
+from sharding.step import jit_train_step
+
+__all__ = [
+    "AXES", "BATCH_AXES", "DATA", "FSDP", "RULES", "TENSOR",
+    "batch_sharding", "bytes_per_device", "fit_spec", "follow_param_shardings",
+    "jit_train_step", "logical_to_shardings", "make_mesh", "optimizer_state_shardings",
+    "override_rules", "parse_mesh_spec", "replicated", "shard_batch", "zero1_spec",
+]

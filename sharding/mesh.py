@@ -1,0 +1,87 @@
+"""Named device meshes with the three axes every ravine model is laid out on."""
+from collections.abc import Mapping
+
+import jax
+from jax.sharding import AxisType
+
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+# Outermost first: data-parallel replicas talk least, tensor-parallel shards talk most, so
+# tensor is the fastest-varying axis and lands on neighbouring devices (same host / ICI ring).
+AXES = (DATA, FSDP, TENSOR)
+
+
+def parse_mesh_spec(spec):
+    """Parses `"data=2,fsdp=1,tensor=4"` (or a mapping) into `{axis: size}` over `AXES`.
+
+    Missing axes get size 1; at most one size may be -1 (resolved by `make_mesh`).
+    Raises ValueError naming an unknown axis, a repeated axis, or a bad size.
+    """
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        items = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, size = part.partition("=")
+            if not sep:
+                raise ValueError(f"mesh spec entry {part!r} is not of the form axis=size")
+            try:
+                items.append((name.strip(), int(size)))
+            except ValueError:
+                raise ValueError(f"mesh axis {name.strip()!r} has size {size.strip()!r}, "
+                                 "which is not an integer") from None
+    else:
+        raise ValueError(f"mesh spec must be a string like 'data=2,tensor=4' or a mapping, "
+                         f"got {spec!r}")
+    sizes = dict.fromkeys(AXES, 1)
+    seen = set()
+    for name, size in items:
+        if name not in sizes:
+            raise ValueError(f"unknown mesh axis {name!r}; the axes are {', '.join(AXES)}")
+        if name in seen:
+            raise ValueError(f"mesh axis {name!r} is given twice")
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r} has size {size!r}; sizes are positive "
+                             "integers or -1 (the rest of the devices)")
+        seen.add(name)
+        sizes[name] = size
+    wildcards = [name for name, size in sizes.items() if size == -1]
+    if len(wildcards) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {', '.join(wildcards)}")
+    return sizes
+
+
+def make_mesh(spec, devices=None):
+    """Builds a `jax.sharding.Mesh` with axes ("data", "fsdp", "tensor"), all `AxisType.Auto`.
+
+    Args:
+      spec: `"data=2,fsdp=1,tensor=4"` or a mapping `{"data": 2, "tensor": 4}`. Missing axes
+        have size 1; one axis may be -1 and takes all remaining devices.
+      devices: the devices to lay out (default: `jax.devices()`, every process's devices).
+
+    Auto axes let GSPMD propagate shardings from the named in/out shardings and flax's
+    logical constraints (jax's newer default, Explicit, breaks linen logical partitioning).
+    Raises ValueError when the sizes' product does not equal the number of devices,
+    stating both numbers.
+    """
+    sizes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    known = 1
+    for size in sizes.values():
+        known *= size if size != -1 else 1
+    for name, size in sizes.items():
+        if size == -1:
+            if n % known:
+                raise ValueError(f"mesh {_format(sizes)} cannot fill {n} devices: the fixed "
+                                 f"axes' product {known} does not divide {n}")
+            sizes[name] = n // known
+            known = n
+    if known != n:
+        raise ValueError(f"mesh {_format(sizes)} has {known} devices (product of its sizes) "
+                         f"but {n} devices are available")
+    shape = tuple(sizes[a] for a in AXES)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def _format(sizes):
+    return ",".join(f"{name}={size}" for name, size in sizes.items())

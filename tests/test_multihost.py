@@ -1,0 +1,60 @@
+"""Two real processes x 4 CPU devices (jax.distributed over gloo) train like one 8-device process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import multihost_worker as lm
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+TIMEOUT_S = 420
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+    out, port, n = tmp_path / "result.json", free_port(), 2
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)   # each worker must bring exactly 4 CPU devices
+    logs = [tmp_path / f"process{i}.log" for i in range(n)]
+    procs = []
+    for i in range(n):
+        with open(logs[i], "w") as log:   # a file, not a pipe: a full pipe would block
+            procs.append(subprocess.Popen(
+                [sys.executable, WORKER, str(i), str(n), str(port), str(out)],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # A crashed process leaves the other waiting on collectives: stop both at once.
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, (
+            f"process {i} (rc {proc.returncode}):\n{log.read_text()[-3000:]}")
+
+    result = json.loads(out.read_text())
+    assert result["process_count"] == 2 and result["device_count"] == 8
+    assert result["batch_in_order"], "the processes' rows did not form the global batch in order"
+    assert [run[:3] for run in result["runs"]] == [list(run) for run in lm.MULTIHOST_RUNS]
+    assert jax.device_count() == 8
+    for optimizer, mesh_spec, zero, losses in result["runs"]:
+        expected = lm.train_losses(optimizer, mesh_spec, zero=zero)
+        np.testing.assert_allclose(losses, expected, rtol=1e-5, err_msg=f"{mesh_spec} zero={zero}")
