@@ -1,0 +1,541 @@
+"""experiments.train: the step logic (in-process) and the script end to end (subprocesses)."""
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import models
+import optim
+from experiments import data, spikes, train, train_lib
+from experiments.configs import lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = models.TransformerConfig(d_model=32, n_layers=1, n_heads=2, max_len=16)
+
+
+def bigram_loss(params, tokens):
+    """A bigram LM (embed -> norm scale -> head): the step logic is model-agnostic, and this
+    compiles in a fraction of the transformer's time."""
+    x = params["embed"][tokens[:, :-1]] * params["norm"]["scale"]
+    return models.cross_entropy(x @ params["head"]["kernel"], tokens[:, 1:])
+
+
+def tiny_setup(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    params = {"embed": jax.random.normal(keys[0], (256, 16)),
+              "norm": {"scale": jnp.ones(16)},
+              "head": {"kernel": 0.1 * jax.random.normal(keys[1], (16, 256))}}
+    tokens = np.random.default_rng(seed).integers(0, 256, (32, 17)).astype(np.int32)
+    return bigram_loss, params, tokens
+
+
+def transformer_params():
+    """Ones shaped like the tiny Transformer's params (paths matter, values do not)."""
+    model = models.Transformer(TINY)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                     jnp.zeros((1, 16), jnp.int32)))["params"]
+    return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+
+
+def leaves_close(a, b, rtol, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def one_step(loss_fn, params, tx, batch, loss_scale=None, **kwargs):
+    loss_scale = optim.NoOpLossScale() if loss_scale is None else loss_scale
+    state = train_lib.init_state(params, tx, loss_scale, **kwargs)
+    step = jax.jit(train_lib.make_train_step(loss_fn, tx, optim.schedules.constant(0.0), **kwargs))
+    return step(state, batch)
+
+
+# ----------------------------------------------------------------------------- step logic
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    loss_fn, params, tokens = tiny_setup()
+    grad_fn = jax.jit(train_lib.mean_loss_and_grad, static_argnums=0)
+    big_loss, big_grads = grad_fn(loss_fn, params, tokens.reshape(1, 32, 17),
+                                  optim.NoOpLossScale())
+    micro_loss, micro_grads = grad_fn(loss_fn, params, tokens.reshape(4, 8, 17),
+                                      optim.NoOpLossScale())
+    np.testing.assert_allclose(micro_loss, big_loss, rtol=1e-5)
+    np.testing.assert_allclose(big_loss, loss_fn(params, tokens), rtol=1e-6)
+    leaves_close(micro_grads, big_grads, rtol=1e-5, atol=1e-9)
+    lr = 1e-2
+    tx = optim.adamw(lr, weight_decay=0.1)
+    big, _ = one_step(loss_fn, params, tx, tokens.reshape(1, 32, 17))
+    micro, _ = one_step(loss_fn, params, tx, tokens.reshape(4, 8, 17))
+    big_update = jax.tree.map(jnp.subtract, big["params"], params)
+    micro_update = jax.tree.map(jnp.subtract, micro["params"], params)
+    assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(big_update)) > lr / 2
+    leaves_close(micro_update, big_update, rtol=1e-5, atol=1e-5 * lr)
+
+
+def test_loss_scale_is_fixed_within_an_accumulated_step():
+    loss_fn, params, tokens = tiny_setup()
+    tx = optax.sgd(0.5)
+    # period=1: the scale doubles after every finite step, so once per optimizer step.
+    scaled, metrics = one_step(loss_fn, params, tx, tokens.reshape(4, 8, 17),
+                               optim.DynamicLossScale(scale=2.0 ** 8, period=1))
+    plain, _ = one_step(loss_fn, params, tx, tokens.reshape(4, 8, 17))
+    assert float(metrics["loss_scale"]) == 2.0 ** 8
+    assert float(scaled["loss_scale"].loss_scale) == 2.0 ** 9
+    leaves_close(scaled["params"], plain["params"], rtol=1e-6)
+
+
+def test_non_finite_gradients_skip_the_step():
+    loss_fn, params, tokens = tiny_setup()
+    poisoned = lambda p, t: loss_fn(p, t) * jnp.where(t[0, 0] == 255, jnp.nan, 1.0)  # noqa: E731
+    tx = optim.adamw(optim.schedules.linear(1e-2, total_steps=10), weight_decay=0.1)
+    schedule = optim.schedules.linear(1e-2, total_steps=10)
+    kwargs = dict(ema_decay=0.9, average_from_step=0)
+    state = train_lib.init_state(params, tx, optim.DynamicLossScale(scale=2.0 ** 4), **kwargs)
+    step = jax.jit(train_lib.make_train_step(poisoned, tx, schedule, **kwargs))
+    bad = tokens.reshape(1, 32, 17).copy()
+    bad[0, 0, 0] = 255
+    after, metrics = step(state, bad)
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    for key in ("params", "opt_state", "ema", "average"):
+        leaves_equal(after[key], state[key])
+    assert int(after["step"]) == 1 and int(after["skipped"]) == 1
+    assert float(after["loss_scale"].loss_scale) == 2.0 ** 3
+    good = tokens.reshape(1, 32, 17).copy()
+    good[0, 0, 0] = 0
+    final, metrics = step(after, good)
+    assert bool(metrics["finite"]) and int(final["skipped"]) == 1
+    # The skipped step did not advance the optimizer: this update used lr(0).
+    np.testing.assert_allclose(float(metrics["lr"]), float(schedule(0)))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final["params"]))
+    assert not np.array_equal(final["params"]["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_clipping_uses_the_pre_clip_global_norm():
+    loss_fn, params, tokens = tiny_setup()
+    batch = tokens.reshape(1, 32, 17)
+    _, grads = train_lib.mean_loss_and_grad(loss_fn, params, batch, optim.NoOpLossScale())
+    norm = float(optax.tree.norm(grads))
+    clip = norm / 10
+    state, metrics = one_step(loss_fn, params, train_lib.with_clipping(optax.sgd(1.0), clip),
+                              batch)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-6)
+    expected = jax.tree.map(lambda p, g: p - clip * g / norm, params, grads)
+    leaves_close(state["params"], expected, rtol=1e-6, atol=1e-8)
+    assert train_lib.with_clipping(optax.sgd(1.0), 0.0) is not None
+    with pytest.raises(ValueError, match="-1"):
+        train_lib.with_clipping(optax.sgd(1.0), -1.0)
+
+
+def test_ema_and_tail_average_follow_the_iterates():
+    loss_fn, params, tokens = tiny_setup()
+    tx = optax.sgd(0.3)
+    decay, start = 0.8, 2
+    state = train_lib.init_state(params, tx, optim.NoOpLossScale(), decay, start)
+    step = jax.jit(train_lib.make_train_step(loss_fn, tx, optim.schedules.constant(0.3),
+                                             decay, start))
+    ema = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+    tail = []
+    for i in range(5):
+        batch = np.roll(tokens, i, axis=0).reshape(1, 32, 17)
+        state, _ = step(state, batch)
+        current = jax.tree.map(lambda p: np.asarray(p, np.float64), state["params"])
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, current)
+        if i + 1 >= start:
+            tail.append(current)
+    leaves_close(state["ema"], ema, rtol=1e-5, atol=1e-8)
+    assert int(state["average"].count) == len(tail) == 4
+    mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *tail)
+    leaves_close(state["average"].average, mean, rtol=1e-5, atol=1e-8)
+
+
+def test_eval_step_is_the_mean_loss_over_sub_batches():
+    loss_fn, params, tokens = tiny_setup()
+    got = jax.jit(train_lib.make_eval_step(loss_fn))(params, tokens.reshape(4, 8, 17))
+    want = np.mean([loss_fn(params, part) for part in tokens.reshape(4, 8, 17)])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def tiny_config(**overrides):
+    config = lm.get_config("tiny")
+    config.steps = 100
+    config.optimizer.learning_rate = 0.01
+    config.schedule.warmup_steps = 10
+    for key, value in overrides.items():
+        target = config
+        *parents, name = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
+    return config
+
+
+@pytest.mark.parametrize("variant", sorted(lm.VARIANTS))
+def test_variants_build_and_document_a_command(variant):
+    config = lm.get_config(variant)
+    train.validate(config)
+    model_config = train.build_model_config(config)
+    assert model_config.max_len == config.seq_len and model_config.vocab_size == 256
+    train.build_optimizer(config, train.build_schedule(config))
+    assert f"lm.py:{variant}" in lm.__doc__
+
+
+def test_config_links_max_len_to_seq_len_and_rejects_unknown_variant():
+    config = lm.get_config("tiny")
+    config.seq_len = 48
+    assert config.model.max_len == 48
+    with pytest.raises(ValueError, match="'huge'"):
+        lm.get_config("huge")
+
+
+def test_config_has_a_field_for_every_optimizer_hyperparameter():
+    config = lm.get_config("tiny")
+    for name in optim.available():
+        if hasattr(optim, name):
+            for arg in inspect.signature(getattr(optim, name)).parameters:
+                assert arg in config.optimizer or arg in lm.DERIVED_HPARAMS, (name, arg)
+
+
+def test_schedule_defaults_to_the_learning_rate_and_steps():
+    schedule = train.build_schedule(tiny_config())
+    np.testing.assert_allclose(float(schedule(10)), 0.01, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(100)), 0.001, rtol=1e-5)  # end = 0.1 peak
+    constant = train.build_schedule(tiny_config(**{"schedule.name": "constant",
+                                                   "schedule.warmup_steps": None}))
+    np.testing.assert_allclose(float(constant(50)), 0.01)
+    wsd = train.build_schedule(tiny_config(**{"schedule.name": "wsd",
+                                              "schedule.decay_steps": 50}))
+    np.testing.assert_allclose(float(wsd(50)), 0.01, rtol=1e-6)
+    np.testing.assert_allclose(float(wsd(75)), 0.005, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"schedule.name": "cyclic"}, "'cyclic'"),
+    ({"schedule.name": "constant"}, "takes no warmup_steps"),
+    ({"schedule.name": "cosine_restarts"}, "needs config.schedule.first_period"),
+    ({"schedule.warmup_steps": 500}, "500"),
+])
+def test_bad_schedule_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.build_schedule(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optimizer.name": "adamax"}, "'adamax'"),
+    ({"optimizer.name": "adam", "optimizer.momentum": 0.9}, "momentum"),
+    ({"optimizer.b1": 1.5}, "1.5"),
+    ({"clip_norm": -2.0}, "-2.0"),
+    ({"optimizer.name": "shampoo", "optimizer.statistics_dtype": "float99"}, "float99"),
+])
+def test_bad_optimizer_config(overrides, message):
+    config = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=message):
+        train.validate(config)
+        train.build_optimizer(config, train.build_schedule(config))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("batch_size", -4), ("grad_accum", 0), ("zero", 2), ("ema_decay", 1.0),
+    ("average_from_step", -3), ("loss_scale", "static"), ("spike_factor", 0.5),
+])
+def test_validate_names_the_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"config\.{field}.*{value}"):
+        train.validate(tiny_config(**{field: value}))
+
+
+def test_muon_adam_learning_rate_follows_the_schedule_shape():
+    """AdamW leaves of Muon at adam_learning_rate=3e-3 step exactly like a Muon whose main
+    learning rate is 3e-3: the same warmup-cosine shape, peaking at 3e-3."""
+    params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
+    grads = {"w": jnp.full((8, 4), 0.1), "b": jnp.linspace(-1.0, 1.0, 4)}
+
+    def b_updates(**overrides):
+        config = tiny_config(**{"optimizer.name": "muon", "clip_norm": 0.0, **overrides})
+        tx = train.build_optimizer(config, train.build_schedule(config))
+        state, out = tx.init(params), []
+        for _ in range(15):  # through the warmup and into the decay
+            updates, state = tx.update(grads, state, params)
+            out.append(updates["b"])
+        return np.stack(out)
+
+    np.testing.assert_allclose(
+        b_updates(**{"optimizer.learning_rate": 0.03, "optimizer.adam_learning_rate": 3e-3}),
+        b_updates(**{"optimizer.learning_rate": 3e-3}), rtol=1e-5)
+
+
+def test_dtype_hyperparameters_are_given_by_name():
+    config = tiny_config(**{"optimizer.name": "shampoo", "optimizer.statistics_dtype":
+                            "bfloat16", "clip_norm": 0.0})
+    tx = train.build_optimizer(config, train.build_schedule(config))
+    state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)})
+    assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
+
+
+def test_no_decay_leaves_get_no_weight_decay():
+    params = transformer_params()
+    config = tiny_config(**{"schedule.name": "constant", "schedule.warmup_steps": None,
+                            "clip_norm": 0.0, "optimizer.weight_decay": 0.1})
+    tx = train.build_optimizer(config, train.build_schedule(config))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    decayed = {jax.tree_util.keystr(path): bool(np.any(np.asarray(u) != 0))
+               for path, u in jax.tree.leaves_with_path(updates)}
+    assert not decayed["['embed']['embedding']"]
+    assert not decayed["['final_norm']['scale']"]
+    assert not decayed["['block_0']['attn_norm']['scale']"]
+    assert decayed["['head']['kernel']"] and decayed["['block_0']['mlp']['up']['kernel']"]
+    assert decayed["['block_0']['attn']['query']['kernel']"]
+    config.optimizer.no_decay = ""
+    tx = train.build_optimizer(config, train.build_schedule(config))
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert np.any(np.asarray(updates["embed"]["embedding"]) != 0)
+
+
+def test_muon_routes_embedding_and_head_to_adam():
+    params = transformer_params()
+    lr = 0.01
+    config = tiny_config(**{"optimizer.name": "muon", "optimizer.learning_rate": lr,
+                            "schedule.name": "constant", "schedule.warmup_steps": None,
+                            "clip_norm": 0.0})
+    tx = train.build_optimizer(config, train.build_schedule(config))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    # Adam's first step is -lr * sign(g) in every entry; Muon's orthogonalised step is not.
+    for adam_leaf in (updates["head"]["kernel"], updates["embed"]["embedding"]):
+        np.testing.assert_allclose(adam_leaf, -lr, rtol=1e-4)
+    muon_leaf = np.asarray(updates["block_0"]["mlp"]["up"]["kernel"])
+    assert np.all(np.isfinite(muon_leaf)) and not np.allclose(muon_leaf, -lr, rtol=0.1)
+
+
+def test_spike_monitor_needs_a_full_window_and_patience():
+    monitor = spikes.SpikeMonitor(factor=2.0, window=3, patience=2)
+    assert not any(monitor.observe(i, loss) for i, loss in enumerate([9.0, 1.0, 1.2]))
+    assert monitor.recent == [9.0, 1.0, 1.2]
+    assert not monitor.observe(3, 2.3)           # median 1.2: 2.3 < 2.4 is no spike
+    assert monitor.recent == [1.0, 1.2, 2.3]
+    assert not monitor.observe(4, 5.0) and monitor.first == 4
+    assert monitor.observe(5, float("nan"))      # second spike in a row: roll back
+    saved = monitor.state()
+    monitor.load({})
+    assert monitor.recent == [] and monitor.first == -1
+    monitor.load(json.loads(json.dumps(saved)))
+    assert monitor.state() == saved and monitor.streak == 2
+
+
+def test_metrics_log_truncates_and_skips_a_torn_line(tmp_path):
+    log = train.MetricsLog(str(tmp_path / "m.jsonl"))
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"step": 6, "lo')       # a kill in the middle of a write
+    assert [row["step"] for row in log.rows()] == [1, 2, 3, 4, 5]
+    log.truncate(3)
+    assert [row["step"] for row in log.rows()] == [1, 2, 3]
+    log.write({"step": 4, "loss": 0.5})
+    assert [row["step"] for row in log.rows()] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- the script
+# Each test runs `python -m experiments.train` in subprocesses on 8 emulated CPU devices
+# with a tiny model, a 12-step schedule and a small corpus made here.
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
+         "jovial bumpkins and grumpy zebras").split()
+RUN = {"steps": 12, "batch_size": 8, "seq_len": 32, "log_every": 1, "eval_every": 6,
+       "checkpoint_every": 4, "keep_checkpoints": 5, "eval_batches": 2, "grad_accum": 2,
+       "ema_decay": 0.9, "average_from_step": 6, "model.n_layers": 1,
+       "schedule.name": "constant", "schedule.warmup_steps": None,
+       "optimizer.learning_rate": 3e-3}
+RUN_FLAGS = [f"--config.{key}={value}" for key, value in RUN.items()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        text = " ".join(rng.choice(WORDS, size=300)) + "\n"
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return str(folder)
+
+
+def train_command(workdir, corpus, *flags):
+    return [sys.executable, "-m", "experiments.train",
+            "--config=experiments/configs/lm.py:tiny", f"--workdir={workdir}",
+            f"--config.corpus={corpus}", *RUN_FLAGS, *flags]
+
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+
+
+def start(workdir, corpus, *flags):
+    return subprocess.Popen(train_command(workdir, corpus, *flags), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(workdir, corpus, *flags, returncode=0):
+    process = start(workdir, corpus, *flags)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == returncode, stderr[-3000:]
+    return stderr
+
+
+def rows(workdir):
+    return train.MetricsLog(os.path.join(workdir, train.METRICS_FILE)).rows()
+
+
+def losses(workdir, key="loss"):
+    return {row["step"]: row[key] for row in rows(workdir) if key in row}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """An uninterrupted 12-step run, in this process through `train.train` (as race does);
+    the subprocess runs must reproduce its losses."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    summary = train.train(tiny_config(corpus=corpus, **RUN), workdir, progress=False)
+    return workdir, summary
+
+
+def tree_digest(folder):
+    """Every file under `folder` with its modification time and content hash."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = (
+                    os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+    return found
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_config_plot_and_checkpoints(reference, corpus):
+    reference, summary = reference
+    got = rows(reference)
+    assert summary["history"] == got and summary["steps"] == 12
+    assert summary["final_eval_loss"] == got[-1]["eval_loss"]
+    assert summary["final_eval_loss_avg"] == got[-1]["eval_loss_avg"]
+    assert [row["step"] for row in got] == list(range(1, 13))
+    for row in got:
+        assert {"loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(row)
+        assert row["lr"] == pytest.approx(3e-3) and row["skipped_steps"] == 0
+    evals = [row for row in got if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [6, 12]
+    assert all({"eval_loss_ema", "eval_loss_avg"} <= set(row) for row in evals)
+    assert evals[-1]["eval_loss"] < got[0]["loss"] - 0.5  # it learns
+    with open(os.path.join(reference, train.CONFIG_FILE)) as f:
+        config = json.load(f)
+    expected = data.load_corpus(corpus)
+    assert config["corpus"]["bytes"] == expected.n_bytes
+    assert config["corpus"]["sha256"] == expected.sha256
+    assert config["config"]["optimizer"]["name"] == "adamw"
+    assert os.path.getsize(os.path.join(reference, train.PLOT_FILE)) > 1000
+    assert sorted(os.listdir(os.path.join(reference, train.CHECKPOINT_DIR))) == ["12", "4", "8"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, corpus, tmp_path):
+    reference, workdir = reference[0], str(tmp_path)
+    # 1) Killed by itself right after starting the save of step 8 (mid-save).
+    run(workdir, corpus, "--config.testing.kill_after_save=8", returncode=-signal.SIGKILL)
+    assert max(losses(workdir)) == 8
+    # 2) Resumed, then killed from outside once it has logged step 10.
+    process = start(workdir, corpus)
+    deadline = time.time() + 600
+    while max(losses(workdir), default=0) < 10 and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    # 3) Resumed to the end.
+    stderr = run(workdir, corpus)
+    assert "resuming" in stderr
+    assert losses(workdir) == losses(reference)
+    for key in ("eval_loss", "eval_loss_ema", "eval_loss_avg"):
+        assert losses(workdir, key) == losses(reference, key)
+    assert [row["step"] for row in rows(workdir)] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_mesh_with_zero1(reference, corpus, tmp_path):
+    reference, workdir = reference[0], str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(os.path.join(workdir, train.CHECKPOINT_DIR, "12"))  # latest is now 8
+    run(workdir, corpus, "--config.mesh=data=2,tensor=4", "--config.zero=1")
+    want, got = losses(reference), losses(workdir)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 9):
+        assert got[step] == want[step]   # rows up to the checkpoint are kept as they were
+    np.testing.assert_allclose([got[s] for s in range(9, 13)], [want[s] for s in range(9, 13)],
+                               rtol=1e-4)
+    np.testing.assert_allclose(losses(workdir, "eval_loss_avg")[12],
+                               losses(reference, "eval_loss_avg")[12], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_spike_rollback_restores_and_skips_the_bad_batches(corpus, tmp_path):
+    workdir = str(tmp_path)
+    stderr = run(workdir, corpus, "--config.steps=16", "--config.spike_rollback=true",
+                 "--config.spike_window=3", "--config.spike_patience=2",
+                 "--config.spike_factor=1.3", "--config.spike_skip=6",
+                 "--config.testing.corrupt_from=9", "--config.testing.corrupt_count=3")
+    assert "rolling back to step 8" in stderr
+    got = rows(workdir)
+    assert [row["step"] for row in got] == list(range(1, 17))
+    assert got[-1]["rollbacks"] == 1 and got[7]["rollbacks"] == 0
+    clean = [row["loss"] for row in got[:8]]
+    assert max(row["loss"] for row in got[8:]) < 1.3 * np.median(clean[-3:])
+    assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR)),
+                  key=int)[-1] == "16"
+
+
+BAD_FLAGS = [
+    (["--config.optimizer.name=adamax"], "adamax"),
+    (["--config.schedule.name=cyclic"], "cyclic"),
+    (["--config.mesh=data=3"], "data=3"),
+    (["--config.optimizer.learning_rate=-1"], "-1"),
+    (["--config.corpus=/no/such/corpus"], "/no/such/corpus"),
+    (["--config.batch_size=12"], "12"),
+    (["--config.optimizer.foo=1"], "foo"),                   # no such config field
+    (["--config.steps=abc"], "abc"),                          # not an integer
+    (["--config=experiments/configs/lm.py:huge"], "huge"),   # no such variant
+    (["--config.model.d_model=128"], "different model"),     # the checkpoint is 64 wide
+]
+
+
+@pytest.mark.slow
+def test_bad_flags_exit_2_with_one_line_and_leave_the_run_alone(reference, corpus, tmp_path):
+    reference, workdir = reference[0], str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    before = tree_digest(workdir)
+    pending = list(BAD_FLAGS)
+    while pending:  # a few at a time: each is a python process importing jax
+        batch, pending = pending[:4], pending[4:]
+        processes = [(start(workdir, corpus, *flags), flags, needle) for flags, needle in batch]
+        for process, flags, needle in processes:
+            stdout, stderr = process.communicate(timeout=600)
+            lines = stderr.strip().splitlines()
+            assert process.returncode == 2, (flags, stderr[-2000:])
+            assert len(lines) == 1 and needle in lines[0], (flags, stderr)
+            assert "Traceback" not in stderr
+    assert tree_digest(workdir) == before
