@@ -1,0 +1,14 @@
+"""Small demos of optimization phenomena, each runnable as `python -m experiments.demos.<name>`.
+
+Every demo is an importable function returning the numbers it claims (the tests check them)
+plus a thin absl `main` that prints them and saves a PNG to `--outdir` (default runs/demos/).
+
+  rosenbrock          optimizer race on the Rosenbrock valley
+  schedules           learning-rate schedules and the area under each
+  quadratic           GD / heavy ball / Nesterov rates vs condition number
+  edge_of_stability   sharpness rises to 2/lr under full-batch GD
+  tail_averaging      constant-LR SGD + tail averaging reaches d*sigma^2/t
+  adam_walkthrough    Adam's first steps by hand, with and without bias correction
+  critical_batch      steps to a target loss vs batch size and the gradient noise scale
+  precision           a tiny LM in fp32, bf16 and fp16 with dynamic loss scaling
+"""
