@@ -74,6 +74,8 @@ _LM_SEQ_LEN = flags.DEFINE_integer("lm_seq_len", 256, "Train step: sequence leng
                                    lower_bound=1)
 _LM_BATCH = flags.DEFINE_integer("lm_batch", 32, "Train step: sequences per step.",
                                  lower_bound=1)
+_LM_ROOT = flags.DEFINE_enum("lm_inverse_root", "eigh", ["eigh", "newton"],
+                             "Train step: Shampoo's inverse_root.")
 
 FLAGS = flags.FLAGS
 # Defaults of the flags shared with bench_optimizers (d_model, n_layers, vocab_size, d_ff,
@@ -107,6 +109,7 @@ def load_reference(directory):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--target", directory, REFERENCE], check=True, timeout=300,
                        capture_output=True)
+        importlib.invalidate_caches()  # the folder was listed (empty) by the import above
         return importlib.import_module("precondition.distributed_shampoo"), None
     except (subprocess.SubprocessError, OSError, ImportError) as error:
         return None, f"unavailable ({type(error).__name__}: {cli.one_line(error)[:120]})"
@@ -211,7 +214,8 @@ def lm_train_steps(names):
     params = nn.unbox(model.init(jax.random.key(1), tokens[0, :, :-1]))["params"]
     loss_fn = train_lib.lm_loss(model)
     factories = {"shampoo": lambda: optim.shampoo(LEARNING_RATE, block_size=_BLOCK_SIZE.value,
-                                                  precondition_every=_EVERY.value),
+                                                  precondition_every=_EVERY.value,
+                                                  inverse_root=_LM_ROOT.value),
                  "adamw": lambda: optim.adamw(LEARNING_RATE, weight_decay=0.1)}
     steps, carries = {}, {}
     for name in names:
@@ -299,7 +303,8 @@ def main(argv):
         lm_mean, lm_params, config = lm_train_steps(["shampoo", "adamw"])
         print(f"LM train step ({lm_params / 1e6:.2f}M params: d_model {config.d_model}, "
               f"{config.n_layers} layers, batch {_LM_BATCH.value} x {_LM_SEQ_LEN.value}; "
-              f"Shampoo block {_BLOCK_SIZE.value}, roots every {_EVERY.value}): shampoo "
+              f"Shampoo block {_BLOCK_SIZE.value}, {_LM_ROOT.value} roots every "
+              f"{_EVERY.value}): shampoo "
               f"{1e3 * lm_mean['shampoo']:.1f} ms, adamw {1e3 * lm_mean['adamw']:.1f} ms, "
               f"ratio {lm_mean['shampoo'] / lm_mean['adamw']:.3f}")
 

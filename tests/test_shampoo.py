@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 import optim
 from tests.oracle import assert_same_updates, random_tree
-from tests.second_order import COLLECTIVES, best_final_loss, kronecker_quadratic, sharded_run
+from tests.second_order import (COLLECTIVES, assert_resumes_exactly, best_final_loss,
+                                 grads_like, kronecker_quadratic, run, sharded_run)
 
 SMALL = {"bias": (7,), "dense": (16, 8)}
 PURE = dict(b1=0.0, b2=1.0, grafting=None, precondition_every=1, start_preconditioning_step=0,
@@ -35,19 +36,6 @@ def numpy_shampoo_first_step(g, lr, eps, block_size):
             direction = np.moveaxis(np.tensordot(root, direction, axes=(1, j)), 0, j)
         out[where] = -lr * direction
     return out
-
-
-def run(tx, params, grads_seq):
-    state, update, out = tx.init(params), jax.jit(tx.update), []
-    for grads in grads_seq:
-        updates, state = update(grads, state, params)
-        out.append(updates)
-    return out, state
-
-
-def grads_like(params, steps, seed=0, scale=1.0):
-    return [jax.tree.map(lambda p, k=k: scale * jax.random.normal(k, p.shape), params)
-            for k in jax.random.split(jax.random.key(seed), steps)]
 
 
 def test_first_step_is_the_closed_form():
@@ -217,18 +205,7 @@ def test_state_of_a_sharded_leaf_stays_on_its_devices():
 
 def test_resumes_exactly_from_a_restored_state():
     tx = optim.shampoo(0.1, block_size=4, precondition_every=3, start_preconditioning_step=4)
-    params = random_tree(jax.random.key(0), SMALL)
-    grads = grads_like(params, 10)
-    straight, _ = run(tx, params, grads)
-    _, state = run(tx, params, grads[:5])
-    restored = jax.tree.map(lambda x: jnp.asarray(np.array(x)), jax.device_get(state))
-    update, resumed = jax.jit(tx.update), []
-    for g in grads[5:]:
-        updates, restored = update(g, restored, params)
-        resumed.append(updates)
-    for a, b in zip(straight[5:], resumed):
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name])
+    assert_resumes_exactly(tx, random_tree(jax.random.key(0), SMALL), steps=10, split=5)
 
 
 def test_low_precision_statistics_and_params():

@@ -8,22 +8,10 @@ from jax.sharding import PartitionSpec as P
 
 import optim
 from tests.oracle import assert_same_updates, random_tree
-from tests.second_order import best_final_loss, kronecker_quadratic, sharded_run
+from tests.second_order import (assert_resumes_exactly, best_final_loss, grads_like,
+                                 kronecker_quadratic, run, sharded_run)
 
 B1, B2, EPS = 0.9, 0.99, 1e-8
-
-
-def run(tx, params, grads_seq):
-    state, update, out = tx.init(params), jax.jit(tx.update), []
-    for grads in grads_seq:
-        updates, state = update(grads, state, params)
-        out.append(updates)
-    return out, state
-
-
-def grads_like(params, steps, seed=0):
-    return [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params)
-            for k in jax.random.split(jax.random.key(seed), steps)]
 
 
 def test_without_preconditioned_dims_it_is_exactly_adamw():
@@ -139,17 +127,7 @@ def test_state_follows_a_sharded_param():
 def test_resumes_exactly_from_a_restored_state():
     tx = optim.soap(0.1, precondition_every=3)
     params = random_tree(jax.random.key(0), {"dense": (6, 5), "bias": (5,)})
-    grads = grads_like(params, 8)
-    straight, _ = run(tx, params, grads)
-    _, state = run(tx, params, grads[:4])
-    restored = jax.tree.map(lambda x: jnp.asarray(np.array(x)), jax.device_get(state))
-    update, resumed = jax.jit(tx.update), []
-    for g in grads[4:]:
-        updates, restored = update(g, restored, params)
-        resumed.append(updates)
-    for a, b in zip(straight[4:], resumed):
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name])
+    assert_resumes_exactly(tx, params, steps=8, split=4)
 
 
 def test_created_by_name():
