@@ -12,7 +12,14 @@ import sharding
 
 LEARNING_RATES = tuple(np.logspace(-3, 0, 7))
 COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"
-                         r"reduce-scatter)\b")
+                         r"reduce-scatter)\(")
+
+
+def array_collectives(hlo_text):
+    """The collective instructions of compiled HLO whose result is not a scalar (a scalar
+    all-reduce is loop control, e.g. "any block still iterating"; it moves no blocks)."""
+    return [line.strip() for line in hlo_text.splitlines()
+            if COLLECTIVES.search(line) and not re.search(r"= \w+\[\] ", line)]
 
 
 def _spd(key, n, cond):

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import optim
 from tests.oracle import assert_same_updates, random_tree
-from tests.second_order import (COLLECTIVES, assert_resumes_exactly, best_final_loss,
+from tests.second_order import (array_collectives, assert_resumes_exactly, best_final_loss,
                                  grads_like, kronecker_quadratic, run, sharded_run)
 
 SMALL = {"bias": (7,), "dense": (16, 8)}
@@ -187,8 +187,10 @@ def test_beats_tuned_adam_on_an_ill_conditioned_kronecker_quadratic():
     assert ours < 0.1 * adam, (ours, adam)
 
 
-def test_state_of_a_sharded_leaf_stays_on_its_devices():
-    tx = optim.shampoo(0.01, block_size=32, precondition_every=1, start_preconditioning_step=0)
+@pytest.mark.parametrize("inverse_root", ["newton", "eigh"])
+def test_state_of_a_sharded_leaf_stays_on_its_devices(inverse_root):
+    tx = optim.shampoo(0.01, block_size=32, precondition_every=1, start_preconditioning_step=0,
+                       inverse_root=inverse_root)
     sharded, state, compiled, local = sharded_run(tx)
     blocks = state[0].blocks["w"]
     for array in blocks.stats + blocks.roots:
@@ -197,7 +199,10 @@ def test_state_of_a_sharded_leaf_stays_on_its_devices():
     assert state[0].momentum["w"].sharding.spec == P(None, "tensor")
     assert state[0].diagonal["w"].sharding.spec == P(None, "tensor")
     # Blocks aligned with the shards: statistics, roots and update need no communication.
-    assert not COLLECTIVES.search(compiled)
+    # (Except eigh on CPU, which runs one matrix per call and so gathers the batch: see
+    # optim._blocks.per_matrix. Batched eigh on GPU/TPU stays local.)
+    if inverse_root == "newton" or jax.default_backend() != "cpu":
+        assert not array_collectives(compiled)
     for a, b in zip(sharded, local):
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6)
