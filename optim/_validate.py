@@ -4,6 +4,7 @@ import inspect
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -79,3 +80,24 @@ def greater_than(name, value, bound):
     """A finite number strictly above `bound` (e.g. a loss scale > 0, a growth factor > 1)."""
     if not _is_number(value) or not math.isfinite(value) or value <= bound:
         raise ValueError(f"{name} must be a finite number > {bound}, got {value!r}")
+
+
+def floating_dtype(name, value, choices=None):
+    """A floating dtype (`jnp.float32`, `"bfloat16"`, ...), among `choices` if given;
+    returns it as a numpy dtype.
+
+    `optax.inject_hyperparams` takes a dtype class for a schedule and passes the array it
+    returns: that gets an error telling how to keep the dtype static.
+    """
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise ValueError(f"{name} must be a dtype, got an array; with optax.inject_hyperparams "
+                         f"pass static_args=({name!r},)")
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype, got {value!r}")
+    if choices is not None and dtype.name not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {dtype.name!r}")
+    return dtype

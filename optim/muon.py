@@ -107,7 +107,7 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
     _validate.in_range("momentum", momentum)
     _validate.positive_int("ns_steps", ns_steps)
     _validate.non_negative("eps", eps)
-    _validate.one_of("ns_dtype", _dtype_name(ns_dtype), NS_DTYPES)
+    ns_dtype = _validate.floating_dtype("ns_dtype", ns_dtype, NS_DTYPES)
 
     def init_fn(params):
         for path, leaf in jax.tree.leaves_with_path(params):
@@ -227,9 +227,3 @@ def _labels(muon_mask):
 
     return labels
 
-
-def _dtype_name(dtype):
-    try:
-        return jnp.dtype(dtype).name
-    except TypeError:
-        return repr(dtype)

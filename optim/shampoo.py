@@ -49,14 +49,6 @@ def _debias(decay, count):
     return 1 - jnp.float32(decay) ** count.astype(jnp.float32)
 
 
-def _validate_dtype(name, value):
-    try:
-        ok = jnp.issubdtype(value, jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a floating dtype, got {value!r}")
-
 
 def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1024,
                      precondition_every=10, start_preconditioning_step=10, grafting="adam",
@@ -109,7 +101,7 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
     _validate.in_range("b1", b1)
     _validate.greater_than("b2", b2, 0)
     _validate.in_range("b2", b2, high_inclusive=True)
-    _validate_dtype("statistics_dtype", statistics_dtype)
+    statistics_dtype = _validate.floating_dtype("statistics_dtype", statistics_dtype)
     _validate.non_negative("eps", eps)
     _validate.positive_int("block_size", block_size)
     _validate.positive_int("precondition_every", precondition_every)
