@@ -39,12 +39,12 @@ def make_model():
 def make_optimizer(name):
     if name == "adamw":
         return optim.adamw(3e-3, weight_decay=1e-2)
-    if name == "shampoo":
-        # Newton roots: with "eigh", this step hangs on 8 emulated CPU devices with jax 0.10.2
-        # on a 2-core machine (1, 2, 4 devices are fine; so is jax 0.11.2 on 16 cores), an
-        # XLA CPU matter, not a sharding one.
+    if name in ("shampoo", "shampoo_eigh"):
+        # Newton roots by default: matmul-only, so the blocks stay on their devices; eigh
+        # runs one matrix per call on CPU (see optim._blocks.per_matrix).
         return optim.shampoo(3e-3, block_size=16, precondition_every=3,
-                             start_preconditioning_step=3, inverse_root="newton")
+                             start_preconditioning_step=3,
+                             inverse_root="eigh" if name == "shampoo_eigh" else "newton")
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -331,3 +331,11 @@ def test_meshes_train_to_the_same_losses_as_one_device(optimizer, mesh_spec, zer
     losses = lm.train_losses(optimizer, mesh_spec, zero=zero)
     assert expected[-1] < expected[0] - 0.5                     # it does learn
     np.testing.assert_allclose(losses, expected, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_shampoo_with_eigh_roots_trains_on_a_mesh_like_one_device():
+    """The default roots on a mesh: jaxlib 0.10's batched CPU eigh used to deadlock here."""
+    expected = one_device_losses("shampoo_eigh")
+    np.testing.assert_allclose(lm.train_losses("shampoo_eigh", "data=2,tensor=4"), expected,
+                               rtol=1e-4)
