@@ -64,7 +64,7 @@ def lr_grid(name, points, spacing, explicit=()):
     return [centre * spacing ** (i - (points - 1) / 2) for i in range(points)]
 
 
-def validate_flags(optimizers, lrs, points, spacing, target, evals):
+def validate_flags(optimizers, lrs, points, spacing, target, evals, muon_adam_lr=3e-3):
     """ValueError naming the first bad flag value."""
     if not optimizers:
         raise ValueError("--optimizers is empty")
@@ -89,6 +89,8 @@ def validate_flags(optimizers, lrs, points, spacing, target, evals):
         raise ValueError(f"--lr_spacing must be > 1, got {spacing}")
     if evals < 1:
         raise ValueError(f"--evals must be >= 1, got {evals}")
+    if not muon_adam_lr > 0 or not math.isfinite(muon_adam_lr):
+        raise ValueError(f"--muon_adam_lr must be a positive number, got {muon_adam_lr}")
     if target is not None and not math.isfinite(target):
         raise ValueError(f"--target must be a finite loss, got {target}")
     return parsed
@@ -249,20 +251,25 @@ def main(argv):
         cli.fail("--workdir is required")
     with cli.usage_errors():
         lrs = validate_flags(_OPTIMIZERS.value, _LRS.value, _LR_POINTS.value,
-                             _LR_SPACING.value, _TARGET.value, _EVALS.value)
-        # Every run's config is checked before the first one starts.
-        for name in _OPTIMIZERS.value:
-            for lr in lr_grid(name, _LR_POINTS.value, _LR_SPACING.value, lrs):
-                train.validate(run_config(base, name, lr, _MUON_ADAM_LR.value, _EVALS.value))
-        train.setup(run_config(base, _OPTIMIZERS.value[0], 1e-3, _MUON_ADAM_LR.value))
+                             _LR_SPACING.value, _TARGET.value, _EVALS.value,
+                             _MUON_ADAM_LR.value)
+        # Every run's config and optimizer is checked before the first run starts; the
+        # corpus, mesh and model once.
+        configs = [run_config(base, name, lr, _MUON_ADAM_LR.value, _EVALS.value)
+                   for name in _OPTIMIZERS.value
+                   for lr in lr_grid(name, _LR_POINTS.value, _LR_SPACING.value, lrs)]
+        for config in configs:
+            train.validate(config)
+            train.build_optimizer(config, train.build_schedule(config))
+        train.setup(configs[0])
     best, everything, target, source = race(
         base, _OPTIMIZERS.value, workdir, lrs, _LR_POINTS.value, _LR_SPACING.value,
         _TARGET.value, _MUON_ADAM_LR.value, _EVALS.value)
+    text = report(best, everything, target, source, base, max(1, base.steps // _EVALS.value))
     with open(os.path.join(workdir, REPORT_FILE), "w") as f:
-        f.write(report(best, everything, target, source, base,
-                       max(1, base.steps // _EVALS.value)))
+        f.write(text)
     plot_curves(best, target, os.path.join(workdir, CURVES_FILE))
-    print(open(os.path.join(workdir, REPORT_FILE)).read())
+    print(text)
     print(f"race: report in {os.path.join(workdir, REPORT_FILE)}, "
           f"curves in {os.path.join(workdir, CURVES_FILE)}")
 

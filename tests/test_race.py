@@ -120,6 +120,7 @@ def test_race_reports_each_optimizer_at_its_best_lr(corpus, tmp_path):
     (["--lrs=1e-3,-2"], "-2"),
     (["--lr_points=0"], "--lr_points"),
     (["--config.optimizer.name=lion", "--config.mesh=data=3"], "data=3"),
+    (["--optimizers=adamw,muon", "--muon_adam_lr=-1"], "--muon_adam_lr"),
 ])
 def test_bad_flags_exit_2_with_one_line(corpus, tmp_path, flags, needle):
     done = subprocess.run(race_command(corpus, f"--workdir={tmp_path}/race", *flags),
