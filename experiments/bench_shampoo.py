@@ -24,8 +24,7 @@ from `jax.tree` are put back under those names in this process only. Without it,
 Shampoo step is compared with the figure the issue quotes for it: 2.4 s/step on 8M params
 on the 2-core CPU, 177x AdamW's step.
 
-On CPU, set OPENBLAS_NUM_THREADS=1 (this script does): XLA already runs the matrices of a
-batched eigh in parallel, and OpenBLAS threads on top only contend for the same cores.
+On CPU it runs with OPENBLAS_NUM_THREADS=1, as every script here does (see `experiments`).
 
     python -m experiments.bench_shampoo                       # CPU: 8.4M params
     python -m experiments.bench_shampoo --train_step          # + LM train step, Shampoo/AdamW
@@ -33,28 +32,24 @@ batched eigh in parallel, and OpenBLAS threads on top only contend for the same 
         --precondition_every=2 --steps_per_call=2 --reps=1 --calls=1 --reference_dir= \
         --train_step --lm_d_model=32 --lm_layers=1 --lm_seq_len=16 --lm_batch=2   # smoke test
 """
-import os
+import functools
+import importlib
+import subprocess
+import sys
+import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from flax import linen as nn
 
-import functools  # noqa: E402
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import flags  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-import optim  # noqa: E402
-from experiments import cli  # noqa: E402
-from experiments.bench_optimizers import (  # noqa: E402  (also defines the shared flags)
+import optim
+from experiments import cli
+from experiments.bench_optimizers import (  # (also defines the shared flags)
     random_like, repeat_jitted, time_calls, train_step, transformer_shapes)
-from optim import _blocks  # noqa: E402
+from optim import _blocks
 
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 512, "Shampoo's block size.", lower_bound=1)
 _EVERY = flags.DEFINE_integer("precondition_every", 10, "Steps between root recomputations.",

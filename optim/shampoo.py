@@ -199,7 +199,8 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         use_shampoo = count >= start_preconditioning_step
         for i, leaf_roots in zip(indices, roots):
             k = grads[i].ndim
-            direction = _blocks.multiply_dims(blocked[i], leaf_roots, k)
+            # Roots are symmetric, so this is P_0 G P_1; the transposed form is the faster.
+            direction = _blocks.multiply_dims(blocked[i], leaf_roots, k, transpose=True)
             if grafting is not None:
                 graft = _blocks.to_blocks(diag_steps[i], blockings[i])
                 norm = _blocks.block_norms(direction, k)

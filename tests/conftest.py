@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# As the scripts do (see experiments/__init__.py): LAPACK calls already run side by side.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 
