@@ -1,0 +1,98 @@
+"""The benchmark scripts run end to end at toy sizes and report what they say they report.
+
+No timing is asserted (times depend on the machine); the tests check that every candidate
+gets a row, that state sizes are the true ones and that the ratio columns are ratios.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+ENV.pop("JAX_NUM_CPU_DEVICES", None)
+NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def run_script(module, *flags):
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def table_rows(stdout, names):
+    """name -> the numbers on its table row (a line starting with the name and a number)."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] in names and len(parts) > 1 and re.fullmatch(NUMBER, parts[1]):
+            rows[parts[0]] = [float(p) for p in parts[1:] if re.fullmatch(NUMBER, p)]
+    return rows
+
+
+def printed_ratio_is(ratio, a, b, digit, ratio_digit):
+    """Whether a printed `ratio` is a / b, given a and b printed to `digit` and the ratio to
+    `ratio_digit`: within the interval their rounding allows."""
+    half, half_ratio = digit / 2, ratio_digit / 2
+    low = (a - half) / (b + half)
+    high = (a + half) / max(b - half, 1e-12)
+    return low - half_ratio <= ratio <= high + half_ratio
+
+
+# The smoke-test command in experiments/bench_shampoo.py's docstring (no reference).
+SHAMPOO_SMOKE = ["--d_model=64", "--vocab_size=64", "--block_size=32", "--precondition_every=2",
+                 "--steps_per_call=2", "--reps=1", "--calls=1", "--reference_dir=",
+                 "--train_step", "--lm_d_model=32", "--lm_layers=1", "--lm_seq_len=16",
+                 "--lm_batch=2"]
+
+
+@pytest.mark.slow
+def test_bench_shampoo_reports_every_candidate_and_the_true_state_sizes():
+    done = run_script("bench_shampoo", *SHAMPOO_SMOKE)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    n_params = float(re.search(rf"params: ({NUMBER})M float32", out).group(1)) * 1e6
+    names = ["shampoo_eigh", "shampoo_newton", "adamw", "adamw_optax", "muon", "muon_optax"]
+    rows = table_rows(out, names)
+    assert sorted(rows) == sorted(names), out
+    base = rows["adamw_optax"][0]
+    for name, (ms, mib, x_adamw) in rows.items():
+        assert ms > 0 and mib > 0
+        assert printed_ratio_is(x_adamw, ms, base, 0.01, 0.01), (name, rows)
+    # AdamW keeps two float32 moments per parameter; ours and optax's alike.
+    for name in ("adamw", "adamw_optax"):
+        assert rows[name][1] == pytest.approx(2 * 4 * n_params / 2**20, rel=0.01, abs=0.06)
+    # Shampoo (momentum, Adam-grafting moment, statistics and roots) keeps more than AdamW.
+    assert rows["shampoo_eigh"][1] == rows["shampoo_newton"][1] > rows["adamw"][1]
+    assert "reference (precondition-opt==0.3.0): skipped" in out
+    breakdown = re.search(rf"shampoo_eigh breakdown .*: statistics ({NUMBER}) .*roots "
+                          rf"({NUMBER}) .*rest ({NUMBER})", out)
+    assert breakdown, out
+    ratio = re.search(rf"shampoo ({NUMBER}) ms, adamw ({NUMBER}) ms, ratio ({NUMBER})", out)
+    shampoo_ms, adamw_ms, printed = map(float, ratio.groups())
+    assert printed_ratio_is(printed, shampoo_ms, adamw_ms, 0.1, 0.001), ratio.group(0)
+
+
+@pytest.mark.slow
+def test_bench_optimizers_reports_ours_against_optax():
+    done = run_script("bench_optimizers", "--d_model=32", "--n_layers=1", "--vocab_size=64",
+                      "--reps=2", "--calls=2", "--steps_per_call=2")
+    assert done.returncode == 0, done.stderr
+    rows = table_rows(done.stdout, ["adamw", "lion", "sgd_nesterov"])
+    assert sorted(rows) == ["adamw", "lion", "sgd_nesterov"], done.stdout
+    for ours, theirs, ratio in (row[:3] for row in rows.values()):
+        assert printed_ratio_is(ratio, ours, theirs, 0.001, 0.001), rows
+
+
+@pytest.mark.parametrize("module, flags, bad", [
+    ("bench_shampoo", ["--optimizers=shampoo_eigh,bogus", "--reference_dir="], "bogus"),
+    ("bench_shampoo", ["--block_size=0"], "block_size"),
+    ("bench_optimizers", ["--reps=0"], "reps"),
+    ("bench_optimizers", ["extra"], "extra"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_them(module, flags, bad):
+    done = run_script(module, *flags)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0], done.stderr
