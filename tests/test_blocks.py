@@ -47,3 +47,58 @@ def test_gram_matches_numpy(axis):
     x = jax.random.normal(jax.random.key(1), (3, 5, 4))
     want = np.array([m @ m.T if axis == 0 else m.T @ m for m in np.asarray(x, np.float64)])
     np.testing.assert_allclose(_blocks.gram(x, axis, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def spd_with_spectrum(key, eigenvalues):
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q, as float32."""
+    n = len(eigenvalues)
+    q, _ = np.linalg.qr(np.asarray(jax.random.normal(key, (n, n)), np.float64))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+def numpy_inverse_root(matrices, p, eps):
+    """(A + eps * lambda_max I)^(-1/p) in float64, per matrix."""
+    out = []
+    for a in np.asarray(matrices, np.float64):
+        w, v = np.linalg.eigh(a)
+        w = np.maximum(w, 0) + eps * w[-1]
+        out.append((v * w ** (-1.0 / p)) @ v.T)
+    return np.array(out)
+
+
+def relative_errors(got, want):
+    got = np.asarray(got, np.float64)
+    return np.linalg.norm(got - want, axis=(-2, -1)) / np.linalg.norm(want, axis=(-2, -1))
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_newton_root_is_right_at_any_scale_of_the_statistics(p, scale):
+    # Eigenvalues spread over 4 decades; statistics of 1e20 or 1e-20 (float32 squares of
+    # entries that size overflow / underflow) must give the same root, rescaled.
+    spectrum = np.logspace(0, -4, 48)
+    a = np.stack([spd_with_spectrum(jax.random.key(i), spectrum) for i in range(2)]) * scale
+    a = a.astype(np.float32)
+    want = numpy_inverse_root(a, p, 1e-6)
+    newton = _blocks.inverse_root_newton(jax.numpy.asarray(a), p, 1e-6, True)
+    eigh = _blocks.inverse_root_eigh(jax.numpy.asarray(a), p, 1e-6, True)
+    assert np.max(relative_errors(eigh, want)) < 1e-3
+    assert np.max(relative_errors(newton, want)) < 1e-3
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_scaled_newton_takes_fewer_steps_than_plain_newton_can(p):
+    # Eigenvalues of M_0 reach down to z * d (d = 1e-6 lambda_max, z = (1+p) / (2 |A|_F)). A
+    # plain coupled Newton step multiplies a small eigenvalue by at most ((p+1)/p)^p, so it
+    # needs at least log(1/2 / smallest) / log(((p+1)/p)^p) steps to bring it to 1/2; the
+    # scaled iteration converges (to max|M - I| <= 1e-6) in fewer steps than that.
+    spectrum = np.concatenate([np.logspace(0, -3, 40), np.zeros(24)])
+    a = spd_with_spectrum(jax.random.key(3), spectrum).astype(np.float32)[None]
+    damping = 1e-6 * spectrum[0]
+    frobenius = np.sqrt(np.sum((spectrum + damping) ** 2))
+    smallest = (1 + p) / (2 * frobenius) * damping
+    plain_needs = np.log(0.5 / smallest) / np.log(((p + 1) / p) ** p)
+    root, steps = jax.jit(_blocks.coupled_newton, static_argnums=(1, 2, 3))(
+        jax.numpy.asarray(a), p, 1e-6, True)
+    assert int(steps) < plain_needs, (int(steps), plain_needs)
+    assert np.max(relative_errors(root, numpy_inverse_root(a, p, 1e-6))) < 1e-2
