@@ -5,6 +5,7 @@ On a transformer-shaped pytree (`experiments.bench_optimizers.transformer_shapes
 repetitions, a jitted `update` + `apply_updates` of:
 
   shampoo_eigh, shampoo_newton   ours (optim.shampoo), block 512, roots every 10 steps
+  shampoo_bf16                   ours, eigh, statistics in bfloat16 (not in the default list)
   adamw, adamw_optax             optim.adamw and optax.adamw
   muon, muon_optax               optim.muon and optax.contrib.muon
   reference                      precondition-opt 0.3.0's distributed_shampoo (Anil et al.),
@@ -118,6 +119,7 @@ def candidates(reference):
     factories = {
         "shampoo_eigh": lambda: shampoo(inverse_root="eigh"),
         "shampoo_newton": lambda: shampoo(inverse_root="newton"),
+        "shampoo_bf16": lambda: shampoo(statistics_dtype=jnp.bfloat16),
         "adamw": lambda: optim.adamw(LEARNING_RATE, weight_decay=0.1),
         "adamw_optax": lambda: optax.adamw(LEARNING_RATE, weight_decay=0.1),
         "muon": lambda: optim.muon(LEARNING_RATE),
