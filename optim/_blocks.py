@@ -250,7 +250,7 @@ def coupled_newton(matrices, p, eps, relative_eps, max_iterations=100, tolerance
     diagonal = jnp.diagonal(a, axis1=-2, axis2=-1)
     off_diagonal = jnp.sum(jnp.abs(a), axis=-1) - jnp.abs(diagonal)
     gershgorin = jnp.min(diagonal - off_diagonal, axis=-1)[..., None, None]
-    lower = jnp.maximum(z * jnp.maximum(damping, gershgorin), 1e-7) * jnp.ones_like(z)
+    lower = jnp.maximum(z * jnp.maximum(damping, gershgorin), 1e-7)
     upper = jnp.full_like(lower, (1.0 + p) / 2.0)
 
     def error(m):
@@ -297,9 +297,9 @@ def inverse_root_newton(matrices, p, eps, relative_eps, max_iterations=100, tole
     `f(m) = m ((p+1-m)/p)^p`: unscaled (s = 1), small ones grow only `((p+1)/p)^p` = 2.4x per
     step (p = 4), and damped statistics have eigenvalues down to `d`. M's spectrum is known
     to lie in `[z max(d, g), (1+p)/2]` (g: Gershgorin's lower bound) and is tracked through
-    f; while its bottom is under 1/2, s
-    balances f at both ends (`_balancing_scale`), which lifts small eigenvalues up to ~7x per
-    step: on statistics damped at 1e-6 of their top eigenvalue, 10 steps instead of 18.
+    f; while its bottom is under 1/2, s balances f at both ends (`_balancing_scale`), which
+    lifts small eigenvalues up to ~7x per step: on statistics damped at 1e-6 of their top
+    eigenvalue, 10 steps instead of 18.
     Each matrix stops when `max|M - I| <= tolerance`, or keeps its previous `H` and stops
     when an unscaled step grows that error by more than 1.2x (float32 rounding has taken
     over). `d = eps * lambda_max(A)` (power iteration) when `relative_eps`, else `eps`.

@@ -50,7 +50,7 @@ def test_gram_matches_numpy(axis):
 
 
 def spd_with_spectrum(key, eigenvalues):
-    """Q diag(eigenvalues) Q^T with a random orthogonal Q, as float32."""
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q, in float64."""
     n = len(eigenvalues)
     q, _ = np.linalg.qr(np.asarray(jax.random.normal(key, (n, n)), np.float64))
     return (q * np.asarray(eigenvalues)) @ q.T
