@@ -6,6 +6,7 @@ coupled Newton roots, relative damping); Shi et al. 2023, "A Distributed Data-Pa
 PyTorch Implementation of the Distributed Shampoo Optimizer" (Adam grafting, momentum on the
 grafted direction).
 """
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -53,7 +54,7 @@ def _debias(decay, count):
 def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1024,
                      precondition_every=10, start_preconditioning_step=10, grafting="adam",
                      inverse_root="eigh", statistics_dtype=jnp.float32, nesterov=False,
-                     graft_eps=1e-8):
+                     graft_eps=1e-8, newton_precision="float32"):
     """Shampoo's direction (Gupta et al. 2018) with blocking and grafting (Anil et al. 2020).
 
     Every leaf with ndim k >= 2 is cut into blocks of at most `block_size` per dim (see
@@ -97,6 +98,10 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
       statistics_dtype: dtype of the statistics (e.g. jnp.bfloat16 to halve their memory).
       nesterov: Nesterov momentum.
       graft_eps: eps of the grafting step.
+      newton_precision: how the "newton" roots multiply (`optim._blocks.matmul`): "float32"
+        (HIGHEST), or "bfloat16_6x", each product a sum of six bfloat16 products with
+        float32 accumulation, as accurate and meant for matrix units (GPU tensor cores, TPU
+        MXUs) that run bfloat16 far faster than float32. On CPU it only costs time.
     """
     _validate.in_range("b1", b1)
     _validate.greater_than("b2", b2, 0)
@@ -109,9 +114,15 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
     _validate.one_of("grafting", grafting, GRAFTINGS)
     _validate.one_of("inverse_root", inverse_root, tuple(_blocks.INVERSE_ROOTS))
     _validate.non_negative("graft_eps", graft_eps)
+    _validate.one_of("newton_precision", newton_precision, _blocks.PRODUCT_PRECISIONS)
+    if inverse_root != "newton" and newton_precision != "float32":
+        raise ValueError(f"newton_precision={newton_precision!r} needs inverse_root='newton', "
+                         f"got inverse_root={inverse_root!r}")
     # The diagonal step used for grafting norms and wherever Shampoo does not precondition.
     diagonal = "adam" if grafting is None else grafting
     compute_roots = _blocks.INVERSE_ROOTS[inverse_root]
+    if inverse_root == "newton":
+        compute_roots = functools.partial(compute_roots, precision=newton_precision)
 
     def preconditioned(param):
         return param.ndim >= 2
@@ -237,7 +248,7 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
 def shampoo(learning_rate, b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, weight_decay=0.0,
             block_size=1024, precondition_every=10, start_preconditioning_step=10,
             grafting="adam", inverse_root="eigh", statistics_dtype=jnp.float32,
-            nesterov=False, mask=None, graft_eps=1e-8):
+            nesterov=False, mask=None, graft_eps=1e-8, newton_precision="float32"):
     """Shampoo with grafting, momentum and decoupled weight decay.
 
     Step `-lr * (shampoo_direction + weight_decay * params)`, the direction from
@@ -249,6 +260,6 @@ def shampoo(learning_rate, b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, weight
     return optax.chain(
         scale_by_shampoo(b1, b2, eps, relative_eps, block_size, precondition_every,
                          start_preconditioning_step, grafting, inverse_root,
-                         statistics_dtype, nesterov, graft_eps),
+                         statistics_dtype, nesterov, graft_eps, newton_precision),
         add_decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate))

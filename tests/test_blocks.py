@@ -102,3 +102,32 @@ def test_scaled_newton_takes_fewer_steps_than_plain_newton_can(p):
         jax.numpy.asarray(a), p, 1e-6, True)
     assert int(steps) < plain_needs, (int(steps), plain_needs)
     assert np.max(relative_errors(root, numpy_inverse_root(a, p, 1e-6))) < 1e-2
+
+
+def test_bfloat16_6x_products_are_as_accurate_as_float32():
+    a = jax.random.normal(jax.random.key(0), (3, 40, 50)) * jax.numpy.logspace(-3, 3, 50)
+    b = jax.random.normal(jax.random.key(1), (3, 50, 30))
+    want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+
+    def error(got):
+        return np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+
+    one_pass = jax.numpy.matmul(a.astype(jax.numpy.bfloat16), b.astype(jax.numpy.bfloat16),
+                                preferred_element_type=jax.numpy.float32)
+    assert error(one_pass) > 1e-3  # what the sum of six improves on
+    assert error(jax.jit(_blocks.matmul, static_argnums=2)(a, b, "bfloat16_6x")) < 1e-6
+    assert error(_blocks.matmul(a, b, "float32")) < 1e-6
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_newton_roots_from_bfloat16_products_are_as_accurate_as_float32(p):
+    # Damped statistics with a null space: the hard case for float32 roots.
+    spectrum = np.concatenate([np.logspace(0, -4, 48), np.zeros(16)])
+    a = np.stack([spd_with_spectrum(jax.random.key(i), spectrum) for i in range(2)])
+    a = a.astype(np.float32)
+    want = numpy_inverse_root(a, p, 1e-6)
+    newton = jax.jit(_blocks.coupled_newton, static_argnums=(1, 2, 3, 4, 5, 6))
+    float32, steps32 = newton(jax.numpy.asarray(a), p, 1e-6, True, 100, 1e-6, "float32")
+    bfloat16, steps16 = newton(jax.numpy.asarray(a), p, 1e-6, True, 100, 1e-6, "bfloat16_6x")
+    assert abs(int(steps16) - int(steps32)) <= 1
+    assert np.max(relative_errors(bfloat16, want)) < 1.2 * np.max(relative_errors(float32, want))

@@ -87,6 +87,26 @@ def test_eigh_and_newton_agree():
                                        err_msg=f"step {t}, {name}")
 
 
+def test_newton_roots_from_bfloat16_products_give_the_float32_updates():
+    params = random_tree(jax.random.key(0), {"matrix": (16, 12), "tensor": (4, 4, 4)})
+    grads = grads_like(params, 7)
+    kwargs = dict(block_size=8, precondition_every=5, start_preconditioning_step=5,
+                  inverse_root="newton")
+    float32, _ = run(optim.shampoo(0.01, **kwargs), params, grads)
+    bfloat16, _ = run(optim.shampoo(0.01, newton_precision="bfloat16_6x", **kwargs),
+                      params, grads)
+    for t, (a, b) in enumerate(zip(float32, bfloat16)):
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-7,
+                                       err_msg=f"step {t}, {name}")
+
+
+def test_newton_precision_needs_newton_roots():
+    with pytest.raises(ValueError, match="newton_precision='bfloat16_6x' needs "
+                                         "inverse_root='newton', got inverse_root='eigh'"):
+        optim.shampoo(0.1, newton_precision="bfloat16_6x")
+
+
 @pytest.mark.parametrize("grafting, oracle", [
     ("adam", lambda lr: optax.adam(lr, b1=0.0, b2=0.99, eps=1e-8)),
     ("rmsprop", lambda lr: optax.rmsprop(lr, decay=0.99, eps=1e-8)),
@@ -261,6 +281,7 @@ def test_created_by_name():
     (dict(statistics_dtype=jnp.int32), "statistics_dtype"),
     (dict(statistics_dtype="no-such-dtype"), "statistics_dtype"),
     (dict(graft_eps=-1.0), "graft_eps"),
+    (dict(inverse_root="newton", newton_precision="bfloat16"), "newton_precision"),
 ])
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
     kwargs = {"learning_rate": 0.1, **kwargs}
