@@ -6,6 +6,8 @@ repetitions, a jitted `update` + `apply_updates` of:
 
   shampoo_eigh, shampoo_newton   ours (optim.shampoo), block 512, roots every 10 steps
   shampoo_bf16                   ours, eigh, statistics in bfloat16 (not in the default list)
+  shampoo_newton_bf16x6          ours, Newton roots from sums of six bfloat16 products
+                                 (`newton_precision="bfloat16_6x"`: for GPUs/TPUs; not default)
   adamw, adamw_optax             optim.adamw and optax.adamw
   muon, muon_optax               optim.muon and optax.contrib.muon
   reference                      precondition-opt 0.3.0's distributed_shampoo (Anil et al.),
@@ -16,7 +18,8 @@ so the mean ms/step includes the root recomputations. It prints the mean ms/step
 optimizer state in MiB and the ratios to AdamW and to the reference, then where Shampoo's
 time goes: statistics (the G G^T products), roots (a refresh step minus a plain one) and the
 rest (preconditioning, grafting, momentum). With `--train_step` it also times a whole LM
-train step (forward, backward, update; `experiments.train_lib`) with Shampoo against AdamW.
+train step (forward, backward, update; `experiments.train_lib`) with each Shampoo variant in
+`--lm_shampoo` against AdamW, interleaved in the same process.
 
 The reference is never a dependency of ravine: it is imported from `--reference_dir`, where
 `pip install --no-deps --target` puts it on first use (set `--reference_dir=` to skip it).
@@ -29,9 +32,14 @@ On CPU it runs with OPENBLAS_NUM_THREADS=1, as every script here does (see `expe
 
     python -m experiments.bench_shampoo                       # CPU: 8.4M params
     python -m experiments.bench_shampoo --train_step          # + LM train step, Shampoo/AdamW
+    python -m experiments.bench_shampoo --reference_dir= --train_step --lm_d_model=768 \
+        --lm_layers=12 --lm_seq_len=1024 --lm_batch=16 --block_size=512 \
+        --optimizers=shampoo_newton,shampoo_newton_bf16x6,adamw_optax \
+        --lm_shampoo=shampoo_newton,shampoo_newton_bf16x6   # GPU: GPT-2 small's shape
     python -m experiments.bench_shampoo --d_model=64 --vocab_size=64 --block_size=32 \
         --precondition_every=2 --steps_per_call=2 --reps=1 --calls=1 --reference_dir= \
-        --train_step --lm_d_model=32 --lm_layers=1 --lm_seq_len=16 --lm_batch=2   # smoke test
+        --train_step --lm_d_model=32 --lm_layers=1 --lm_seq_len=16 --lm_batch=2 \
+        --lm_shampoo=shampoo_eigh,shampoo_newton_bf16x6   # smoke test
 """
 import functools
 import importlib
@@ -70,8 +78,9 @@ _LM_SEQ_LEN = flags.DEFINE_integer("lm_seq_len", 256, "Train step: sequence leng
                                    lower_bound=1)
 _LM_BATCH = flags.DEFINE_integer("lm_batch", 32, "Train step: sequences per step.",
                                  lower_bound=1)
-_LM_ROOT = flags.DEFINE_enum("lm_inverse_root", "eigh", ["eigh", "newton"],
-                             "Train step: Shampoo's inverse_root.")
+_LM_SHAMPOO = flags.DEFINE_list(
+    "lm_shampoo", ["shampoo_eigh"],
+    "Train step: the Shampoo variants to time against AdamW (shampoo_* candidate names).")
 
 FLAGS = flags.FLAGS
 # Defaults of the flags shared with bench_optimizers (d_model, n_layers, vocab_size, d_ff,
@@ -111,15 +120,24 @@ def load_reference(directory):
         return None, f"unavailable ({type(error).__name__}: {cli.one_line(error)[:120]})"
 
 
-def candidates(reference):
-    """name -> optimizer factory, for the names in --optimizers that can be built here."""
-    block, every = _BLOCK_SIZE.value, _EVERY.value
-    shampoo = functools.partial(optim.shampoo, LEARNING_RATE, block_size=block,
-                                precondition_every=every)
-    factories = {
+def shampoo_variants():
+    """name -> factory of our Shampoo (block and root interval from the flags)."""
+    shampoo = functools.partial(optim.shampoo, LEARNING_RATE, block_size=_BLOCK_SIZE.value,
+                                precondition_every=_EVERY.value)
+    return {
         "shampoo_eigh": lambda: shampoo(inverse_root="eigh"),
         "shampoo_newton": lambda: shampoo(inverse_root="newton"),
         "shampoo_bf16": lambda: shampoo(statistics_dtype=jnp.bfloat16),
+        "shampoo_newton_bf16x6": lambda: shampoo(inverse_root="newton",
+                                                 newton_precision="bfloat16_6x"),
+    }
+
+
+def candidates(reference):
+    """name -> optimizer factory, for the names in --optimizers that can be built here."""
+    block, every = _BLOCK_SIZE.value, _EVERY.value
+    factories = {
+        **shampoo_variants(),
         "adamw": lambda: optim.adamw(LEARNING_RATE, weight_decay=0.1),
         "adamw_optax": lambda: optax.adamw(LEARNING_RATE, weight_decay=0.1),
         "muon": lambda: optim.muon(LEARNING_RATE),
@@ -198,7 +216,8 @@ def shampoo_breakdown(tx, params, grads):
 
 
 def lm_train_steps(names):
-    """Mean seconds per LM train step (forward, backward, update) for Shampoo and AdamW."""
+    """Mean seconds per LM train step (forward, backward, update) for the named optimizers
+    (`shampoo_variants` names and "adamw")."""
     import models  # noqa: PLC0415  (only this mode needs the model)
     from experiments import train_lib  # noqa: PLC0415
 
@@ -210,9 +229,7 @@ def lm_train_steps(names):
                                 0, config.vocab_size)
     params = nn.unbox(model.init(jax.random.key(1), tokens[0, :, :-1]))["params"]
     loss_fn = train_lib.lm_loss(model)
-    factories = {"shampoo": lambda: optim.shampoo(LEARNING_RATE, block_size=_BLOCK_SIZE.value,
-                                                  precondition_every=_EVERY.value,
-                                                  inverse_root=_LM_ROOT.value),
+    factories = {**shampoo_variants(),
                  "adamw": lambda: optim.adamw(LEARNING_RATE, weight_decay=0.1)}
     steps, carries = {}, {}
     for name in names:
@@ -245,6 +262,10 @@ def main(argv):
                       else (None, "not requested"))
     with cli.usage_errors():
         factories = candidates(reference)
+    unknown = sorted(set(_LM_SHAMPOO.value) - set(shampoo_variants()))
+    if _TRAIN_STEP.value and (unknown or not _LM_SHAMPOO.value):
+        cli.fail(f"--lm_shampoo: unknown Shampoo variants {unknown}; known: "
+                 f"{', '.join(shampoo_variants())}")
     d_ff = FLAGS.d_ff or 4 * FLAGS.d_model
     shapes = transformer_shapes(FLAGS.d_model, FLAGS.n_layers, FLAGS.vocab_size, d_ff)
     params = random_like(jax.random.key(0), shapes, 0.02)
@@ -272,11 +293,13 @@ def main(argv):
     print(f"reference ({REFERENCE}): {'loaded' if reference is not None else why}")
     baseline = mean.get("adamw_optax", mean.get("adamw"))
     ref = mean.get("reference")
-    print(f"{'optimizer':<16}{'ms/step':>10}{'state MiB':>11}{'x adamw':>9}{'x reference':>13}")
+    width = max(16, *(len(name) + 2 for name in runs))
+    print(f"{'optimizer':<{width}}{'ms/step':>10}{'state MiB':>11}{'x adamw':>9}"
+          f"{'x reference':>13}")
     for name in runs:
         x_adamw = f"{mean[name] / baseline:9.2f}" if baseline else f"{'-':>9}"
         x_ref = f"{mean[name] / ref:13.3f}" if ref else f"{'-':>13}"
-        print(f"{name:<16}{1e3 * mean[name]:>10.2f}{mib[name]:>11.1f}{x_adamw}{x_ref}")
+        print(f"{name:<{width}}{1e3 * mean[name]:>10.2f}{mib[name]:>11.1f}{x_adamw}{x_ref}")
     if ref is None:
         for name in ("shampoo_eigh", "shampoo_newton"):
             if name in mean:
@@ -297,13 +320,15 @@ def main(argv):
                 per_step.items()) + f"; one refresh {1e3 * parts['roots (per refresh)']:.0f} ms")
 
     if _TRAIN_STEP.value:
-        lm_mean, lm_params, config = lm_train_steps(["shampoo", "adamw"])
+        lm_mean, lm_params, config = lm_train_steps([*_LM_SHAMPOO.value, "adamw"])
+        adamw = lm_mean["adamw"]
         print(f"LM train step ({lm_params / 1e6:.2f}M params: d_model {config.d_model}, "
               f"{config.n_layers} layers, batch {_LM_BATCH.value} x {_LM_SEQ_LEN.value}; "
-              f"Shampoo block {_BLOCK_SIZE.value}, {_LM_ROOT.value} roots every "
-              f"{_EVERY.value}): shampoo "
-              f"{1e3 * lm_mean['shampoo']:.1f} ms, adamw {1e3 * lm_mean['adamw']:.1f} ms, "
-              f"ratio {lm_mean['shampoo'] / lm_mean['adamw']:.3f}")
+              f"Shampoo block {_BLOCK_SIZE.value}, roots every {_EVERY.value}): adamw "
+              f"{1e3 * adamw:.1f} ms")
+        for name in _LM_SHAMPOO.value:
+            print(f"  {name}: {1e3 * lm_mean[name]:.1f} ms, adamw {1e3 * adamw:.1f} ms, "
+                  f"ratio {lm_mean[name] / adamw:.3f}")
 
 
 if __name__ == "__main__":

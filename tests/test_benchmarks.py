@@ -44,7 +44,7 @@ def printed_ratio_is(ratio, a, b, digit, ratio_digit):
 SHAMPOO_SMOKE = ["--d_model=64", "--vocab_size=64", "--block_size=32", "--precondition_every=2",
                  "--steps_per_call=2", "--reps=1", "--calls=1", "--reference_dir=",
                  "--train_step", "--lm_d_model=32", "--lm_layers=1", "--lm_seq_len=16",
-                 "--lm_batch=2"]
+                 "--lm_batch=2", "--lm_shampoo=shampoo_eigh,shampoo_newton_bf16x6"]
 
 
 @pytest.mark.slow
@@ -69,9 +69,11 @@ def test_bench_shampoo_reports_every_candidate_and_the_true_state_sizes():
     breakdown = re.search(rf"shampoo_eigh breakdown .*: statistics ({NUMBER}) .*roots "
                           rf"({NUMBER}) .*rest ({NUMBER})", out)
     assert breakdown, out
-    ratio = re.search(rf"shampoo ({NUMBER}) ms, adamw ({NUMBER}) ms, ratio ({NUMBER})", out)
-    shampoo_ms, adamw_ms, printed = map(float, ratio.groups())
-    assert printed_ratio_is(printed, shampoo_ms, adamw_ms, 0.1, 0.001), ratio.group(0)
+    for name in ("shampoo_eigh", "shampoo_newton_bf16x6"):
+        ratio = re.search(rf"{name}: ({NUMBER}) ms, adamw ({NUMBER}) ms, ratio ({NUMBER})", out)
+        assert ratio, out
+        shampoo_ms, adamw_ms, printed = map(float, ratio.groups())
+        assert printed_ratio_is(printed, shampoo_ms, adamw_ms, 0.1, 0.001), ratio.group(0)
 
 
 @pytest.mark.slow
@@ -88,6 +90,8 @@ def test_bench_optimizers_reports_ours_against_optax():
 @pytest.mark.parametrize("module, flags, bad", [
     ("bench_shampoo", ["--optimizers=shampoo_eigh,bogus", "--reference_dir="], "bogus"),
     ("bench_shampoo", ["--block_size=0"], "block_size"),
+    ("bench_shampoo", ["--train_step", "--lm_shampoo=shampoo_svd", "--reference_dir="],
+     "shampoo_svd"),
     ("bench_optimizers", ["--reps=0"], "reps"),
     ("bench_optimizers", ["extra"], "extra"),
 ])
