@@ -78,10 +78,14 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         m <- b1 m + (1 - b1) D,   update = m / (1 - b1^t)
         (Nesterov: b1 m / (1 - b1^(t+1)) + (1 - b1) D / (1 - b1^t))
 
-    Statistics live in `statistics_dtype`; roots are computed and stored in float32. Roots of
-    same-shape blocks (across leaves) are computed in one batched call, inside a `lax.cond`
-    so steps that do not refresh them do not pay for them. Everything (including the step
-    count that schedules the refreshes) is in the state, so a restored state resumes exactly.
+    Statistics live in `statistics_dtype`; roots are computed and stored in float32. The
+    statistics' and the preconditioning's products take JAX's default matmul precision
+    (TF32 on recent GPUs, one bfloat16 pass on TPU: the statistics of a rounded gradient,
+    still PSD; `jax.default_matmul_precision` changes it); the roots' own products are
+    float32 (or `newton_precision`). Roots of same-shape blocks (across leaves) are computed
+    in one batched call, inside a `lax.cond` so steps that do not refresh them do not pay
+    for them. Everything (including the step count that schedules the refreshes) is in the
+    state, so a restored state resumes exactly.
 
     Args:
       b1: momentum on the (grafted) direction, in [0, 1); 0 keeps no momentum state.
