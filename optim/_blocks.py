@@ -199,19 +199,19 @@ def max_eigenvalue(matrices, iterations=20):
 PRODUCT_PRECISIONS = ("float32", "bfloat16_6x")
 
 
-def _bfloat16_parts(x, n=3):
-    """float32 `x` as `n` bfloat16 arrays summing to it, largest first (each one the
-    rounding of what the previous ones leave).
+def _bfloat16_parts(x):
+    """float32 `x` as three bfloat16 arrays summing to it (to float32's precision), largest
+    first: each one the rounding of what the previous ones leave.
 
     The rounding is `reduce_precision`, not a cast there and back: XLA:GPU (and XLA:CPU
     where it simplifies float conversions) may drop `convert(convert(x, bf16), f32)` as
     "excess precision", which would make every part after the first zero.
     """
     parts = []
-    for i in range(n):
+    for i in range(3):
         rounded = lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
         parts.append(rounded.astype(jnp.bfloat16))  # exact: `rounded` is a bfloat16 value
-        if i + 1 < n:
+        if i < 2:
             x = x - rounded
     return parts
 
