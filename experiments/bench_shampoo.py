@@ -120,6 +120,15 @@ def load_reference(directory):
         return None, f"unavailable ({type(error).__name__}: {cli.one_line(error)[:120]})"
 
 
+def check_known(flag, names, known):
+    """UsageError naming the entries of list flag `--flag` that are not in `known`, or
+    saying that it is empty."""
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        what = f"unknown {unknown}" if unknown else "empty"
+        raise cli.UsageError(f"--{flag}: {what}; known: {', '.join(known)}")
+
+
 def shampoo_variants():
     """name -> factory of our Shampoo (block and root interval from the flags)."""
     shampoo = functools.partial(optim.shampoo, LEARNING_RATE, block_size=_BLOCK_SIZE.value,
@@ -150,10 +159,7 @@ def candidates(reference):
             start_preconditioning_step=10, preconditioning_compute_steps=every,
             graft_type=reference.GraftingType.RMSPROP_NORMALIZED, nesterov=False,
             generate_training_metrics=False)
-    unknown = sorted(set(_OPTIMIZERS.value) - set(factories) - {"reference"})
-    if unknown:
-        raise cli.UsageError(f"unknown optimizers {unknown}; known: {', '.join(factories)}, "
-                             "reference")
+    check_known("optimizers", _OPTIMIZERS.value, [*factories, "reference"])
     return {name: factories[name] for name in _OPTIMIZERS.value if name in factories}
 
 
@@ -262,10 +268,8 @@ def main(argv):
                       else (None, "not requested"))
     with cli.usage_errors():
         factories = candidates(reference)
-    unknown = sorted(set(_LM_SHAMPOO.value) - set(shampoo_variants()))
-    if _TRAIN_STEP.value and (unknown or not _LM_SHAMPOO.value):
-        cli.fail(f"--lm_shampoo: unknown Shampoo variants {unknown}; known: "
-                 f"{', '.join(shampoo_variants())}")
+        if _TRAIN_STEP.value:
+            check_known("lm_shampoo", _LM_SHAMPOO.value, shampoo_variants())
     d_ff = FLAGS.d_ff or 4 * FLAGS.d_model
     shapes = transformer_shapes(FLAGS.d_model, FLAGS.n_layers, FLAGS.vocab_size, d_ff)
     params = random_like(jax.random.key(0), shapes, 0.02)

@@ -92,6 +92,9 @@ def test_bench_optimizers_reports_ours_against_optax():
     ("bench_shampoo", ["--block_size=0"], "block_size"),
     ("bench_shampoo", ["--train_step", "--lm_shampoo=shampoo_svd", "--reference_dir="],
      "shampoo_svd"),
+    ("bench_shampoo", ["--optimizers=", "--reference_dir="], "--optimizers: empty"),
+    ("bench_shampoo", ["--train_step", "--lm_shampoo=", "--reference_dir="],
+     "--lm_shampoo: empty"),
     ("bench_optimizers", ["--reps=0"], "reps"),
     ("bench_optimizers", ["extra"], "extra"),
 ])
