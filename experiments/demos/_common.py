@@ -19,11 +19,11 @@ def prng_key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-def define_output_flags():
+def define_output_flags(flag_values=flags.FLAGS):
     """--outdir and --dpi, where and how finely `save_figure` writes the demo's PNG."""
-    flags.DEFINE_string("outdir", DEFAULT_OUTDIR, "Folder for the PNG.")
+    flags.DEFINE_string("outdir", DEFAULT_OUTDIR, "Folder for the PNG.", flag_values=flag_values)
     flags.DEFINE_integer("dpi", 100, "Resolution of the PNG (docs/demos/ copies use 80).",
-                         lower_bound=10)
+                         lower_bound=10, flag_values=flag_values)
 
 
 def define_number_list(name, default, help_text, parse=float, check=lambda x: x > 0,
