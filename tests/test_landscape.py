@@ -51,6 +51,7 @@ def tiny_demo(tmp_path_factory):
     return result, printed.getvalue(), outdir
 
 
+@pytest.mark.slow
 def test_printed_numbers_are_the_computed_ones(tiny_demo):
     result, printed, outdir = tiny_demo
     lines = printed.splitlines()
