@@ -319,7 +319,8 @@ def hessian_spectrum(loss_fn, params, batch, k=5, num_lanczos=80, key=None, num_
     """Top-k Hessian eigenvalues (Lanczos) and the spectral density (SLQ) of `loss_fn`.
 
     Runs `spectral_quadrature`: `num_probes` Lanczos runs of `num_lanczos` Hessian-vector
-    products each, with full reorthogonalisation (so each costs O(m n) memory).
+    products each, with full reorthogonalisation. The runs are batched (vmap), so their
+    bases take num_probes * num_lanczos * n floats: for a large model use few probes.
 
     - Top eigenvalues: for each probe the k largest Ritz values; by Cauchy interlacing the
       i-th largest Ritz value is at most the i-th largest eigenvalue, so the maximum over
