@@ -428,12 +428,13 @@ def test_weight_decay_modes_add_the_decay_term_by_hand(name, mode, learning_rate
     plain = DECAYED[name](learning_rate, weight_decay=0.0)
     params = _numpy_tree(50)
     decayed_state, plain_state = decayed.init(params), plain.init(params)
+    decayed_update, plain_update = jax.jit(decayed.update), jax.jit(plain.update)
     for step in range(12):
         lr = float(learning_rate(step)) if callable(learning_rate) else learning_rate
         coefficient = lr if mode == "lr_scaled" else lr / 0.05 if callable(learning_rate) else 1.0
         grads = _numpy_tree(step)
-        updates, decayed_state = decayed.update(grads, decayed_state, params)
-        direction, plain_state = plain.update(grads, plain_state, params)
+        updates, decayed_state = decayed_update(grads, decayed_state, params)
+        direction, plain_state = plain_update(grads, plain_state, params)
         expected = {key: direction[key] - MASK_TREE[key] * coefficient * weight_decay * params[key]
                     for key in params}
         chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
