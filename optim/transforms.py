@@ -48,7 +48,7 @@ def _rms(x):
 
 
 class MomentumState(NamedTuple):
-    momentum: optax.Updates
+    trace: optax.Updates  # the momentum buffer (optax.trace's field name)
 
 
 def scale_by_momentum(decay: float = 0.9, nesterov: bool = False,
@@ -81,12 +81,12 @@ def scale_by_momentum(decay: float = 0.9, nesterov: bool = False,
 
     def update_fn(updates, state, params=None):
         del params
-        momentum = jax.tree.map(lambda g, m: g + decay * m, updates, state.momentum)
+        momentum = jax.tree.map(lambda g, m: g + decay * m, updates, state.trace)
         if nesterov:
             updates = jax.tree.map(lambda g, m: g + decay * m, updates, momentum)
         else:
             updates = momentum
-        return updates, MomentumState(_cast_like(momentum, state.momentum))
+        return updates, MomentumState(_cast_like(momentum, state.trace))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

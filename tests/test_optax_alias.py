@@ -175,7 +175,7 @@ def test_inject_hyperparams_equals_plain(name):
 
 
 EXPLICIT_DTYPE = {  # optimizer -> (its state-dtype argument, the state field it sets)
-    "sgd": ("accumulator_dtype", "momentum"),
+    "sgd": ("accumulator_dtype", "trace"),
     "adam": ("mu_dtype", "mu"),
     "adamw": ("mu_dtype", "mu"),
     "lion": ("mu_dtype", "mu"),
