@@ -4,7 +4,8 @@ Each section below belongs to one module; add a module's public names in its own
 """
 # --- first-order transforms and optimizers (transforms.py, alias.py) ---
 from optim.alias import (adafactor, adagrad, adam, adamw, add_decoupled_weight_decay,
-                         decay_mask, lion, rmsprop, scale_by_learning_rate, sgd)
+                         decay_and_scale, decay_mask, lion, peak_learning_rate, rmsprop,
+                         scale_by_learning_rate, sgd)
 from optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale_by_adam,
                               scale_by_lion, scale_by_momentum, scale_by_rms)
 

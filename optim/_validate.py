@@ -82,6 +82,40 @@ def greater_than(name, value, bound):
         raise ValueError(f"{name} must be a finite number > {bound}, got {value!r}")
 
 
+def static_int(name, value, low=1):
+    """A Python int >= `low` that shapes the optimizer (state shapes, which leaves are factored).
+
+    Such an argument cannot be a traced array: `optax.inject_hyperparams` turns every number
+    into one unless it is listed in `static_args`, and the error says so instead of failing
+    later on a comparison with a tracer.
+    """
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        raise ValueError(f"{name} must be a static Python int (it sets the optimizer's "
+                         f"structure), got an array; with optax.inject_hyperparams pass "
+                         f"static_args=({name!r},)")
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def state_dtype(name, value):
+    """None (the params' dtype) or a floating or complex dtype for an optimizer state;
+    returns None or the canonical numpy dtype (float64 becomes float32 without x64, as optax).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise ValueError(f"{name} must be a dtype, got an array; with optax.inject_hyperparams "
+                         f"pass static_args=({name!r},)")
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(f"{name} must be a floating or complex dtype, got {value!r}")
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def floating_dtype(name, value, choices=None):
     """A floating dtype (`jnp.float32`, `"bfloat16"`, ...), among `choices` if given;
     returns it as a numpy dtype.

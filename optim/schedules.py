@@ -9,6 +9,10 @@ be jitted, vmapped, passed as an optimizer's `learning_rate` or used with
 Notation: `t` is the step, `W` warmup_steps, `T` total_steps. Warmup is linear from
 `init_value` (at t = 0) to `peak_value` (at t = W). Schedules with a `total_steps` stay at
 their final value for t >= T.
+
+Each schedule carries its `peak_value` as an attribute: optimizers whose
+weight decay follows the schedule's shape but not its size (`weight_decay_mode="independent"`)
+divide by it to get the multiplier `s_t = lr_t / peak_value`.
 """
 import math
 
@@ -51,7 +55,9 @@ def _with_warmup(after_warmup, init_value, peak_value, warmup_steps):
             lr = jnp.where(t < warmup_steps, ramp, lr)
         return lr
 
-    return jax.jit(schedule)  # one dispatch, not dozens of ops, when called eagerly
+    jitted = jax.jit(schedule)  # one dispatch, not dozens of ops, when called eagerly
+    jitted.peak_value = peak_value
+    return jitted
 
 
 def _check_warmup(peak_value, warmup_steps, init_value):
@@ -80,6 +86,7 @@ def constant(value):
     def schedule(step):
         return jnp.full(jnp.shape(step), value, jnp.float32)
 
+    schedule.peak_value = value
     return schedule
 
 

@@ -1,11 +1,14 @@
 """First-order optimizers (optim.transforms, optim.alias) against optax, closed forms and numpy."""
+import doctest
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -302,3 +305,325 @@ def test_registry_rejects_unknown_names_and_hyperparameters():
         optim.create("adam", learning_rate=LR, momentum=0.9)
     with pytest.raises(ValueError, match=r"^b1 .*2\.0$"):
         optim.create("lion", learning_rate=LR, b1=2.0)
+
+
+# --- complex parameters, optax's signatures, weight decay modes (issues 13, 15, 19) ---
+
+COMPLEX_SHAPES = {"scalar": (), "bias": (7,), "dense": (6, 5), "conv": (3, 3, 4, 5)}
+
+
+def _complex_tree(seed, shapes=COMPLEX_SHAPES):
+    rng = np.random.default_rng(seed)
+    return {name: jnp.asarray(rng.standard_normal(shape) + 1j * rng.standard_normal(shape),
+                              jnp.complex64) for name, shape in shapes.items()}
+
+
+def _assert_same_complex_updates(ours, theirs, steps=20):
+    """Both transforms on the same complex gradients, params moved by ours' updates."""
+    params = _complex_tree(100)
+    our_state, their_state = ours.init(params), theirs.init(params)
+    our_step, their_step = jax.jit(ours.update), jax.jit(theirs.update)
+    for step in range(steps):
+        grads = _complex_tree(step)
+        updates, our_state = our_step(grads, our_state, params)
+        expected, their_state = their_step(grads, their_state, params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
+        chex.assert_tree_all_finite(updates)
+        params = optax.apply_updates(params, updates)
+
+
+COMPLEX_EQUAL_TO_OPTAX = {
+    "sgd_nesterov_wd": (lambda: optim.sgd(LR, momentum=0.9, nesterov=True, weight_decay=0.1),
+                        lambda: _momentum_wd_chain(0.9, True, 0.1, None, LR)),
+    "adagrad": (lambda: optim.adagrad(LR), lambda: optax.adagrad(LR)),
+    "rmsprop_momentum": (lambda: optim.rmsprop(LR, momentum=0.9),
+                         lambda: optax.rmsprop(LR, momentum=0.9)),
+    "rmsprop_centered_debiased": (
+        lambda: optim.rmsprop(LR, centered=True, bias_correction=True),
+        lambda: optax.rmsprop(LR, centered=True, bias_correction=True)),
+    "adam": (lambda: optim.adam(LR), lambda: optax.adam(LR)),
+    "adam_nesterov": (lambda: optim.adam(LR, nesterov=True), lambda: optax.adam(LR, nesterov=True)),
+    "adamw_mask": (lambda: optim.adamw(LR, weight_decay=0.1, mask=MASK_TREE),
+                   lambda: optax.adamw(LR, weight_decay=0.1, mask=MASK_TREE)),
+    "lion": (lambda: optim.lion(LR), lambda: optax.lion(LR)),
+    "adafactor_factored": (lambda: optim.adafactor(LR, min_dim_size_to_factor=4),
+                           lambda: optax.adafactor(LR, min_dim_size_to_factor=4)),
+    "adafactor_momentum": (lambda: optim.adafactor(LR, momentum=0.9, dtype_momentum="complex64"),
+                           lambda: optax.adafactor(LR, momentum=0.9,
+                                                   dtype_momentum=jnp.complex64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPLEX_EQUAL_TO_OPTAX))
+def test_complex_params_equal_optax(case):
+    ours, theirs = COMPLEX_EQUAL_TO_OPTAX[case]
+    _assert_same_complex_updates(ours(), theirs())
+
+
+def test_adam_first_step_on_complex_gradient_keeps_its_phase():
+    """optax's |g|^2: Adam's first step is -lr * g / |g|, not a real ±lr step."""
+    g = jnp.asarray([3 + 4j, -1j], jnp.complex64)
+    tx = optim.adam(0.1)
+    updates, _ = tx.update(g, tx.init(jnp.zeros_like(g)))
+    chex.assert_trees_all_close(updates, -0.1 * g / jnp.abs(g), rtol=1e-5)
+
+
+SIGNATURES_EQUAL_TO_OPTAX = {
+    "sgd_accumulator_dtype": (
+        lambda: optim.sgd(LR, momentum=0.9, accumulator_dtype=jnp.bfloat16),
+        lambda: optax.sgd(LR, momentum=0.9, accumulator_dtype=jnp.bfloat16)),
+    "sgd_momentum_zero": (lambda: optim.sgd(LR, momentum=0.0), lambda: optax.sgd(LR, momentum=0.0)),
+    "adam_mu_dtype_nesterov": (
+        lambda: optim.adam(LR, mu_dtype=jnp.bfloat16, nesterov=True),
+        lambda: optax.adam(LR, mu_dtype=jnp.bfloat16, nesterov=True)),
+    "adamw_nesterov_eps_root": (
+        lambda: optim.adamw(LR, weight_decay=0.1, eps_root=1e-8, nesterov=True),
+        lambda: optax.adamw(LR, weight_decay=0.1, eps_root=1e-8, nesterov=True)),
+    "rmsprop_centered": (lambda: optim.rmsprop(LR, centered=True, momentum=0.9),
+                         lambda: optax.rmsprop(LR, centered=True, momentum=0.9)),
+    "rmsprop_pytorch_eps_debiased": (
+        lambda: optim.rmsprop(LR, eps_in_sqrt=False, bias_correction=True, initial_scale=0.1),
+        lambda: optax.rmsprop(LR, eps_in_sqrt=False, bias_correction=True, initial_scale=0.1)),
+    "lion_mu_dtype": (lambda: optim.lion(LR, mu_dtype=jnp.bfloat16),
+                      lambda: optax.lion(LR, mu_dtype=jnp.bfloat16)),
+    "adafactor_no_learning_rate": (lambda: optim.adafactor(), lambda: optax.adafactor()),
+    "adafactor_unfactored": (lambda: optim.adafactor(LR, min_dim_size_to_factor=4, factored=False),
+                             lambda: optax.adafactor(LR, min_dim_size_to_factor=4, factored=False)),
+    "adafactor_momentum_rate_schedule": (
+        lambda: optim.adafactor(SCHEDULE, min_dim_size_to_factor=4, momentum=0.9,
+                                weight_decay_rate=1e-3, weight_decay_mask=MASK_TREE),
+        lambda: optax.adafactor(SCHEDULE, min_dim_size_to_factor=4, momentum=0.9,
+                                weight_decay_rate=1e-3, weight_decay_mask=MASK_TREE)),
+    "adafactor_rate_is_a_schedule": (
+        lambda: optim.adafactor(LR, weight_decay_rate=SCHEDULE),
+        lambda: optax.adafactor(LR, weight_decay_rate=SCHEDULE)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIGNATURES_EQUAL_TO_OPTAX))
+def test_optax_signatures_equal_optax(case):
+    ours, theirs = SIGNATURES_EQUAL_TO_OPTAX[case]
+    assert_same_updates(ours(), theirs(), steps=20)
+
+
+# Every first-order optimizer with weight decay, and the coefficient it takes.
+DECAYED = {
+    "sgd": lambda lr, **kw: optim.sgd(lr, momentum=0.9, **kw),
+    "adamw": lambda lr, **kw: optim.adamw(lr, **kw),
+    "lion": lambda lr, **kw: optim.lion(lr, **kw),
+    "adafactor": lambda lr, **kw: optim.adafactor(lr, min_dim_size_to_factor=4, **kw),
+}
+WARMUP_COSINE = optim.schedules.warmup_cosine(0.05, total_steps=12, warmup_steps=3)
+
+
+@pytest.mark.parametrize("name", sorted(DECAYED))
+@pytest.mark.parametrize("mode", ["lr_scaled", "independent"])
+@pytest.mark.parametrize("learning_rate", [0.02, WARMUP_COSINE], ids=["constant", "schedule"])
+def test_weight_decay_modes_add_the_decay_term_by_hand(name, mode, learning_rate):
+    """Step with decay = step without decay - c_t * wd * w on decayed leaves, where c_t is
+    lr_t ("lr_scaled") or s_t = lr_t / peak ("independent"; 1 for a constant lr)."""
+    weight_decay = 0.3
+    decayed = DECAYED[name](learning_rate, weight_decay=weight_decay, mask=MASK_TREE,
+                            weight_decay_mode=mode)
+    plain = DECAYED[name](learning_rate, weight_decay=0.0)
+    params = _numpy_tree(50)
+    decayed_state, plain_state = decayed.init(params), plain.init(params)
+    decayed_update, plain_update = jax.jit(decayed.update), jax.jit(plain.update)
+    for step in range(12):
+        lr = float(learning_rate(step)) if callable(learning_rate) else learning_rate
+        coefficient = lr if mode == "lr_scaled" else lr / 0.05 if callable(learning_rate) else 1.0
+        grads = _numpy_tree(step)
+        updates, decayed_state = decayed_update(grads, decayed_state, params)
+        direction, plain_state = plain_update(grads, plain_state, params)
+        expected = {key: direction[key] - MASK_TREE[key] * coefficient * weight_decay * params[key]
+                    for key in params}
+        chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
+        params = optax.apply_updates(params, updates)
+
+
+def test_independent_decay_by_hand_constant_and_warmup_cosine():
+    """SGD: `w <- (1 - λ) w - η g` for a constant η; with warmup_cosine (W=2, T=8) the decay
+    follows s_t = lr_t / peak, the schedule's own closed form computed in numpy."""
+    lam, eta, peak = 0.1, 0.05, 0.2
+    rng = np.random.default_rng(0)
+    w0, grads = rng.standard_normal(4), rng.standard_normal((8, 4))
+
+    def run(tx):
+        w, state, out = jnp.asarray(w0, jnp.float32), tx.init(jnp.zeros(4)), []
+        for g in grads:
+            updates, state = tx.update(jnp.asarray(g, jnp.float32), state, w)
+            w = optax.apply_updates(w, updates)
+            out.append(np.asarray(w))
+        return np.array(out)
+
+    expected, w = [], w0.copy()
+    for g in grads:
+        w = (1 - lam) * w - eta * g
+        expected.append(w)
+    np.testing.assert_allclose(run(optim.sgd(eta, weight_decay=lam,
+                                             weight_decay_mode="independent")),
+                               expected, rtol=1e-5)
+
+    def lr_at(t, warmup=2, total=8, end=0.1 * peak):
+        if t < warmup:
+            return peak * t / warmup
+        return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (total - warmup)))
+
+    schedule = optim.schedules.warmup_cosine(peak, total_steps=8, warmup_steps=2)
+    independent, lr_scaled, w_ind, w_lr = [], [], w0.copy(), w0.copy()
+    for t, g in enumerate(grads):
+        w_ind = w_ind - lr_at(t) * g - (lr_at(t) / peak) * lam * w_ind
+        w_lr = w_lr - lr_at(t) * (g + lam * w_lr)
+        independent.append(w_ind)
+        lr_scaled.append(w_lr)
+    np.testing.assert_allclose(
+        run(optim.sgd(schedule, weight_decay=lam, weight_decay_mode="independent")),
+        independent, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(run(optim.sgd(schedule, weight_decay=lam)), lr_scaled,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_adafactor_weight_decay_rate_is_independent_decay_for_a_constant_lr():
+    optax_style = optim.adafactor(LR, min_dim_size_to_factor=4, weight_decay_rate=0.2)
+    ravine_style = optim.adafactor(LR, min_dim_size_to_factor=4, weight_decay=0.2,
+                                   weight_decay_mode="independent")
+    assert_same_updates(ravine_style, optax_style, steps=10)
+    assert_same_updates(optax_style, optax.adafactor(LR, min_dim_size_to_factor=4,
+                                                     weight_decay_rate=0.2), steps=10)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("linear", lambda: optim.schedules.linear(0.3, 20, warmup_steps=4, init_value=0.01)),
+    ("warmup_cosine", lambda: optim.schedules.warmup_cosine(0.3, 20, warmup_steps=4)),
+    ("wsd", lambda: optim.schedules.wsd(0.3, 20, warmup_steps=4, decay_shape="sqrt")),
+    ("cosine_restarts", lambda: optim.schedules.cosine_restarts(0.3, 5, warmup_steps=2)),
+    ("inverse_sqrt", lambda: optim.schedules.inverse_sqrt(0.3, 4)),
+    ("constant", lambda: optim.schedules.constant(0.3)),
+])
+def test_schedules_report_their_peak(name, make):
+    schedule = make()
+    values = np.asarray(schedule(jnp.arange(30)))
+    assert schedule.peak_value == 0.3, name
+    np.testing.assert_allclose(values.max(), schedule.peak_value, rtol=1e-6)
+    assert optim.peak_learning_rate(schedule) == 0.3
+
+
+def test_weight_decay_mode_errors_say_what_to_do():
+    optax_schedule = optax.cosine_decay_schedule(0.1, 100)
+    with pytest.raises(ValueError, match=r"^learning_rate: .*peak_value"):
+        optim.adamw(optax_schedule, weight_decay_mode="independent")
+    optax_schedule.peak_value = 0.1  # declaring the peak by hand is enough
+    assert_same_updates(optim.adamw(optax_schedule, weight_decay_mode="independent"),
+                        optim.adamw(optax_schedule, weight_decay=1e-3), steps=3)
+    with pytest.raises(ValueError, match=r"^weight_decay_mode .*'decoupled'"):
+        optim.lion(0.1, weight_decay_mode="decoupled")
+    with pytest.raises(ValueError, match=r"^peak learning_rate .*0"):
+        optim.sgd(0.0, weight_decay=0.1, weight_decay_mode="independent")
+    with pytest.raises(ValueError, match=r"weight_decay and weight_decay_rate.*0\.1.*0\.2"):
+        optim.adafactor(weight_decay=0.1, weight_decay_rate=0.2)
+    with pytest.raises(ValueError, match=r"mask and weight_decay_mask"):
+        optim.adafactor(mask=MASK_TREE, weight_decay_mask=MASK_TREE)
+    injected = optax.inject_hyperparams(optim.adamw)(learning_rate=0.1,
+                                                     weight_decay_mode="independent")
+    with pytest.raises(ValueError, match=r"static_args=\('learning_rate',\)"):
+        injected.init({"w": jnp.ones(3)})
+    static = optax.inject_hyperparams(optim.adamw, static_args=("learning_rate",))(
+        learning_rate=0.1, weight_decay=0.1, weight_decay_mode="independent")
+    # Injected b2 is float32, so 1 - b2 differs from the Python value by ~5e-5 (as in optax).
+    assert_same_updates(static, optim.adamw(0.1, weight_decay=0.1,
+                                            weight_decay_mode="independent"), steps=3, rtol=1e-4,
+                        atol=1e-5)
+
+
+NEW_INVALID = [
+    (optim.adam, dict(learning_rate=0.1, mu_dtype="int32"), "mu_dtype", "'int32'"),
+    (optim.sgd, dict(learning_rate=0.1, momentum=0.9, accumulator_dtype=bool),
+     "accumulator_dtype", "<class 'bool'>"),
+    (optim.adafactor, dict(dtype_momentum="int8"), "dtype_momentum", "'int8'"),
+    (optim.adafactor, dict(momentum=1.5), "momentum", "1.5"),
+    (optim.adafactor, dict(weight_decay_rate=-0.1), "weight_decay_rate", "-0.1"),
+    (optim.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0), "initial_scale", "-1.0"),
+]
+
+
+@pytest.mark.parametrize("factory, kwargs, name, value", NEW_INVALID)
+def test_new_arguments_are_validated(factory, kwargs, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} .*{re.escape(value)}$"):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize("factory, kwargs", [
+    (optim.rmsprop, dict(learning_rate=LR)),
+    (optim.rmsprop, dict(learning_rate=LR, momentum=0.0)),
+    (optim.sgd, dict(learning_rate=LR)),
+    (optim.sgd, dict(learning_rate=LR, momentum=0.0, weight_decay=0.0, mask=MASK_TREE)),
+    (optim.adamw, dict(learning_rate=LR, weight_decay=0.0)),
+], ids=["rmsprop", "rmsprop_momentum_zero", "sgd", "sgd_zeros_mask", "adamw_no_decay"])
+def test_injected_zeros_build_the_same_chain(factory, kwargs):
+    """Injected hyperparameters are arrays, so a Python 0 must not change the chain's state."""
+    params = _numpy_tree(0)
+    plain, injected = factory(**kwargs), optax.inject_hyperparams(factory)(**kwargs)
+    grads = _numpy_tree(1)
+    updates, state = jax.jit(plain.update)(grads, plain.init(params), params)
+    injected_updates, injected_state = jax.jit(injected.update)(
+        grads, jax.jit(injected.init)(params), params)
+    # Injected floats are float32 arrays (1 - b2 differs by ~5e-5 from Python's), as in optax.
+    chex.assert_trees_all_close(injected_updates, updates, rtol=1e-4)
+    chex.assert_trees_all_close(injected_state.inner_state, state, rtol=1e-4)
+
+
+def test_structural_arguments_must_be_static_under_injection():
+    injected = optax.inject_hyperparams(optim.adafactor)(learning_rate=LR)
+    with pytest.raises(ValueError, match=r"^min_dim_size_to_factor .*static_args=\("
+                                         r"'min_dim_size_to_factor',\)"):
+        jax.jit(injected.init)(_numpy_tree(0))
+    static = optax.inject_hyperparams(optim.adafactor,
+                                      static_args=("min_dim_size_to_factor",))(learning_rate=LR)
+    assert_same_updates(static, optim.adafactor(LR), steps=3)
+
+
+TRANSFORM_PAIRS = {
+    "momentum_nesterov": (lambda: optim.scale_by_momentum(0.9, nesterov=True),
+                          lambda: optax.trace(0.9, nesterov=True)),
+    "adagrad": (lambda: optim.scale_by_adagrad(), lambda: optax.scale_by_rss()),
+    "rms": (lambda: optim.scale_by_rms(0.9, bias_correction=True),
+            lambda: optax.scale_by_rms(0.9, bias_correction=True)),
+    "rms_centered": (lambda: optim.scale_by_rms(0.9, centered=True, eps_in_sqrt=False),
+                     lambda: optax.scale_by_stddev(0.9, eps_in_sqrt=False)),
+    "adam_nesterov": (lambda: optim.scale_by_adam(nesterov=True),
+                      lambda: optax.scale_by_adam(nesterov=True)),
+    "lion": (lambda: optim.scale_by_lion(), lambda: optax.scale_by_lion()),
+}
+
+
+class TransformsTest(chex.TestCase):
+    """Each scale_by_* against its optax twin, jitted and not (three steps: eager is slow)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(case=sorted(TRANSFORM_PAIRS), dtype=["float32", "complex64"])
+    def test_against_optax(self, case, dtype):
+        ours, theirs = (make() for make in TRANSFORM_PAIRS[case])
+        trees = [_complex_tree(seed) if dtype == "complex64" else _numpy_tree(seed)
+                 for seed in range(4)]
+        params = trees[0]
+        our_update, their_update = self.variant(ours.update), self.variant(theirs.update)
+        our_state, their_state = ours.init(params), theirs.init(params)
+        for grads in trees[1:]:
+            updates, our_state = our_update(grads, our_state, params)
+            expected, their_state = their_update(grads, their_state, params)
+            chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
+            chex.assert_tree_all_finite(updates)
+
+
+def test_alias_examples_run_as_doctests():
+    results = doctest.testmod(optim.alias, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted >= 8 * 5 and results.failed == 0, results
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adam", "adamw", "lion",
+                                  "adafactor", "decay_and_scale"])
+def test_alias_docstrings_have_optax_sections(name):
+    doc = getattr(optim, name).__doc__
+    for section in ("Args:", "Returns:", "References:", "Examples:", ">>> "):
+        assert section in doc, (name, section)
+    assert "https://" in doc.split("References:")[1]
