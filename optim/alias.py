@@ -183,7 +183,7 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: len(p.shape) >= 2, params)
 
 
-def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
+def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = 0.0,
         nesterov: bool = False, weight_decay: float = 0.0, mask: MaskOrFn = None,
         accumulator_dtype: Optional[Any] = None,
         weight_decay_mode: str = "lr_scaled") -> optax.GradientTransformation:
@@ -195,8 +195,11 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
 
     Args:
       learning_rate: a number or a schedule `step -> lr`.
-      momentum: momentum coefficient in [0, 1), or None for none (as optax: any number,
-        0 included, keeps a momentum buffer).
+      momentum: momentum coefficient in [0, 1), or None for no momentum buffer. As in
+        optax, any number, 0 included, keeps a buffer; the default is 0.0 (ravine's
+        documented signature), so pass None to save the buffer's memory. (A Python 0 that
+        dropped the buffer would give a state unlike `inject_hyperparams`', whose 0 is an
+        array.)
       nesterov: use Nesterov's momentum.
       weight_decay: decoupled weight decay coefficient, >= 0.
       mask: which leaves are decayed (None: all).
@@ -274,7 +277,7 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
 
 
 def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
-            momentum: Optional[float] = None, nesterov: bool = False, centered: bool = False,
+            momentum: Optional[float] = 0.0, nesterov: bool = False, centered: bool = False,
             bias_correction: bool = False, initial_scale: float = 0.0,
             eps_in_sqrt: bool = True) -> optax.GradientTransformation:
     """RMSProp: step `-lr * g_t / sqrt(v_t + eps)`, then momentum.
@@ -287,8 +290,11 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
       learning_rate: a number or a schedule `step -> lr`.
       decay: decay rate of the moving averages, in [0, 1).
       eps: added to the denominator, >= 0.
-      momentum: momentum coefficient in [0, 1), or None for none (as optax: any number,
-        0 included, keeps a momentum buffer).
+      momentum: momentum coefficient in [0, 1), or None for no momentum buffer. As in
+        optax, any number, 0 included, keeps a buffer; the default is 0.0 (ravine's
+        documented signature), so pass None to save the buffer's memory. (A Python 0 that
+        dropped the buffer would give a state unlike `inject_hyperparams`', whose 0 is an
+        array.)
       nesterov: use Nesterov's momentum.
       centered: divide by the standard deviation of recent gradients instead of their RMS.
       bias_correction: divide the moving averages by `1 - decay^t`.
