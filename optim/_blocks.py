@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
@@ -149,6 +150,31 @@ def per_matrix(fn, matrices):
     flat = matrices.reshape((-1,) + matrices.shape[-2:])
     outs = [fn(flat[i]) for i in range(flat.shape[0])]
     return jax.tree.map(lambda *parts: jnp.stack(parts).reshape(batch + parts[0].shape), *outs)
+
+
+def static_value(name, value):
+    """A hyperparameter that decides the state's structure, as a Python value.
+
+    `optax.inject_hyperparams` passes numeric hyperparameters as arrays, traced under jit;
+    a concrete 0-d array is read back as the number it holds, a traced one is a ValueError
+    saying how to keep the argument static.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name} decides the optimizer state's structure, so it must be a "
+                         f"static Python value, got a traced array; with "
+                         f"optax.inject_hyperparams pass static_args=({name!r},)")
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
+def reject_complex(params, name):
+    """ValueError naming the first complex leaf of `params` (the matrix optimizers' products
+    G G^T and roots are written for real G; optax's conjugating forms are not used here)."""
+    for path, leaf in jax.tree.leaves_with_path(params):
+        if jnp.iscomplexobj(leaf):
+            raise ValueError(f"{name} does not support complex params, got dtype "
+                             f"{jnp.result_type(leaf)} at {jax.tree_util.keystr(path)}")
 
 
 def keep_finite(new, old):

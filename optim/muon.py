@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optim import _validate
+from optim import _blocks, _validate
 from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
 from optim.transforms import scale_by_adam
 
@@ -157,13 +157,6 @@ def _orthogonalize_grouped(matrices, **kwargs):
     return result
 
 
-def _reject_complex(leaves_with_path, name):
-    for path, leaf in leaves_with_path:
-        if jnp.iscomplexobj(leaf):
-            raise ValueError(f"{name} does not support complex params, got dtype "
-                             f"{jnp.result_type(leaf)} at {jax.tree_util.keystr(path)}")
-
-
 class MuonState(NamedTuple):
     """Momentum buffer `m` (same tree, shapes, dtypes and shardings as the params)."""
 
@@ -234,7 +227,7 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
                 for (path, leaf), d in zip(jax.tree.leaves_with_path(tree), dims)]
 
     def init_fn(params):
-        _reject_complex(jax.tree.leaves_with_path(params), "scale_by_muon")
+        _blocks.reject_complex(params, "scale_by_muon")
         views(params)
         return MuonState(momentum=optax.tree.zeros_like(params))
 
