@@ -168,6 +168,24 @@ def static_value(name, value):
     return value
 
 
+def static_values(**values):
+    """`static_value` of several arguments, with one error naming every traced one.
+
+    An argument whose name ends in "dtype" is named too when it is an array: that is what
+    `optax.inject_hyperparams` makes of a dtype (it takes the class for a schedule); alone,
+    it is left to `_validate.floating_dtype`'s own message.
+    """
+    flagged = [name for name, value in values.items() if isinstance(value, jax.core.Tracer)]
+    if flagged:
+        flagged += [name for name, value in values.items() if name.endswith("dtype")
+                    and isinstance(value, (jax.Array, np.ndarray)) and name not in flagged]
+        raise ValueError(f"{', '.join(flagged)} decide the optimizer state's structure, so they "
+                         f"must be static Python values, got arrays; with "
+                         f"optax.inject_hyperparams pass static_args={tuple(flagged)!r}")
+    return tuple(static_value(name, value) for name, value in values.items()
+                 if not name.endswith("dtype"))
+
+
 def reject_complex(params, name):
     """ValueError naming the first complex leaf of `params` (the matrix optimizers' products
     G G^T and roots are written for real G; optax's conjugating forms are not used here)."""
