@@ -1,4 +1,5 @@
-"""Block layout and batched matrix functions shared by Shampoo and SOAP.
+"""Block layout and batched matrix functions shared by Shampoo and SOAP (and the argument
+and dtype checks the matrix optimizers share with Muon).
 
 Blocking. A leaf of shape `(d_0, ..., d_{k-1})` is cut into blocks of at most `block_size`
 entries per dim: dim j holds `g_j = ceil(d_j / b_j)` blocks of `b_j = min(d_j, block_size)`

@@ -87,6 +87,22 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         m <- b1 m + (1 - b1) D,   update = m / (1 - b1^t)
         (Nesterov: b1 m / (1 - b1^(t+1)) + (1 - b1) D / (1 - b1^t))
 
+    Differences from distributed Shampoo (Anil et al. 2020; google-research/precondition's
+    `distributed_shampoo`; issue 13 found the two equal up to rounding with these aligned):
+      - statistics start at zero, not at eps * I; the damping is added only when a root is
+        taken (relative to lambda_max, as its `relative_matrix_epsilon`), so it never
+        lingers in statistics that decay with b2;
+      - grafting rescales each block to the grafting step's norm on that block, not the
+        whole layer: with blocks, layer-wise norms let one block's scale set another's;
+      - "adam" grafting is Adam's diagonal step with v's bias correction (its RMSProp
+        grafting has none, so early steps are too small by sqrt(1 - b2^t)); "rmsprop" puts
+        graft_eps inside the root;
+      - one momentum, an EMA with bias correction on the chosen direction (grafting step
+        before `start_preconditioning_step`, Shampoo's after); it keeps two heavy-ball
+        sums (`m <- b1 m + D`, no correction), one per direction, and defaults to Nesterov;
+      - roots by eigh by default (its coupled Newton is `inverse_root="newton"`), computed
+        in float32 (it uses float64 where enabled).
+
     Statistics live in `statistics_dtype`; roots are computed and stored in float32. The
     statistics' and the preconditioning's products take JAX's default matmul precision
     (TF32 on recent GPUs, one bfloat16 pass on TPU: the statistics of a rounded gradient,

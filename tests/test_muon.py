@@ -122,14 +122,17 @@ def test_torch_layout_is_the_transposed_flax_layout():
 
 
 def test_matches_optax_contrib_muon_without_nesterov():
-    # Same layouts and shape scale as optax (fan_in = reduction axes), a 3-D attention kernel
+    # Same layouts and shape scale as optax (fan_in = reduction axes), 3-D weights
     # included. Without Nesterov, optax's bias-corrected EMA momentum is a positive multiple
     # of our undamped momentum sum, which the Frobenius normalization removes. Its
     # non-matrix leaves get optax.adamw with adam_weight_decay, which we take from
     # weight_decay. A schedule as learning rate: both evaluate it at their own counter.
-    shapes = {**SHAPES, "attn_out": (2, 4, 8)}
+    # A batch axis too: "stack" is 3 independent (6, 4) maps (axis 0 is neither reduction
+    # nor output).
+    shapes = {**SHAPES, "attn_out": (2, 4, 8), "stack": (3, 6, 4)}
     routes = {name: (ATTENTION_OUT_LAYOUT if name == "attn_out" else
-                     FLAX_LAYOUT if len(shape) == 2 else None)
+                     MuonDimensionNumbers(reduction_axis=1, output_axis=2) if name == "stack"
+                     else FLAX_LAYOUT if len(shape) == 2 else None)
               for name, shape in shapes.items()}
     schedule = optax.linear_schedule(0.02, 0.002, transition_steps=20)
     hparams = dict(learning_rate=schedule, adam_b1=0.8, adam_b2=0.9, weight_decay=0.1)
