@@ -89,6 +89,7 @@ def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
 
 
 def _axes(axes, ndim):
+    """An axis or axes of MuonDimensionNumbers as non-negative ints (None where out of range)."""
     axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
     return tuple(int(a) % ndim if -ndim <= a < ndim else None for a in axes)
 

@@ -98,6 +98,10 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, precondition_every=10, max_precond
 
     Returns:
       An `optax.GradientTransformation`; `init` raises ValueError naming a complex leaf.
+
+    Example:
+      >>> tx = optax.chain(scale_by_soap(precondition_every=10),
+      ...                  optax.scale_by_learning_rate(3e-3))
     """
     _validate.in_range("b1", b1)
     _validate.in_range("b2", b2)
