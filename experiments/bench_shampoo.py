@@ -149,7 +149,9 @@ def candidates(reference):
         **shampoo_variants(),
         "adamw": lambda: optim.adamw(LEARNING_RATE, weight_decay=0.1),
         "adamw_optax": lambda: optax.adamw(LEARNING_RATE, weight_decay=0.1),
-        "muon": lambda: optim.muon(LEARNING_RATE),
+        # Every 2-D leaf on Muon, as optax.contrib.muon's default routes them (ours keeps the
+        # embedding and head on AdamW by default), so both do the same work.
+        "muon": lambda: optim.muon(LEARNING_RATE, muon_mask=optim.hidden_matrices(exclude=())),
         "muon_optax": lambda: optax.contrib.muon(LEARNING_RATE),
     }
     if reference is not None:

@@ -21,7 +21,8 @@ from optim.shampoo import scale_by_shampoo, shampoo
 from optim.soap import scale_by_soap, soap
 
 # --- Muon (muon.py) ---
-from optim.muon import hidden_matrices, muon, scale_by_muon
+from optim.muon import (TORCH_LAYOUT, MuonDimensionNumbers, hidden_matrices, muon,
+                        scale_by_muon)
 
 # --- diagnostics (diagnostics.py): imported as optim.diagnostics ---
 from optim import diagnostics

@@ -1,4 +1,5 @@
-"""Block layout and batched matrix functions shared by Shampoo and SOAP.
+"""Block layout and batched matrix functions shared by Shampoo and SOAP (and the argument
+and dtype checks the matrix optimizers share with Muon).
 
 Blocking. A leaf of shape `(d_0, ..., d_{k-1})` is cut into blocks of at most `block_size`
 entries per dim: dim j holds `g_j = ceil(d_j / b_j)` blocks of `b_j = min(d_j, block_size)`
@@ -23,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
@@ -149,6 +151,49 @@ def per_matrix(fn, matrices):
     flat = matrices.reshape((-1,) + matrices.shape[-2:])
     outs = [fn(flat[i]) for i in range(flat.shape[0])]
     return jax.tree.map(lambda *parts: jnp.stack(parts).reshape(batch + parts[0].shape), *outs)
+
+
+def static_value(name, value):
+    """A hyperparameter that decides the state's structure, as a Python value.
+
+    `optax.inject_hyperparams` passes numeric hyperparameters as arrays, traced under jit;
+    a concrete 0-d array is read back as the number it holds, a traced one is a ValueError
+    saying how to keep the argument static.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name} decides the optimizer state's structure, so it must be a "
+                         f"static Python value, got a traced array; with "
+                         f"optax.inject_hyperparams pass static_args=({name!r},)")
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
+def static_values(**values):
+    """`static_value` of several arguments, with one error naming every traced one.
+
+    An argument whose name ends in "dtype" is named too when it is an array: that is what
+    `optax.inject_hyperparams` makes of a dtype (it takes the class for a schedule); alone,
+    it is left to `_validate.floating_dtype`'s own message.
+    """
+    flagged = [name for name, value in values.items() if isinstance(value, jax.core.Tracer)]
+    if flagged:
+        flagged += [name for name, value in values.items() if name.endswith("dtype")
+                    and isinstance(value, (jax.Array, np.ndarray)) and name not in flagged]
+        raise ValueError(f"{', '.join(flagged)} decide the optimizer state's structure, so they "
+                         f"must be static Python values, got arrays; with "
+                         f"optax.inject_hyperparams pass static_args={tuple(flagged)!r}")
+    return tuple(static_value(name, value) for name, value in values.items()
+                 if not name.endswith("dtype"))
+
+
+def reject_complex(params, name):
+    """ValueError naming the first complex leaf of `params` (the matrix optimizers' products
+    G G^T and roots are written for real G; optax's conjugating forms are not used here)."""
+    for path, leaf in jax.tree.leaves_with_path(params):
+        if jnp.iscomplexobj(leaf):
+            raise ValueError(f"{name} does not support complex params, got dtype "
+                             f"{jnp.result_type(leaf)} at {jax.tree_util.keystr(path)}")
 
 
 def keep_finite(new, old):

@@ -3,15 +3,25 @@
 Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
 (https://kellerjordan.github.io/posts/muon/); Liu et al. 2025, "Muon is Scalable for LLM
 Training" (https://arxiv.org/abs/2502.16982).
+
+Layout. A weight is orthogonalized as the matrix of the linear map it applies: its
+"reduction" axes (contracted with the input) flattened into rows, its "output" axes into
+columns, every other axis a batch of independent matrices. This is `optax.contrib.muon`'s
+`MuonDimensionNumbers`, reused here. Flax kernels are stored (fan_in, fan_out), so the default
+for a 2-D leaf is reduction axis 0, output axis 1 (`FLAX_LAYOUT`); a PyTorch weight, stored
+(fan_out, fan_in), is `TORCH_LAYOUT`.
 """
 import collections
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
-from optim import _validate
+from optim import _blocks, _validate
 from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
 from optim.transforms import scale_by_adam
 
@@ -19,6 +29,29 @@ from optim.transforms import scale_by_adam
 # grow fast, at the price of converging to [~0.7, ~1.2] instead of exactly 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
+FLAX_LAYOUT = MuonDimensionNumbers(reduction_axis=0, output_axis=1)   # (fan_in, fan_out)
+TORCH_LAYOUT = MuonDimensionNumbers(reduction_axis=1, output_axis=0)  # (fan_out, fan_in)
+# ravine's attention (models/transformer.py): query/key/value kernels map d_model to
+# (heads, head_dim), the output kernel maps (heads, head_dim) back to d_model.
+ATTENTION_IN_LAYOUT = MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+ATTENTION_OUT_LAYOUT = MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+ATTENTION_IN_KEYS = ("query", "key", "value")
+ATTENTION_OUT_KEYS = ("out",)
+# Path keys of leaves that `hidden_matrices` keeps on AdamW by default: ravine's token
+# embedding ("embed", whose Flax param is "embedding"), learned position table and LM head.
+DEFAULT_EXCLUDE = ("embed", "embedding", "position", "head", "lm_head")
+
+
+def _ns_loop(ns_steps, step, y):
+    """`ns_steps` applications of `step`: unrolled for a Python int, a loop for an array
+    (as `optax.inject_hyperparams` passes it)."""
+    if isinstance(ns_steps, int):
+        for _ in range(ns_steps):
+            y = step(y)
+        return y
+    return lax.fori_loop(0, ns_steps, lambda _, x: step(x), y)
 
 
 def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
@@ -33,7 +66,7 @@ def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
     Args:
       x: array of shape (..., rows, cols); leading axes are a batch of matrices, all
         orthogonalized in the same matmuls. Tall matrices are transposed so that X X^T is
-        the smaller Gram matrix.
+        the smaller Gram matrix (the iteration commutes with transposition).
       ns_steps: number of iterations.
       eps: added to the Frobenius norm, so that a zero matrix stays zero.
       dtype: dtype of the iterations (bfloat16 halves the cost on accelerators); the
@@ -45,29 +78,84 @@ def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
     y = y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)
     y = y.astype(dtype)
     a, b, c = NS_COEFFS
-    for _ in range(ns_steps):
+
+    def step(y):
         gram = y @ jnp.swapaxes(y, -1, -2)
-        y = a * y + (b * gram + c * gram @ gram) @ y
+        return a * y + (b * gram + c * gram @ gram) @ y
+
+    y = _ns_loop(ns_steps, step, y)
     y = jnp.swapaxes(y, -1, -2) if transpose else y
     return y.astype(x.dtype)
 
 
-def _orthogonalize_stacked(matrices, **kwargs):
-    """`orthogonalize` on every leaf, one batched call per (shape, dtype).
+def _axes(axes, ndim):
+    """An axis or axes of MuonDimensionNumbers as non-negative ints (None where out of range)."""
+    axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    return tuple(int(a) % ndim if -ndim <= a < ndim else None for a in axes)
+
+
+class _MatrixView(NamedTuple):
+    """How a leaf is seen as a batch of (fan_in, fan_out) matrices (static, from its shape)."""
+    permutation: tuple  # batch axes, then reduction axes, then output axes
+    permuted_shape: tuple
+    fan_in: int
+    fan_out: int
+
+    @property
+    def matrices_shape(self):
+        batch = math.prod(self.permuted_shape) // (self.fan_in * self.fan_out)
+        return (batch, self.fan_in, self.fan_out)
+
+    def to_matrices(self, x):
+        return jnp.transpose(x, self.permutation).reshape(self.matrices_shape)
+
+    def from_matrices(self, x):
+        return jnp.transpose(x.reshape(self.permuted_shape), np.argsort(self.permutation))
+
+    @property
+    def scale(self):
+        """Jordan's shape factor for a map from fan_in to fan_out: sqrt(max(1, out / in))."""
+        return max(1.0, self.fan_out / self.fan_in) ** 0.5
+
+
+def _matrix_view(shape, dims, where):
+    """The `_MatrixView` of a leaf of `shape` under MuonDimensionNumbers `dims`; ValueError
+    naming the leaf (`where`) when they do not fit."""
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"Muon needs leaves with at least 2 dims, got shape {tuple(shape)} at "
+                         f"{where}; route it elsewhere with muon_mask")
+    if not isinstance(dims, MuonDimensionNumbers):
+        raise ValueError(f"dimension numbers at {where} must be a MuonDimensionNumbers, got "
+                         f"{dims!r}")
+    reduction, output = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
+    if (None in reduction + output or not reduction or not output
+            or len(set(reduction + output)) != len(reduction + output)):
+        raise ValueError(f"{dims} does not fit shape {tuple(shape)} at {where}: reduction and "
+                         f"output axes must be non-empty, disjoint and within {ndim} dims")
+    batch = tuple(a for a in range(ndim) if a not in reduction + output)
+    permutation = batch + reduction + output
+    return _MatrixView(permutation, tuple(shape[a] for a in permutation),
+                       math.prod(shape[a] for a in reduction),
+                       math.prod(shape[a] for a in output))
+
+
+def _orthogonalize_grouped(matrices, **kwargs):
+    """`orthogonalize` of every `(batch, m, n)` array, one call per (m, n, dtype).
 
     Under GSPMD a separate small Newton–Schulz per matrix is several times slower than one
     stacked call, whose stack axis the partitioner can spread over devices.
     """
-    leaves, treedef = jax.tree.flatten(matrices)
     groups = collections.defaultdict(list)
-    for index, leaf in enumerate(leaves):
-        groups[leaf.shape, leaf.dtype].append(index)
-    result = [None] * len(leaves)
+    for index, x in enumerate(matrices):
+        groups[x.shape[1:], x.dtype].append(index)
+    result = [None] * len(matrices)
     for indices in groups.values():
-        stacked = orthogonalize(jnp.stack([leaves[i] for i in indices]), **kwargs)
-        for position, index in enumerate(indices):
-            result[index] = stacked[position]
-    return jax.tree.unflatten(treedef, result)
+        sizes = [matrices[i].shape[0] for i in indices]
+        stacked = orthogonalize(jnp.concatenate([matrices[i] for i in indices]), **kwargs)
+        for i, part in zip(indices, jnp.split(stacked, np.cumsum(sizes)[:-1])):
+            result[i] = part
+    return result
 
 
 class MuonState(NamedTuple):
@@ -76,22 +164,28 @@ class MuonState(NamedTuple):
     momentum: Any
 
 
-def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=jnp.float32):
-    """Muon's direction for a tree of 2-D leaves (Jordan et al. 2024).
+def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=jnp.float32,
+                  dimension_numbers=None):
+    """Muon's direction (Jordan et al. 2024), each leaf orthogonalized as a linear map.
 
         m <- momentum * m + g
         d  = g + momentum * m   (nesterov)   or   d = m
-        u  = orthogonalize(d) * sqrt(max(1, rows / cols))
+        u  = orthogonalize(D) * sqrt(max(1, fan_out / fan_in)),
 
-    `orthogonalize` runs `ns_steps` quintic Newton–Schulz iterations on d / |d|_F (see
-    `orthogonalize`); the Frobenius normalization makes the scale of the momentum
-    irrelevant, so the undamped sum above and the EMA form of the reference code give the
-    same update. Same-shape matrices are stacked and orthogonalized in one call.
+    D being d seen as a (fan_in, fan_out) matrix (or a batch of them) by the leaf's
+    dimension numbers: reduction axes flattened into fan_in rows, output axes into fan_out
+    columns, other axes a batch (as `optax.contrib.muon`). `orthogonalize` runs `ns_steps`
+    quintic Newton–Schulz iterations on D / |D|_F; the Frobenius normalization makes the
+    scale of the momentum irrelevant, so the undamped sum above and the EMA form of the
+    reference code give the same update. Matrices of the same shape (across leaves) are
+    orthogonalized in one batched call.
 
-    `rows` and `cols` are the leaf's axes 0 and 1. Jordan's PyTorch code stores weights as
-    (out, in), so there the factor is sqrt(max(1, fan_out / fan_in)); for a Flax kernel,
-    stored (in, out), this rule gives sqrt(max(1, fan_in / fan_out)) instead
-    (`optax.contrib.muon` uses fan_out / fan_in with axis 0 as fan_in).
+    Scale. Jordan's code multiplies by sqrt(max(1, rows / cols)) of a PyTorch weight, stored
+    (fan_out, fan_in): sqrt(max(1, fan_out / fan_in)), which is what is applied here, with
+    fan_in and fan_out taken from the dimension numbers (`optax.contrib.muon` does the same).
+    With the default layout of a 2-D leaf, (fan_in, fan_out) as Flax stores kernels, an MLP's
+    up-projection (d, 4d) gets 2 and its down-projection 1. Declare `TORCH_LAYOUT` for a
+    weight stored (fan_out, fan_in).
 
     Args:
       momentum: momentum decay, in [0, 1).
@@ -100,21 +194,42 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
       eps: added to the Frobenius norm before dividing.
       ns_dtype: dtype of the Newton–Schulz matmuls: float32 (default), or bfloat16 on
         GPU/TPU, where the iteration is matmul-bound and tolerates bf16.
+      dimension_numbers: None (every leaf is a 2-D (fan_in, fan_out) matrix), one
+        `MuonDimensionNumbers` for every leaf, a pytree of them matching the params, or a
+        callable `params -> such a pytree`.
 
     Returns:
-      An `optax.GradientTransformation`; `init` raises ValueError for a leaf that is not 2-D.
+      An `optax.GradientTransformation`; `init` raises ValueError naming the leaf for a leaf
+      whose dimension numbers do not fit its shape and for a complex leaf.
+
+    Example:
+      >>> tx = optax.chain(scale_by_muon(dimension_numbers=TORCH_LAYOUT),
+      ...                  optax.scale_by_learning_rate(0.02))
     """
     _validate.in_range("momentum", momentum)
     _validate.positive_int("ns_steps", ns_steps)
     _validate.non_negative("eps", eps)
     ns_dtype = _validate.floating_dtype("ns_dtype", ns_dtype, NS_DTYPES)
 
+    def views(tree):
+        """The `_MatrixView` of every leaf of `tree`, in flattening order."""
+        if dimension_numbers is None or isinstance(dimension_numbers, MuonDimensionNumbers):
+            dims = [dimension_numbers or FLAX_LAYOUT] * len(jax.tree.leaves(tree))
+            if dimension_numbers is None:
+                for path, leaf in jax.tree.leaves_with_path(tree):
+                    if jnp.ndim(leaf) != 2:
+                        raise ValueError(
+                            f"scale_by_muon needs 2-D leaves or dimension_numbers, got shape "
+                            f"{jnp.shape(leaf)} at {jax.tree_util.keystr(path)}")
+        else:
+            spec = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
+            dims = jax.tree.structure(tree).flatten_up_to(spec)
+        return [_matrix_view(jnp.shape(leaf), d, jax.tree_util.keystr(path))
+                for (path, leaf), d in zip(jax.tree.leaves_with_path(tree), dims)]
+
     def init_fn(params):
-        for path, leaf in jax.tree.leaves_with_path(params):
-            if jnp.ndim(leaf) != 2:
-                raise ValueError(
-                    f"scale_by_muon needs 2-D leaves, got shape {jnp.shape(leaf)} at "
-                    f"{jax.tree_util.keystr(path)}; route it elsewhere with muon_mask")
+        _blocks.reject_complex(params, "scale_by_muon")
+        views(params)
         return MuonState(momentum=optax.tree.zeros_like(params))
 
     def update_fn(updates, state, params=None):
@@ -124,53 +239,84 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
             direction = jax.tree.map(lambda m, g: g + momentum * m, new_momentum, updates)
         else:
             direction = new_momentum
-        orthogonal = _orthogonalize_stacked(direction, ns_steps=ns_steps, eps=eps,
-                                            dtype=ns_dtype)
-        updates = jax.tree.map(lambda u: u * max(1.0, u.shape[0] / u.shape[1]) ** 0.5,
-                               orthogonal)
-        return updates, MuonState(momentum=new_momentum)
+        leaves, treedef = jax.tree.flatten(direction)
+        leaf_views = views(direction)
+        orthogonal = _orthogonalize_grouped(
+            [view.to_matrices(d) for view, d in zip(leaf_views, leaves)],
+            ns_steps=ns_steps, eps=eps, dtype=ns_dtype)
+        updates = [view.from_matrices(o) * view.scale for view, o in zip(leaf_views, orthogonal)]
+        return treedef.unflatten(updates), MuonState(momentum=new_momentum)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def hidden_matrices(exclude=()):
-    """A `muon_mask`: True for 2-D leaves none of whose path keys is in `exclude`.
+def _key_names(path):
+    return {str(getattr(k, "key", getattr(k, "name", k))) for k in path}  # dict / attr keys
 
-    Embeddings and the output head are 2-D but belong on AdamW (Jordan et al. 2024):
-    `muon(lr, muon_mask=hidden_matrices(exclude=("embed", "lm_head")))` routes every leaf
-    under a key named "embed" or "lm_head" (e.g. params["lm_head"]["kernel"]) to AdamW.
+
+def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
+    """The default `muon_mask`: the hidden linear maps of a network, with their layouts.
+
+    Returns a callable `params -> pytree` giving, per leaf, its `MuonDimensionNumbers` (Muon)
+    or None (AdamW). No leaf any of whose path keys is in `exclude` goes to Muon; otherwise
+      - a 2-D leaf gets `layout` (default (fan_in, fan_out), Flax's kernels);
+      - a 3-D leaf under a key in `ATTENTION_IN_KEYS` ("query", "key", "value") is a map from
+        its axis 0 to axes (1, 2), and under `ATTENTION_OUT_KEYS` ("out") from axes (0, 1) to
+        axis 2: ravine's attention kernels (d_model, heads, head_dim) and
+        (heads, head_dim, d_model), orthogonalized as whole d_model x (heads * head_dim) maps;
+      - every other leaf (1-D gains and biases, scalars, other 3-D and higher arrays: give
+        those explicit dimension numbers) stays on AdamW.
+    The default `exclude` keeps ravine's token embedding ("embed" / "embedding"), learned
+    position table ("position") and LM head ("head", "lm_head") on AdamW (Jordan et al. 2024).
+    To route the head to Muon too, pass an `exclude` without "head".
     """
     exclude = frozenset([exclude] if isinstance(exclude, str) else exclude)
 
-    def mask(params):
-        def is_hidden_matrix(path, leaf):
-            keys = {getattr(k, "key", getattr(k, "name", None)) for k in path}  # dict / attr
-            return jnp.ndim(leaf) == 2 and not keys & exclude
+    def dims(path, leaf):
+        keys = _key_names(path)
+        if keys & exclude:
+            return None
+        if jnp.ndim(leaf) == 2:
+            return layout
+        if jnp.ndim(leaf) == 3 and keys & set(ATTENTION_IN_KEYS):
+            return ATTENTION_IN_LAYOUT
+        if jnp.ndim(leaf) == 3 and keys & set(ATTENTION_OUT_KEYS):
+            return ATTENTION_OUT_LAYOUT
+        return None
 
-        return jax.tree.map_with_path(is_hidden_matrix, params)
-
-    return mask
+    return lambda params: jax.tree.map_with_path(dims, params)
 
 
 def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
          adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, muon_mask=None, *,
          eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32):
-    """Muon on the matrices chosen by `muon_mask`, AdamW on every other leaf.
+    """Muon on the linear maps chosen by `muon_mask`, AdamW on every other leaf.
 
-    For a leaf W with muon_mask True (2-D, shape rows x cols):
+    For a leaf W routed to Muon, seen as a (fan_in, fan_out) matrix (see `scale_by_muon`):
 
-        W <- W - lr * (orthogonalize(nesterov momentum) * sqrt(max(1, rows/cols))
+        W <- W - lr * (orthogonalize(nesterov momentum) * sqrt(max(1, fan_out / fan_in))
                        + weight_decay * W)
 
-    (`scale_by_muon`), and for every other leaf
+    and for every other leaf
 
         W <- W - adam_lr * (adam(b1=adam_b1, b2=adam_b2, eps=adam_eps) + weight_decay * W).
 
-    Routing. The default `muon_mask` (None) puts every 2-D leaf on Muon, including an
-    embedding table and the LM head, which Jordan et al. 2024 keep on AdamW: pass
-    `muon_mask=hidden_matrices(exclude=("embed", "lm_head"))` (your model's key names), or
-    any pytree of bools / callable `params -> pytree of bools` (a prefix tree is fine).
-    A leaf marked True that is not 2-D raises ValueError at `init`.
+    Routing. `muon_mask` is a pytree (a prefix tree is fine) or a callable
+    `params -> pytree` whose leaves are `MuonDimensionNumbers` (Muon, with that layout), True
+    (Muon, for a 2-D leaf stored (fan_in, fan_out)), or False / None (AdamW). The default
+    (None) is `hidden_matrices()`: 2-D kernels and ravine's 3-D attention kernels on Muon;
+    the token embedding, position table, LM head and 1-D leaves on AdamW. A weight stored
+    PyTorch-style (fan_out, fan_in) is declared with `TORCH_LAYOUT`, e.g.
+    `muon_mask={"w": TORCH_LAYOUT, "b": False}`. A leaf marked True that is not 2-D, or whose
+    dimension numbers do not fit it, raises ValueError naming it at `init`.
+
+    Differences from the references. Jordan's Muon keeps an EMA of the gradients,
+    `m <- b m + (1 - b) g`, and its Nesterov direction `(1 - b) g + b m`; the undamped sum
+    here differs by the factor 1 - b, which the normalization removes. `optax.contrib.muon`
+    bias-corrects its EMA, which makes its Nesterov direction a different mix of g and m
+    (equal to ours without Nesterov). Weight decay is optax's (multiplied by the lr, on
+    every leaf chosen by `mask`), where `optax.contrib.muon` decays its Adam leaves with a
+    separate `adam_weight_decay`.
 
     Scale. Orthogonalized updates have RMS about 1/sqrt(max(rows, cols)), much smaller
     than Adam's, so Muon's learning rate is typically ~0.02 (Jordan) while the AdamW leaves
@@ -186,7 +332,7 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
         each leaf's learning rate (as `optax.adamw` and `optax.contrib.muon`).
       adam_learning_rate: learning rate of the AdamW leaves; None means `learning_rate`.
       adam_b1, adam_b2: Adam's moment decays, in [0, 1).
-      muon_mask: which leaves get Muon (see Routing); None means every 2-D leaf.
+      muon_mask: which leaves get Muon and as which matrices (see Routing).
       eps: added to the Frobenius norm before Newton–Schulz.
       adam_eps: Adam's epsilon.
       mask: which leaves get weight decay (None: all), as in every optimizer here.
@@ -194,6 +340,10 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
 
     Returns:
       An `optax.GradientTransformation`.
+
+    Example:
+      >>> tx = muon(0.02, adam_learning_rate=3e-4, weight_decay=0.1,
+      ...           mask=optim.decay_mask)
     """
     _validate.learning_rate(learning_rate)
     if adam_learning_rate is None:
@@ -202,28 +352,76 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
     _validate.in_range("adam_b1", adam_b1)
     _validate.in_range("adam_b2", adam_b2)
     _validate.non_negative("adam_eps", adam_eps)
-    labels = _labels(muon_mask)
-    return optax.chain(
+    if muon_mask is None:
+        muon_mask = hidden_matrices()
+    routing = _Routing(muon_mask)
+    inner = optax.chain(
         optax.partition({
-            "muon": scale_by_muon(momentum, nesterov, ns_steps, eps, ns_dtype),
+            "muon": scale_by_muon(momentum, nesterov, ns_steps, eps, ns_dtype,
+                                  dimension_numbers=routing.dimension_numbers),
             "adam": scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps),
-        }, labels),
+        }, routing.labels),
         add_decoupled_weight_decay(weight_decay, mask),
         optax.partition({
             "muon": scale_by_learning_rate(learning_rate),
             "adam": scale_by_learning_rate(adam_learning_rate),
-        }, labels),
+        }, routing.labels),
     )
+    return optax.GradientTransformation(routing.checked(inner.init), inner.update)
 
 
-def _labels(muon_mask):
-    """`params -> tree of "muon"/"adam"` (possibly a prefix tree) from a muon_mask."""
-    if muon_mask is None:
-        muon_mask = hidden_matrices()
+def _is_route(x):
+    return (x is None or isinstance(x, (bool, np.bool_, MuonDimensionNumbers, optax.MaskedNode))
+            or (isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0 and x.dtype == bool))
 
-    def labels(params):
-        chosen = muon_mask(params) if callable(muon_mask) else muon_mask
-        return jax.tree.map(lambda is_muon: "muon" if is_muon else "adam", chosen)
 
-    return labels
+class _Routing:
+    """A muon_mask resolved per leaf: `MuonDimensionNumbers` (Muon) or None (AdamW).
 
+    Works on the full params and on the masked trees `optax.partition` hands to its inner
+    transforms (whose other leaves are `optax.MaskedNode`s).
+    """
+
+    def __init__(self, muon_mask):
+        self.muon_mask = muon_mask
+
+    def resolve(self, params):
+        spec = self.muon_mask(params) if callable(self.muon_mask) else self.muon_mask
+
+        def per_leaf(route, subtree):
+            if isinstance(route, optax.MaskedNode):
+                return route
+            if isinstance(route, MuonDimensionNumbers) or route is None:
+                return jax.tree.map(lambda _: route, subtree)
+            # True: a 2-D (fan_in, fan_out) leaf; False: AdamW. `True` on other shapes is
+            # caught by `checked`, so the layout here only has to be a valid placeholder.
+            return jax.tree.map(lambda _: FLAX_LAYOUT if bool(route) else None, subtree)
+
+        return jax.tree.map(per_leaf, spec, params, is_leaf=_is_route)
+
+    def labels(self, params):
+        return jax.tree.map(lambda dims: "adam" if dims is None else "muon",
+                            self.resolve(params), is_leaf=_is_route)
+
+    def dimension_numbers(self, params):
+        return self.resolve(params)
+
+    def checked(self, init):
+        """`init` that first rejects `True` on a leaf that is not 2-D."""
+        def init_fn(params):
+            spec = self.muon_mask(params) if callable(self.muon_mask) else self.muon_mask
+
+            def check(path, route, subtree):
+                if isinstance(route, MuonDimensionNumbers) or route is None or not bool(route):
+                    return
+                for subpath, leaf in jax.tree.leaves_with_path(subtree):
+                    if jnp.ndim(leaf) != 2:
+                        raise ValueError(
+                            f"muon_mask=True needs a 2-D leaf, got shape {jnp.shape(leaf)} at "
+                            f"{jax.tree_util.keystr(path + subpath)}: give it "
+                            f"MuonDimensionNumbers or route it to AdamW")
+
+            jax.tree.map_with_path(check, spec, params, is_leaf=_is_route)
+            return init(params)
+
+        return init_fn

@@ -38,16 +38,25 @@ class ShampooState(NamedTuple):
     blocks: Any       # per leaf: ShampooBlocks, or None for leaves it does not precondition
 
 
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _new_weight(decay):
-    """Weight of a new term in the accumulators: `1 - decay`, or 1 for plain sums (decay 1)."""
-    return 1.0 if decay == 1 else 1.0 - decay
+    """Weight of a new term in the accumulators: `1 - decay`, or 1 for plain sums (decay 1).
+
+    `decay` may be an array (`optax.inject_hyperparams`), so the choice is made by value."""
+    if _is_number(decay):
+        return 1.0 if decay == 1 else 1.0 - decay
+    return jnp.where(decay == 1, 1.0, 1.0 - decay)
 
 
 def _debias(decay, count):
     """`1 - decay^count`, or 1 for plain sums (decay 1), as float32."""
-    if decay == 1:
+    if _is_number(decay) and decay == 1:
         return jnp.float32(1)
-    return 1 - jnp.float32(decay) ** count.astype(jnp.float32)
+    debiased = 1 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    return debiased if _is_number(decay) else jnp.where(decay == 1, 1.0, debiased)
 
 
 
@@ -78,6 +87,22 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         m <- b1 m + (1 - b1) D,   update = m / (1 - b1^t)
         (Nesterov: b1 m / (1 - b1^(t+1)) + (1 - b1) D / (1 - b1^t))
 
+    Differences from distributed Shampoo (Anil et al. 2020; google-research/precondition's
+    `distributed_shampoo`; issue 13 found the two equal up to rounding with these aligned):
+      - statistics start at zero, not at eps * I; the damping is added only when a root is
+        taken (relative to lambda_max, as its `relative_matrix_epsilon`), so it never
+        lingers in statistics that decay with b2;
+      - grafting rescales each block to the grafting step's norm on that block, not the
+        whole layer: with blocks, layer-wise norms let one block's scale set another's;
+      - "adam" grafting is Adam's diagonal step with v's bias correction (its RMSProp
+        grafting has none, so early steps are too small by sqrt(1 - b2^t)); "rmsprop" puts
+        graft_eps inside the root;
+      - one momentum, an EMA with bias correction on the chosen direction (grafting step
+        before `start_preconditioning_step`, Shampoo's after); it keeps two heavy-ball
+        sums (`m <- b1 m + D`, no correction), one per direction, and defaults to Nesterov;
+      - roots by eigh by default (its coupled Newton is `inverse_root="newton"`), computed
+        in float32 (it uses float64 where enabled).
+
     Statistics live in `statistics_dtype`; roots are computed and stored in float32. The
     statistics' and the preconditioning's products take JAX's default matmul precision
     (TF32 on recent GPUs, one bfloat16 pass on TPU: the statistics of a rounded gradient,
@@ -107,6 +132,9 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         float32 accumulation, as accurate and meant for matrix units (GPU tensor cores, TPU
         MXUs) that run bfloat16 far faster than float32. On CPU it only costs time.
     """
+    block_size, start_preconditioning_step = _blocks.static_values(
+        block_size=block_size, start_preconditioning_step=start_preconditioning_step,
+        statistics_dtype=statistics_dtype)
     _validate.in_range("b1", b1)
     _validate.greater_than("b2", b2, 0)
     _validate.in_range("b2", b2, high_inclusive=True)
@@ -146,9 +174,11 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
             roots=tuple(_blocks.eye_like(s) for s in shapes))
 
     def init_fn(params):
+        _blocks.reject_complex(params, "scale_by_shampoo")
         return ShampooState(
             count=jnp.zeros([], jnp.int32),
-            momentum=None if b1 == 0 else optax.tree.zeros_like(params),
+            # Only a Python 0 drops the momentum (an injected b1 is an array).
+            momentum=None if _is_number(b1) and b1 == 0 else optax.tree.zeros_like(params),
             diagonal=jax.tree.map(
                 lambda p: jnp.zeros_like(p) if needs_diagonal(p) else None, params),
             blocks=jax.tree.map(init_blocks, params))
@@ -229,7 +259,7 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         for i, s, r in zip(indices, stats, roots):
             new_blocks[i] = ShampooBlocks(s, tuple(r))
 
-        if b1 == 0:
+        if state.momentum is None:
             momentum, outputs = None, directions
         else:
             old = treedef.flatten_up_to(state.momentum)

@@ -1,13 +1,17 @@
-"""Muon against optax.contrib.muon / optax.adamw, the spectrum of its update, routing, sharding."""
+"""Muon against a port of the reference rule, optax.contrib.muon / optax.adamw, the
+spectrum of its update, its routing of a Transformer, and sharding."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+import models
 import optim
-from optim.muon import hidden_matrices, orthogonalize
+from optim.muon import (ATTENTION_IN_LAYOUT, ATTENTION_OUT_LAYOUT, FLAX_LAYOUT, TORCH_LAYOUT,
+                        MuonDimensionNumbers, hidden_matrices, orthogonalize)
 from tests.oracle import assert_same_updates, random_tree, run_updates
 
 # Tall, wide and square matrices (two of the same shape, stacked together) and non-matrices.
@@ -16,45 +20,126 @@ SHAPES = {"tall": (16, 8), "tall_too": (16, 8), "wide": (8, 12), "square": (6, 6
 NON_MATRICES = {"bias": (7,), "scalar": (), "conv": (3, 3, 4, 5)}
 
 
-def optax_muon(shapes, **kwargs):
-    """optax.contrib.muon set up to compute what `optim.muon` computes.
+def reference_muon_update(grad, buffer, beta, nesterov=True, ns_steps=5):
+    """Jordan's `muon_update` (github.com/KellerJordan/Muon, muon.py) in float64 numpy, for a
+    PyTorch weight stored (fan_out, fan_in). Returns the update and the new momentum buffer.
 
-    optax scales by sqrt(max(1, fan_out / fan_in)) with fan_in = the reduction axis, 0 by
-    default; declaring axis 1 as the reduction axis turns that into our
-    sqrt(max(1, rows / cols)). Orthogonalization does not care which axis is which.
+        buffer <- lerp(buffer, grad, 1 - beta);  u = lerp(grad, buffer, beta) (nesterov)
+        u <- newton_schulz5(u) * sqrt(max(1, rows / cols))
+
+    The reference iterates in bfloat16 with eps 1e-7; this port keeps the rule, in float64.
     """
-    dims = {name: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=0)
-            if len(shape) == 2 else None for name, shape in shapes.items()}
-    return optax.contrib.muon(muon_weight_dimension_numbers=dims, **kwargs)
+    buffer = buffer + (1 - beta) * (grad - buffer)
+    update = grad + beta * (buffer - grad) if nesterov else buffer
+    x = update.T if update.shape[0] > update.shape[1] else update
+    x = x / (np.linalg.norm(x) + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.T if update.shape[0] > update.shape[1] else x
+    return x * max(1.0, update.shape[0] / update.shape[1]) ** 0.5, buffer
 
 
-def test_update_of_a_64x32_gradient_is_orthogonal_with_singular_values_near_lr_sqrt2():
-    lr = 0.1
-    grad = jax.random.normal(jax.random.key(0), (64, 32))
-    tx = optim.muon(lr, momentum=0.0)
-    params = {"w": jnp.zeros((64, 32))}
-    updates, _ = tx.update({"w": grad}, tx.init(params), params)
-    update = np.asarray(updates["w"], np.float64)
-    singular_values = np.linalg.svd(update, compute_uv=False)
-    target = lr * np.sqrt(64 / 32)
-    assert singular_values.min() >= 0.5 * target and singular_values.max() <= 1.3 * target
-    # -update = U h(S) V^T with h > 0 for grad = U S V^T, so -update^T grad = V h(S) S V^T
-    # is symmetric positive definite: the update has the gradient's singular vectors.
-    product = -update.T @ np.asarray(grad, np.float64)
-    np.testing.assert_allclose(product, product.T, atol=1e-4)
-    assert np.linalg.eigvalsh(product).min() > 0
+@pytest.mark.parametrize("shape", [(12, 12), (8, 20), (20, 8)])
+def test_dense_kernel_update_is_the_reference_rule_on_its_transpose(shape):
+    # A Flax kernel (fan_in, fan_out) is the transpose of the PyTorch weight the reference
+    # rule was written for: (20, 8) is a down-projection, (8, 20) an up-projection.
+    lr, beta = 0.02, 0.9
+    params = {"kernel": jnp.zeros(shape)}
+    grads_seq = [{"kernel": jax.random.normal(k, shape)}
+                 for k in jax.random.split(jax.random.key(0), 5)]
+    ours = run_updates(optim.muon(lr, momentum=beta), params, grads_seq)
+    buffer = np.zeros(shape[::-1])
+    for step, (grads, updates) in enumerate(zip(grads_seq, ours)):
+        expected, buffer = reference_muon_update(np.asarray(grads["kernel"], np.float64).T,
+                                                 buffer, beta)
+        np.testing.assert_allclose(updates["kernel"], -lr * expected.T, rtol=2e-4, atol=2e-6,
+                                   err_msg=f"step {step}")
+    fan_in, fan_out = shape
+    singular_values = np.linalg.svd(ours[-1]["kernel"], compute_uv=False)
+    target = lr * max(1.0, fan_out / fan_in) ** 0.5  # the up-projection gets the larger step
+    assert 0.5 * target < singular_values.max() < 1.3 * target
+
+
+def test_attention_kernels_update_as_the_reshaped_linear_maps():
+    d_model, heads, head_dim = 8, 2, 6
+    shapes3 = {"query": (d_model, heads, head_dim), "out": (heads, head_dim, d_model)}
+    params = {name: {"kernel": jnp.zeros(shape)} for name, shape in shapes3.items()}
+    grads_seq = [{name: {"kernel": jax.random.normal(k, shape)}
+                  for k, (name, shape) in zip(jax.random.split(key), shapes3.items())}
+                 for key in jax.random.split(jax.random.key(0), 4)]
+    as_matrix = {"query": lambda x: x.reshape(d_model, heads * head_dim),
+                 "out": lambda x: x.reshape(heads * head_dim, d_model)}
+    flat = lambda tree: {name: {"kernel": as_matrix[name](tree[name]["kernel"])}
+                         for name in tree}
+    ours = run_updates(optim.muon(0.02), params, grads_seq)  # default routing
+    matrices = run_updates(optim.muon(0.02), flat(params), [flat(g) for g in grads_seq])
+    for step, (a, b) in enumerate(zip(ours, matrices)):
+        for name in shapes3:
+            np.testing.assert_allclose(as_matrix[name](a[name]["kernel"]), b[name]["kernel"],
+                                       rtol=1e-5, atol=1e-7, err_msg=f"step {step} {name}")
+
+
+def test_default_routing_of_a_transformer_leaf_by_leaf():
+    config = models.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2,
+                                      max_len=8, position="learned")
+    params = nn.unbox(models.Transformer(config).init(jax.random.key(0),
+                                                      jnp.zeros((1, 8), jnp.int32)))
+    expected = {
+        "attn/query/kernel": ATTENTION_IN_LAYOUT, "attn/key/kernel": ATTENTION_IN_LAYOUT,
+        "attn/value/kernel": ATTENTION_IN_LAYOUT, "attn/out/kernel": ATTENTION_OUT_LAYOUT,
+        "mlp/up/kernel": FLAX_LAYOUT, "mlp/gate/kernel": FLAX_LAYOUT,
+        "mlp/down/kernel": FLAX_LAYOUT, "attn_norm/scale": None, "mlp_norm/scale": None,
+    }
+    expected = {f"params/block_{i}/{path}": dims for i in range(2)
+                for path, dims in expected.items()}
+    expected.update({"params/embed/embedding": None, "params/position": None,
+                     "params/final_norm/scale": None, "params/head/kernel": None})
+    routes = hidden_matrices()(params)
+    got = {"/".join(str(k.key) for k in path): dims for path, dims in
+           jax.tree.leaves_with_path(routes, is_leaf=lambda x: x is None or isinstance(
+               x, MuonDimensionNumbers))}
+    assert got == expected
+    # The optimizer routes the same way: Muon's momentum exists exactly for those leaves.
+    state = optim.muon(0.02).init(params)
+    momentum = state[0].inner_states["muon"].inner_state.momentum
+    muon_leaves = {"/".join(str(k.key) for k in path) for path, _ in
+                   jax.tree.leaves_with_path(momentum)}
+    assert muon_leaves == {path for path, dims in expected.items() if dims is not None}
+
+
+def test_torch_layout_is_the_transposed_flax_layout():
+    shape = (12, 20)  # a PyTorch (fan_out, fan_in) weight
+    grads_seq = [{"w": jax.random.normal(k, shape)}
+                 for k in jax.random.split(jax.random.key(0), 3)]
+    torch = run_updates(optim.muon(0.02, muon_mask={"w": TORCH_LAYOUT}),
+                        {"w": jnp.zeros(shape)}, grads_seq)
+    flax = run_updates(optim.muon(0.02), {"w": jnp.zeros(shape[::-1])},
+                       [{"w": g["w"].T} for g in grads_seq])
+    for a, b in zip(torch, flax):
+        np.testing.assert_allclose(a["w"], b["w"].T, rtol=1e-5, atol=1e-7)
 
 
 def test_matches_optax_contrib_muon_without_nesterov():
-    # Without Nesterov, optax's bias-corrected EMA momentum is a positive multiple of our
-    # undamped momentum sum, which the Frobenius normalization removes. Its non-matrix
-    # leaves get optax.adamw with adam_weight_decay, which we take from weight_decay.
-    # A schedule as learning rate: both sides evaluate it at their own counter from step 0.
+    # Same layouts and shape scale as optax (fan_in = reduction axes), 3-D weights
+    # included. Without Nesterov, optax's bias-corrected EMA momentum is a positive multiple
+    # of our undamped momentum sum, which the Frobenius normalization removes. Its
+    # non-matrix leaves get optax.adamw with adam_weight_decay, which we take from
+    # weight_decay. A schedule as learning rate: both evaluate it at their own counter.
+    # A batch axis too: "stack" is 3 independent (6, 4) maps (axis 0 is neither reduction
+    # nor output).
+    shapes = {**SHAPES, "attn_out": (2, 4, 8), "stack": (3, 6, 4)}
+    routes = {name: (ATTENTION_OUT_LAYOUT if name == "attn_out" else
+                     MuonDimensionNumbers(reduction_axis=1, output_axis=2) if name == "stack"
+                     else FLAX_LAYOUT if len(shape) == 2 else None)
+              for name, shape in shapes.items()}
     schedule = optax.linear_schedule(0.02, 0.002, transition_steps=20)
     hparams = dict(learning_rate=schedule, adam_b1=0.8, adam_b2=0.9, weight_decay=0.1)
-    ours = optim.muon(momentum=0.9, nesterov=False, **hparams)
-    theirs = optax_muon(SHAPES, beta=0.9, nesterov=False, adam_weight_decay=0.1, **hparams)
-    assert_same_updates(ours, theirs, steps=20, shapes=SHAPES, rtol=1e-4, atol=1e-6)
+    ours = optim.muon(momentum=0.9, nesterov=False, muon_mask=routes, **hparams)
+    theirs = optax.contrib.muon(beta=0.9, nesterov=False, adam_weight_decay=0.1,
+                                muon_weight_dimension_numbers=routes, **hparams)
+    assert_same_updates(ours, theirs, steps=20, shapes=shapes, rtol=1e-4, atol=1e-6)
 
 
 def test_nesterov_direction_is_orthogonalized_by_the_same_newton_schulz_as_optax():
@@ -78,8 +163,8 @@ def test_nesterov_direction_is_orthogonalized_by_the_same_newton_schulz_as_optax
             momentum[name] = beta * momentum[name] + np.asarray(g)
             direction[name] = jnp.asarray(np.asarray(g) + beta * momentum[name])
         orthogonal, _ = orthogonalize_like_optax(direction, ns_state)
-        for name, (rows, cols) in shapes.items():
-            expected = -lr * max(1.0, rows / cols) ** 0.5 * np.asarray(orthogonal[name])
+        for name, (fan_in, fan_out) in shapes.items():
+            expected = -lr * max(1.0, fan_out / fan_in) ** 0.5 * np.asarray(orthogonal[name])
             np.testing.assert_allclose(updates[name], expected, rtol=1e-4, atol=1e-6,
                                        err_msg=f"step {step}, leaf {name}")
 
@@ -100,10 +185,11 @@ def test_muon_mask_routes_a_matrix_to_adamw():
     by_tree = run_updates(optim.muon(muon_mask=tree_mask, **hparams), params, grads_seq)
     by_name = run_updates(optim.muon(muon_mask=hidden_matrices(exclude="head"), **hparams),
                           params, grads_seq)
-    default = run_updates(optim.muon(**hparams), params, grads_seq)
+    everything = run_updates(optim.muon(muon_mask=hidden_matrices(exclude=()), **hparams),
+                             params, grads_seq)
     adamw = run_updates(optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0),
                         params, grads_seq)
-    for routed, named, plain, adam in zip(by_tree, by_name, default, adamw):
+    for routed, named, plain, adam in zip(by_tree, by_name, everything, adamw):
         for name in shapes:
             np.testing.assert_array_equal(routed[name], named[name])
         np.testing.assert_allclose(routed["head"], adam["head"], rtol=1e-5, atol=1e-8)
@@ -128,8 +214,19 @@ def test_muon_mask_as_a_prefix_tree_and_as_a_callable():
 
 def test_a_non_matrix_leaf_on_muon_fails_at_init():
     tx = optim.muon(0.1, muon_mask={"w": True, "b": True})
-    with pytest.raises(ValueError, match=r"needs 2-D leaves, got shape \(3,\) at \['b'\]"):
+    with pytest.raises(ValueError, match=r"needs a 2-D leaf, got shape \(3,\) at \['b'\]"):
         tx.init({"w": jnp.ones((3, 3)), "b": jnp.ones((3,))})
+    bad_layout = MuonDimensionNumbers(reduction_axis=0, output_axis=(0, 2))
+    tx = optim.muon(0.1, muon_mask={"w": bad_layout})
+    with pytest.raises(ValueError, match=r"does not fit shape \(3, 4, 5\) at \['w'\]"):
+        tx.init({"w": jnp.ones((3, 4, 5))})
+
+
+def test_complex_params_are_rejected_naming_the_leaf():
+    tx = optim.muon(0.1)
+    params = {"dense": {"kernel": jnp.ones((4, 3), jnp.complex64)}}
+    with pytest.raises(ValueError, match=r"complex params.*\['dense'\]\['kernel'\]"):
+        tx.init(params)
 
 
 def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
@@ -139,7 +236,7 @@ def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
     exact = run_updates(optim.muon(0.1), params, grads_seq)
     low = run_updates(optim.muon(0.1, ns_dtype=jnp.bfloat16), params, grads_seq)
     for a, b in zip(exact, low):
-        for name, (rows, cols) in shapes.items():
+        for name, (fan_in, fan_out) in shapes.items():
             assert b[name].dtype == jnp.float32
             a_flat, b_flat = np.ravel(a[name]), np.ravel(b[name])
             assert not np.array_equal(a_flat, b_flat)  # bf16 was really used
@@ -147,7 +244,7 @@ def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
             # stays within a few degrees and the spectrum within the same band.
             cosine = a_flat @ b_flat / (np.linalg.norm(a_flat) * np.linalg.norm(b_flat))
             assert cosine > 0.99, cosine
-            target = 0.1 * max(1.0, rows / cols) ** 0.5
+            target = 0.1 * max(1.0, fan_out / fan_in) ** 0.5
             singular_values = np.linalg.svd(b[name], compute_uv=False)
             assert 0.5 * target <= singular_values.min() <= singular_values.max() <= 1.3 * target
 
@@ -208,3 +305,13 @@ def test_create_builds_muon_by_name():
     assert_same_updates(by_name, direct, steps=3, shapes=SHAPES, rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         optim.create("muon", learning_rate=0.02, beta=0.9)
+
+
+def test_inject_hyperparams_gives_the_same_updates():
+    # Every numeric argument (ns_steps included) arrives as a traced array; a dtype must be
+    # static (test_registry checks the message saying so).
+    shapes = {"dense": (16, 8), "bias": (7,)}
+    injected = optax.inject_hyperparams(optim.muon, static_args="ns_dtype")(
+        learning_rate=0.02, weight_decay=0.1)
+    assert_same_updates(injected, optim.muon(0.02, weight_decay=0.1), steps=3, shapes=shapes,
+                        rtol=1e-5, atol=1e-7)

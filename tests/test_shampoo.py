@@ -287,3 +287,27 @@ def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
     kwargs = {"learning_rate": 0.1, **kwargs}
     with pytest.raises(ValueError, match=name):
         optim.shampoo(**kwargs)
+
+
+STRUCTURAL = ("block_size", "start_preconditioning_step", "statistics_dtype")
+
+
+def test_inject_hyperparams_works_with_the_structural_args_static_and_says_so_otherwise():
+    # b1, b2, eps, ... arrive as traced arrays (b2's "plain sums at 1" is decided by value).
+    # Roots from full-rank statistics (4 gradients of a 6 x 5 leaf): the root of a rank-
+    # deficient one amplifies rounding, which differs between traced and constant eps.
+    shapes = {"w": (6, 5), "b": (5,)}
+    hparams = dict(learning_rate=0.1, b1=0.9, b2=0.99, precondition_every=3,
+                   start_preconditioning_step=3)
+    injected = optax.inject_hyperparams(optim.shampoo, static_args=STRUCTURAL)(**hparams)
+    assert_same_updates(injected, optim.shampoo(**hparams), steps=5, shapes=shapes,
+                        rtol=1e-4, atol=1e-6)
+    traced = optax.inject_hyperparams(optim.shampoo)(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"static_args=\('block_size', "
+                                         r"'start_preconditioning_step', 'statistics_dtype'\)"):
+        jax.jit(traced.init)(random_tree(jax.random.key(0), shapes))
+
+
+def test_complex_params_are_rejected_naming_the_leaf():
+    with pytest.raises(ValueError, match=r"complex params.*\['w'\]"):
+        optim.shampoo(0.1).init({"w": jnp.ones((3, 2), jnp.complex64)})

@@ -120,8 +120,9 @@ def get_config(variant="small"):
     # one): biases and norm gains (as nanoGPT) and the embedding / position tables (as many
     # LLaMA-style recipes; nanoGPT decays those). "" decays every leaf.
     config.optimizer.no_decay = "bias,scale,embed,position"
-    # Muon only: path keys of 2-D leaves routed to AdamW instead (`optim.hidden_matrices`).
-    config.optimizer.muon_exclude = "embed,head"
+    # Muon only: path keys of leaves routed to AdamW instead (`optim.hidden_matrices`: the
+    # other 2-D kernels and the 3-D attention kernels go to Muon).
+    config.optimizer.muon_exclude = "embed,position,head"
 
     config.schedule = ml_collections.ConfigDict(
         hparam_fields([getattr(schedules, name) for name in SCHEDULES], DERIVED_SCHEDULE_ARGS))
