@@ -11,18 +11,17 @@ Dettmers et al., 2022): after the sign bit, a run of e zero bits sets the decima
 ones a large dynamic range: 254 such values, plus 0 and 1. The unsigned map, for Adam's
 second moment, uses the sign bit as one more fraction bit.
 
-Encoding is O(1) per value: the top 16 bits of the float32 (sign, exponent, 7 mantissa
-bits) index a 65536-entry table holding the number of decision boundaries below that float
-interval; no interval holds more than one boundary, so one comparison finishes it. This
-gives exactly the nearest code (as `np.searchsorted` on the boundaries would), at the cost
-of two small gathers instead of a 256-way or 8-level search per value.
+Encoding is O(1) arithmetic per value, with no search and no table read (XLA fuses it
+with the optimizer's arithmetic): log10 gives the exponent group, the place in the group
+gives a candidate code within one of the nearest, and comparing with the midpoints to its
+neighbours picks the nearest code (as a 256-way argmin would). Decoding computes the code
+value from its index the same way.
 
 References:
   Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization",
   https://arxiv.org/abs/2110.02861; Dettmers, 2016, "8-Bit Approximations for Parallelism
   in Deep Learning", https://arxiv.org/abs/1511.04561
 """
-import functools
 from typing import NamedTuple
 
 import jax
@@ -54,38 +53,74 @@ def dynamic_code_map(signed):
     return values
 
 
-@functools.lru_cache(maxsize=2)
-def _tables(signed):
-    """(code values [256], boundaries [256] with +inf last, 16-bit prefix table [65536] uint8)."""
-    codes = dynamic_code_map(signed)
-    boundaries = ((codes[:-1].astype(np.float64) + codes[1:]) / 2).astype(np.float32)
-    prefixes = np.arange(1 << 16, dtype=np.uint32)
-    first = (prefixes << 16).view(np.float32)
-    last = ((prefixes << 16) | 0xFFFF).view(np.float32)
-    low, high = np.minimum(first, last), np.maximum(first, last)
-    finite = np.isfinite(low) & np.isfinite(high)
-    low, high = np.where(finite, low, 0), np.where(finite, high, 0)
-    below = np.searchsorted(boundaries, low, side="left")  # boundaries < low
-    inside = np.searchsorted(boundaries, high, side="right") - below  # in [low, high]
-    assert inside.max() <= 1, "a float interval holds two boundaries"
-    padded = np.append(boundaries, np.float32(np.inf))
-    return codes, padded, below.astype(np.uint8)
+def _floor_log2(m):
+    """floor(log2(m)) of positive int32s below 2^24, from the float32 exponent (exact)."""
+    return (jax.lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32) >> 23) - 127
+
+
+def _decade_scale(group):
+    """10^(group - 6) for int32 groups 0..6 (selects, no table)."""
+    scale = jnp.float32(10.0 ** -6)
+    for e in range(1, EXPONENT_BITS):
+        scale = jnp.where(group >= e, jnp.float32(10.0 ** (e - 6)), scale)
+    return scale
+
+
+def _magnitude(rank, signed):
+    """The code magnitude of rank 0 (zero) .. top rank (1.0) among the non-negative codes.
+
+    Sorted, the positive codes run through the exponents 10^-6 .. 10^0 in groups of 2^g
+    values (signed; 2^(g+1) unsigned), each the midpoint of one of equal intervals of
+    [0.1, 1]; 0 and 1 are the two special codes.
+    """
+    shift = 0 if signed else 1
+    top = 128 if signed else 255
+    safe = jnp.clip(rank, 1, top - 1)
+    group = _floor_log2(safe + shift) - shift  # group g holds ranks [2^(g+s) - s, ...)
+    group_start = jnp.left_shift(1, group + shift)
+    group_size = group_start.astype(jnp.float32)
+    position = (safe + shift - group_start).astype(jnp.float32)
+    value = _decade_scale(group) * (0.1 + 0.9 * (position + 0.5) / group_size)
+    return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
 def encode(normalized, signed):
-    """Index of the nearest code value for each float32 in [-1, 1] (uint8)."""
-    _, boundaries, prefix_table = _tables(signed)
-    bits = jax.lax.bitcast_convert_type(normalized.astype(jnp.float32), jnp.uint32)
-    below = jnp.asarray(prefix_table).at[(bits >> 16).astype(jnp.int32)].get(
-        mode="promise_in_bounds").astype(jnp.int32)
-    next_boundary = jnp.asarray(boundaries).at[below].get(mode="promise_in_bounds")
-    return (below + (normalized >= next_boundary)).astype(jnp.uint8)
+    """Index of the nearest code value for each float32 in [-1, 1] (uint8).
+
+    O(1) arithmetic, no search and no table: the decade from log10 and the place in it
+    give a candidate within one rank of the nearest code; comparing with the midpoints to
+    its two neighbours settles it.
+    """
+    y = normalized.astype(jnp.float32)
+    a = jnp.abs(y)
+    shift = 0 if signed else 1
+    group = jnp.clip(jnp.floor(jnp.log10(jnp.maximum(a, 1e-30))).astype(jnp.int32) + 7, 0,
+                     EXPONENT_BITS - 1)
+    group_start = jnp.left_shift(1, group + shift)
+    group_size = group_start.astype(jnp.float32)
+    place = jnp.floor((a / _decade_scale(group) - 0.1) * (group_size / 0.9))
+    place = jnp.clip(place, 0, group_size - 1).astype(jnp.int32)
+    rank = group_start - shift + place
+    here = _magnitude(rank, signed)
+    lower = (_magnitude(rank - 1, signed) + here) / 2
+    upper = (here + _magnitude(rank + 1, signed)) / 2
+    if signed:  # y >= boundary moves up: towards 1 for positives, towards 0 for negatives
+        rank = rank - jnp.where(y >= 0, a < lower, a <= lower) + jnp.where(
+            y >= 0, a >= upper, a > upper)
+        rank = jnp.where(y >= 0, rank, jnp.minimum(rank, 127))  # no -1 code
+        index = jnp.where(y >= 0, 127 + rank, 127 - rank)
+    else:
+        index = rank - (a < lower) + (a >= upper)
+    return index.astype(jnp.uint8)
 
 
 def decode(indices, signed):
-    """The code values at `indices` (float32)."""
-    codes, _, _ = _tables(signed)
-    return jnp.asarray(codes).at[indices.astype(jnp.int32)].get(mode="promise_in_bounds")
+    """The code values at `indices` (float32), computed from the index (no table read)."""
+    i = indices.astype(jnp.int32)
+    if not signed:
+        return _magnitude(i, False)
+    magnitude = _magnitude(jnp.abs(i - 127), True)
+    return jnp.where(i < 127, -magnitude, magnitude)
 
 
 class QuantizedArray(NamedTuple):
