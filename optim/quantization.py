@@ -84,34 +84,49 @@ def _magnitude(rank, signed):
     return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
+def _select_by_group(group, values):
+    """values[group] for int32 groups 0..6, by selects (vectorizes; no table read)."""
+    out = jnp.float32(values[0])
+    for e in range(1, EXPONENT_BITS):
+        out = jnp.where(group >= e, jnp.float32(values[e]), out)
+    return out
+
+
 def encode(normalized, signed):
     """Index of the nearest code value for each float32 in [-1, 1] (uint8).
 
-    O(1) arithmetic, no search and no table: the decade from log10 and the place in it
-    give a candidate within one rank of the nearest code; comparing with the midpoints to
-    its two neighbours settles it.
+    O(1) arithmetic, no search and no table: six comparisons give the exponent group, the
+    place in the group gives the nearest code of that group, and comparing with the
+    midpoints to the codes of the neighbouring groups settles the edges.
     """
     y = normalized.astype(jnp.float32)
     a = jnp.abs(y)
     shift = 0 if signed else 1
-    group = jnp.clip(jnp.floor(jnp.log10(jnp.maximum(a, 1e-30))).astype(jnp.int32) + 7, 0,
-                     EXPONENT_BITS - 1)
-    group_start = jnp.left_shift(1, group + shift)
-    group_size = group_start.astype(jnp.float32)
-    place = jnp.floor((a / _decade_scale(group) - 0.1) * (group_size / 0.9))
-    place = jnp.clip(place, 0, group_size - 1).astype(jnp.int32)
-    rank = group_start - shift + place
-    here = _magnitude(rank, signed)
-    lower = (_magnitude(rank - 1, signed) + here) / 2
-    upper = (here + _magnitude(rank + 1, signed)) / 2
+    # Group g holds the codes 10^(g-6) * [0.1, 1]: count the decades a is at or above.
+    group = sum((a >= np.float32(10.0 ** (e - 7))).astype(jnp.int32)
+                for e in range(1, EXPONENT_BITS))
+    scale = _select_by_group(group, [10.0 ** (e - 6) for e in range(EXPONENT_BITS)])
+    inverse_scale = _select_by_group(group, [10.0 ** (6 - e) for e in range(EXPONENT_BITS)])
+    size = _select_by_group(group, [2.0 ** (e + shift) for e in range(EXPONENT_BITS)])
+    inverse_size = _select_by_group(group, [2.0 ** -(e + shift) for e in range(EXPONENT_BITS)])
+    # Codes of the group are the midpoints of `size` equal intervals of [0.1, 1] (scaled):
+    # the interval holding a gives the nearest of them.
+    place = jnp.clip(jnp.floor((a * inverse_scale - 0.1) * (size / 0.9)), 0, size - 1)
+    here = scale * (0.1 + 0.9 * (place + 0.5) * inverse_size)
+    half_interval = 0.45 * scale * inverse_size
+    # At the group's ends the neighbour is in the next group down (its last code, or 0
+    # below the lowest group) or up (its first code, or 1 above the top one).
+    below = jnp.where(group == 0, 0.0, 0.1 * scale * (1 - 0.9 * inverse_size))
+    above = jnp.where(group == EXPONENT_BITS - 1, 1.0, scale * (1 + 2.25 * inverse_size))
+    lower = jnp.where(place == 0, (below + here) / 2, here - half_interval)
+    upper = jnp.where(place == size - 1, (here + above) / 2, here + half_interval)
+    rank = (size - shift + place).astype(jnp.int32)  # among the non-negative codes
     if signed:  # y >= boundary moves up: towards 1 for positives, towards 0 for negatives
-        rank = rank - jnp.where(y >= 0, a < lower, a <= lower) + jnp.where(
-            y >= 0, a >= upper, a > upper)
-        rank = jnp.where(y >= 0, rank, jnp.minimum(rank, 127))  # no -1 code
-        index = jnp.where(y >= 0, 127 + rank, 127 - rank)
-    else:
-        index = rank - (a < lower) + (a >= upper)
-    return index.astype(jnp.uint8)
+        positive = y >= 0
+        rank = rank - jnp.where(positive, a < lower, a <= lower) + jnp.where(
+            positive, a >= upper, a > upper)
+        return jnp.where(positive, 127 + rank, 127 - jnp.minimum(rank, 127)).astype(jnp.uint8)
+    return (rank - (a < lower) + (a >= upper)).astype(jnp.uint8)
 
 
 def decode(indices, signed):
