@@ -108,3 +108,24 @@ def test_register_refuses_bad_and_taken_names(registered_signsgd):
     assert "my_opt" not in optim.available()
     with pytest.raises(AttributeError, match="my_opt"):
         getattr(optim, "my_opt")
+
+
+@pytest.mark.parametrize("name", ["radam", "adamw_8bit", "sophia", "schedule_free_adamw"])
+def test_state_follows_the_param_shardings(name):
+    """Every state leaf shaped like a param takes its sharding, through a jitted update."""
+    import sharding
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    param_sh = {"w": NamedSharding(mesh, P("data", "tensor")), "b": NamedSharding(mesh, P())}
+    params = jax.device_put({"w": jnp.ones((64, 128)), "b": jnp.ones((128,))}, param_sh)
+    hparams = {"min_8bit_size": 1024, "block_size": 256} if name == "adamw_8bit" else {}
+    tx = optim.create(name, learning_rate=1e-3, **hparams)
+    state_sh = sharding.optimizer_state_shardings(tx, params, param_sh)
+    state = jax.jit(tx.init, out_shardings=state_sh)(params)
+    _, state = jax.jit(tx.update, out_shardings=(param_sh, state_sh))(params, state, params)
+    shaped_like_w = [leaf for leaf in jax.tree.leaves(state) if leaf.shape == (64, 128)]
+    assert len(shaped_like_w) >= 2  # two moments (or moment + z)
+    for leaf in shaped_like_w:
+        assert leaf.sharding.spec == P("data", "tensor"), (name, leaf.sharding)
