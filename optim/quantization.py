@@ -84,49 +84,40 @@ def _magnitude(rank, signed):
     return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
-def _select_by_group(group, values):
-    """values[group] for int32 groups 0..6, by selects (vectorizes; no table read)."""
-    out = jnp.float32(values[0])
-    for e in range(1, EXPONENT_BITS):
-        out = jnp.where(group >= e, jnp.float32(values[e]), out)
-    return out
-
-
 def encode(normalized, signed):
     """Index of the nearest code value for each float32 in [-1, 1] (uint8).
 
     O(1) arithmetic, no search and no table: six comparisons give the exponent group, the
-    place in the group gives the nearest code of that group, and comparing with the
-    midpoints to the codes of the neighbouring groups settles the edges.
+    place in the group gives the nearest code of that group, and at the group's two ends
+    the midpoint to the neighbouring group's code settles it. (Exact ties may round either
+    way.)
     """
     y = normalized.astype(jnp.float32)
     a = jnp.abs(y)
     shift = 0 if signed else 1
-    # Group g holds the codes 10^(g-6) * [0.1, 1]: count the decades a is at or above.
-    group = sum((a >= np.float32(10.0 ** (e - 7))).astype(jnp.int32)
-                for e in range(1, EXPONENT_BITS))
-    scale = _select_by_group(group, [10.0 ** (e - 6) for e in range(EXPONENT_BITS)])
-    inverse_scale = _select_by_group(group, [10.0 ** (6 - e) for e in range(EXPONENT_BITS)])
-    size = _select_by_group(group, [2.0 ** (e + shift) for e in range(EXPONENT_BITS)])
-    inverse_size = _select_by_group(group, [2.0 ** -(e + shift) for e in range(EXPONENT_BITS)])
+    # Group g holds the codes 10^(g-6) * [0.1, 1]: the last decade threshold a reaches.
+    scale, inverse_scale = jnp.float32(1e-6), jnp.float32(1e6)
+    size = jnp.float32(2.0 ** shift)
+    for e in range(1, EXPONENT_BITS):
+        reached = a >= np.float32(10.0 ** (e - 7))
+        scale = jnp.where(reached, np.float32(10.0 ** (e - 6)), scale)
+        inverse_scale = jnp.where(reached, np.float32(10.0 ** (6 - e)), inverse_scale)
+        size = jnp.where(reached, np.float32(2.0 ** (e + shift)), size)
     # Codes of the group are the midpoints of `size` equal intervals of [0.1, 1] (scaled):
     # the interval holding a gives the nearest of them.
-    place = jnp.clip(jnp.floor((a * inverse_scale - 0.1) * (size / 0.9)), 0, size - 1)
-    here = scale * (0.1 + 0.9 * (place + 0.5) * inverse_size)
-    half_interval = 0.45 * scale * inverse_size
-    # At the group's ends the neighbour is in the next group down (its last code, or 0
-    # below the lowest group) or up (its first code, or 1 above the top one).
-    below = jnp.where(group == 0, 0.0, 0.1 * scale * (1 - 0.9 * inverse_size))
-    above = jnp.where(group == EXPONENT_BITS - 1, 1.0, scale * (1 + 2.25 * inverse_size))
-    lower = jnp.where(place == 0, (below + here) / 2, here - half_interval)
-    upper = jnp.where(place == size - 1, (here + above) / 2, here + half_interval)
-    rank = (size - shift + place).astype(jnp.int32)  # among the non-negative codes
-    if signed:  # y >= boundary moves up: towards 1 for positives, towards 0 for negatives
-        positive = y >= 0
-        rank = rank - jnp.where(positive, a < lower, a <= lower) + jnp.where(
-            positive, a >= upper, a > upper)
-        return jnp.where(positive, 127 + rank, 127 - jnp.minimum(rank, 127)).astype(jnp.uint8)
-    return (rank - (a < lower) + (a >= upper)).astype(jnp.uint8)
+    place = jnp.clip(jnp.floor((a * inverse_scale - 0.1) * (size * np.float32(1 / 0.9))),
+                     0, size - 1)
+    here = scale * (0.1 + 0.9 * (place + 0.5) / size)
+    # At the ends, the neighbour is the next group's last code below (0 below the lowest
+    # group) or its first code above (1 above the top group).
+    below = jnp.where(scale == np.float32(1e-6), 0.0, 0.1 * scale * (1 - 0.9 / size))
+    above = jnp.where(scale == 1, 1.0, scale * (1 + 2.25 / size))
+    step_down = (place == 0) & (a < (below + here) / 2)
+    step_up = (place == size - 1) & (a >= (here + above) / 2)
+    rank = (size - shift + place).astype(jnp.int32) - step_down + step_up
+    if signed:  # among the non-negative codes; the signed map has no -1
+        return jnp.where(y >= 0, 127 + rank, 127 - jnp.minimum(rank, 127)).astype(jnp.uint8)
+    return rank.astype(jnp.uint8)
 
 
 def decode(indices, signed):

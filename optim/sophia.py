@@ -4,7 +4,7 @@
     h_t = b2 h_{t-k} + (1 - b2) h^_t   on refresh steps, else h_t = h_{t-1}
     step = -lr * (sign(m_t) * min(|m_t| / (rho * max(h_t, 0) + eps), 1) + wd * params)
 
-as the official SophiaG code (Liuhong99/Sophia, `sophia.py`): defaults lr-free b1=0.965,
+as the official SophiaG code (Liuhong99/Sophia, `sophia.py`), with its defaults b1=0.965,
 b2=0.99, rho=0.04, eps=1e-15, weight_decay=0.1 (decoupled, times lr). The estimate `h^`
 comes from outside through Optax's extra-args interface, so the transform stays a pure
 function of its inputs:
@@ -16,7 +16,10 @@ function of its inputs:
 
 Refresh steps are the steps `t` (from 0) with `t % hessian_every == 0`, as the paper's
 Algorithm 3 (t mod k = 1, counting from 1): the first step already has an estimate. The
-estimate is folded in before the step it is given at, so it is used at once.
+estimate is folded in before the step it is given at, so it is used at once. (The official
+training loop refreshes after steps k-1, 2k-1, ..., at the updated params: the same
+schedule shifted by one step, with sign(m) steps until the first refresh. Pass
+`hessian_diag` yourself to follow it.)
 
 The estimators are in `optim.sophia_estimates`: Gauss-Newton-Bartlett (Sophia-G, the default
 and the official code's) and Hutchinson (Sophia-H). With GNB the estimate is already scaled
