@@ -1,5 +1,8 @@
 r"""Step time of our first-order optimizers against optax's, on a transformer-shaped pytree.
 
+8-bit AdamW (no optax counterpart) is timed against our AdamW, with its state's bytes per
+parameter.
+
 Times a jitted `update` + `apply_updates` (params and state donated) for AdamW, Lion and
 SGD-Nesterov, ours and optax's, in one process with interleaved repetitions, and reports
 the median ms/step and the ratio ours/optax. Elementwise optimizers are memory-bound, so it
@@ -49,6 +52,11 @@ CANDIDATES = {
     "lion": (lambda: optim.lion(LEARNING_RATE), lambda: optax.lion(LEARNING_RATE)),
     "sgd_nesterov": (lambda: optim.sgd(LEARNING_RATE, momentum=0.9, nesterov=True),
                      lambda: optax.sgd(LEARNING_RATE, momentum=0.9, nesterov=True)),
+}
+
+# name -> ours, timed against ours AdamW (optax has no counterpart).
+AGAINST_ADAMW = {
+    "adamw_8bit": lambda: optim.adamw_8bit(LEARNING_RATE, weight_decay=0.1),
 }
 
 
@@ -134,6 +142,11 @@ def main(argv):
             own_params = jax.tree.map(jnp.copy, params)
             runs[name, impl] = repeat_jitted(train_step(tx), steps_per_call, grads)
             carries[name, impl] = (own_params, tx.init(own_params))
+    for name, factory in AGAINST_ADAMW.items():
+        tx = factory()
+        own_params = jax.tree.map(jnp.copy, params)
+        runs[name, "ours"] = repeat_jitted(train_step(tx), steps_per_call, grads)
+        carries[name, "ours"] = (own_params, tx.init(own_params))
     # Bandwidth yardsticks: one large array (GPUs copy it fastest) and copy_factor copies of the
     # params tree (XLA:CPU runs independent arrays on different cores, one array on few).
     one = jnp.float32(1.0)
@@ -165,6 +178,13 @@ def main(argv):
     for name in CANDIDATES:
         ours, theirs = median[name, "ours"], median[name, "optax"]
         print(f"{name:<14}{1e3 * ours:>14.3f}{1e3 * theirs:>15.3f}{ours / theirs:>12.3f}")
+
+    state_bytes = lambda key: sum(x.nbytes for x in jax.tree.leaves(carries[key][1]))  # noqa: E731
+    for name in AGAINST_ADAMW:
+        print(f"{name}: {1e3 * median[name, 'ours']:.3f} ms/step = "
+              f"{median[name, 'ours'] / median['adamw', 'ours']:.3f}x ours adamw; state "
+              f"{state_bytes((name, 'ours')) / n_params:.3f} bytes/param (adamw: "
+              f"{state_bytes(('adamw', 'ours')) / n_params:.3f})")
 
     copy_bytes = 2 * 4 * _COPY_FACTOR.value * n_params  # read + write
     for key in copies:

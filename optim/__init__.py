@@ -27,5 +27,22 @@ from optim.muon import (TORCH_LAYOUT, MuonDimensionNumbers, hidden_matrices, muo
 # --- diagnostics (diagnostics.py): imported as optim.diagnostics ---
 from optim import diagnostics
 
+# --- the rest of the Adam family (radam.py, adamw_8bit.py, quantization.py, sophia.py,
+# sophia_estimates.py, schedule_free.py) ---
+from optim import quantization, sophia_estimates
+from optim.adamw_8bit import adamw_8bit, scale_by_adam_8bit
+from optim.radam import radam, scale_by_radam
+from optim.schedule_free import (schedule_free, schedule_free_adamw, schedule_free_eval_params,
+                                 scale_by_bias_corrected_rms)
+from optim.sophia import scale_by_sophia, sophia
+
 # --- registry (registry.py) ---
-from optim.registry import available, create
+from optim.registry import available, create, factory, register, unregister
+
+
+def __getattr__(name):
+    """`optim.<name>` also finds optimizers added with `register` (as scripts look them up)."""
+    found = registry.registered(name)
+    if found is None:
+        raise AttributeError(f"module 'optim' has no attribute {name!r}")
+    return found

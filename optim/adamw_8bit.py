@@ -1,0 +1,122 @@
+"""8-bit AdamW: Adam's moments stored as block-wise dynamic 8-bit codes (~2 bytes/param).
+
+Each step dequantizes `m` and `v`, takes the usual AdamW step in float32 with the new
+moments, and quantizes them again (one float32 absmax per block of `block_size` values,
+the signed dynamic map for `m`, the unsigned one for `v`; see `optim.quantization`). Leaves
+smaller than `min_8bit_size` elements keep float32 moments, as bitsandbytes does (biases and
+norm gains cost little and are sensitive).
+
+References:
+  Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization",
+  https://arxiv.org/abs/2110.02861
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim import _validate, quantization
+from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.quantization import QuantizedArray
+
+
+class Adam8bitState(NamedTuple):
+    count: jax.Array  # int32 scalar: steps taken
+    mu: optax.Updates  # per leaf: QuantizedArray (int8 codes) or a float32 array
+    nu: optax.Updates  # per leaf: QuantizedArray (uint8 codes) or a float32 array
+
+
+def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_size=4096):
+    """Adam's direction `m^ / (sqrt(v^) + eps)` with 8-bit block-wise quantized moments.
+
+    Args:
+      b1, b2: decay rates of the moments, in [0, 1). eps: added to the root of `v^`.
+      block_size: values per quantization block (the paper's 2048), taken in row-major
+        order within each leaf.
+      min_8bit_size: leaves with fewer elements keep float32 moments (bitsandbytes: 4096;
+        0 quantizes every leaf).
+
+    Returns:
+      An `optax.GradientTransformation` with state `Adam8bitState`.
+
+    Example:
+      >>> tx = optax.chain(scale_by_adam_8bit(), optax.scale(-1e-3))
+    """
+    _validate.in_range("b1", b1)
+    _validate.in_range("b2", b2)
+    _validate.non_negative("eps", eps)
+    _validate.positive_int("block_size", block_size)
+    _validate.non_negative_int("min_8bit_size", min_8bit_size)
+
+    def quantized(param):
+        return param.size >= min_8bit_size and param.size > 0
+
+    def init_moment(param, signed):
+        if quantized(param):
+            return quantization.zeros(param.shape, block_size, signed)
+        return jnp.zeros(param.shape, jnp.float32)
+
+    def init_fn(params):
+        return Adam8bitState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: init_moment(p, signed=True), params),
+            nu=jax.tree.map(lambda p: init_moment(p, signed=False), params))
+
+    def load(moment, signed):
+        if isinstance(moment, QuantizedArray):
+            return quantization.dequantize(moment, block_size, signed)
+        return moment
+
+    def store(value, like, signed):
+        if isinstance(like, QuantizedArray):
+            return quantization.quantize(value, block_size, signed)
+        return value
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        correction1 = 1 - jnp.asarray(b1, jnp.float32) ** count.astype(jnp.float32)
+        correction2 = 1 - jnp.asarray(b2, jnp.float32) ** count.astype(jnp.float32)
+
+        def leaf(grad, mu, nu):
+            g = grad.astype(jnp.float32)
+            m = b1 * load(mu, True) + (1 - b1) * g
+            v = b2 * load(nu, False) + (1 - b2) * jnp.square(g)
+            direction = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
+            return direction.astype(grad.dtype), store(m, mu, True), store(v, nu, False)
+
+        triples = jax.tree.map(leaf, updates, state.mu, state.nu)
+        # `triples` holds a tuple where `updates` holds a leaf: split it there.
+        part = lambda i: jax.tree.map(lambda _, t: t[i], updates, triples)  # noqa: E731
+        return part(0), Adam8bitState(count, part(1), part(2))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mask=None,
+               block_size=2048, min_8bit_size=4096):
+    """8-bit AdamW (Dettmers et al., 2022): AdamW with block-wise dynamic 8-bit moments.
+
+    Step `-lr * (m^ / (sqrt(v^) + eps) + wd * params)` as `optim.adamw`, with `m`, `v`
+    kept as 8-bit codes between steps (see `scale_by_adam_8bit`): the state takes about
+    2 bytes per parameter instead of AdamW's 8, and tracks AdamW closely (tests: < 2% loss
+    gap after 300 steps of a regression).
+
+    Args:
+      learning_rate: a float or a schedule `step -> lr` (from step 0).
+      b1, b2, eps: Adam's; weight_decay, mask: decoupled decay as `optim.adamw`.
+      block_size, min_8bit_size: see `scale_by_adam_8bit`.
+
+    Returns:
+      An `optax.GradientTransformation`.
+
+    References:
+      https://arxiv.org/abs/2110.02861
+
+    Example:
+      >>> tx = adamw_8bit(1e-3, weight_decay=0.1, mask=optim.decay_mask)
+    """
+    return optax.chain(scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size),
+                       add_decoupled_weight_decay(weight_decay, mask),
+                       scale_by_learning_rate(learning_rate))
