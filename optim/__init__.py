@@ -27,3 +27,6 @@ from optim import diagnostics
 
 # --- registry (registry.py) ---
 from optim.registry import available, create
+
+# --- per-leaf learning-rate multipliers, e.g. μP's (multipliers.py) ---
+from optim.multipliers import scale_by_multipliers
