@@ -221,9 +221,9 @@ def max_attention_logit(q, k, scale):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; Q, K, V column-parallel over heads, output row-parallel.
 
-    When the "intermediates" collection is mutable, it records the largest attention logit
-    of the call as `max_logit` (the quantity that grows without QK-norm, Wortsman et al.
-    2023); otherwise that is not computed.
+    When `apply` is called with `mutable=["attention_stats"]`, it records the largest
+    attention logit of the call as `max_logit` (the quantity that grows without QK-norm,
+    Wortsman et al. 2023); otherwise (and in `init`) that is not computed.
     """
     config: TransformerConfig
 
@@ -244,8 +244,8 @@ class CausalSelfAttention(nn.Module):
             # The kernels divide by sqrt(d_head); this makes the logits' factor μP's
             # sqrt(d_head_base) / d_head (sqrt(d_head) * attention_scale = 1 / sqrt(r)).
             q = q * jnp.asarray(1.0 / math.sqrt(cfg.width_ratio), q.dtype)
-        if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "max_logit",
+        if self.is_mutable_collection("attention_stats") and not self.is_initializing():
+            self.sow("attention_stats", "max_logit",
                      max_attention_logit(q, k, 1.0 / math.sqrt(cfg.head_dim)))
         names = ("batch", "length", "heads", "kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))

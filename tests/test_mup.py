@@ -230,7 +230,7 @@ def test_qk_norm_matches_hand_computation():
     rng = np.random.default_rng(2)
     params["query_norm"]["scale"] = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
     params["key_norm"]["scale"] = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
-    got, state = module.apply({"params": params}, x, mutable=["intermediates"])
+    got, state = module.apply({"params": params}, x, mutable=["attention_stats"])
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     xs = np.asarray(x, np.float64)
@@ -247,7 +247,7 @@ def test_qk_norm_matches_hand_computation():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # The sown max logit: the largest causal logit; with unit-RMS q, k it is at most
     # |q||k|/sqrt(d) <= sqrt(d) * max scale^2.
-    max_logit = state["intermediates"]["max_logit"][0]
+    max_logit = state["attention_stats"]["max_logit"][0]
     np.testing.assert_allclose(max_logit, logits[:, :, causal].max(), rtol=1e-5)
     assert max_logit <= math.sqrt(8) * 4
 
@@ -275,3 +275,10 @@ def test_z_loss_matches_hand_computation():
     np.testing.assert_allclose(grad_z, 2 * 1e-4 * log_z[..., None] * softmax / 2, rtol=1e-5)
     with pytest.raises(ValueError, match="z_loss must be .* got -1"):
         models.lm_loss(logits, targets, z_loss=-1)
+
+
+def test_init_holds_params_only():
+    # The attention logit statistics are recorded on request in apply, never in init.
+    variables = jax.eval_shape(models.Transformer(config(qk_norm=True)).init,
+                               jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert set(variables) == {"params"}
