@@ -51,8 +51,13 @@ def test_mup_at_base_width_is_sp_model_and_first_update(tie):
         loss = lambda p: models.cross_entropy(model.apply({"params": p}, tokens[:, :-1]),
                                               tokens[:, 1:])
         tx = adam_with_multipliers(params, cfg)
-        grads = jax.grad(loss)(params)
-        return loss(params), tx.update(grads, tx.init(params), params)[0]
+
+        @jax.jit
+        def loss_and_update(params):
+            value, grads = jax.value_and_grad(loss)(params)
+            return value, tx.update(grads, tx.init(params), params)[0]
+
+        return loss_and_update(params)
 
     (loss_sp, update_sp), (loss_mup, update_mup) = first_update(sp, params_sp), first_update(
         mup, params_mup)
@@ -179,7 +184,7 @@ def test_lr_scaled_weight_decay_is_multiplied_like_mup_adam():
     lr, wd = 0.1, 0.5
     tx = adam_with_multipliers(params, cfg, lr, wd)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     multipliers = models.mup_lr_multipliers(params, cfg)
     jax.tree.map(lambda u, p, m: np.testing.assert_allclose(u, -lr * m * wd * p, rtol=1e-6),
                  updates, params, multipliers)

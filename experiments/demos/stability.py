@@ -83,7 +83,7 @@ def report(result):
              f"{result['initial_loss']:.3f}", f"  {'variant':<9}{header}"]
     lines += [f"  {name:<9}{_cells(result['loss'][name], '.3f')}" for name in result["variants"]]
     lines += ["largest attention logit during training", f"  {'variant':<9}{header}"]
-    lines += [f"  {name:<9}{_cells(result['max_logit'][name], '.1f')}"
+    lines += [f"  {name:<9}{_cells(result['max_logit'][name], '.3g')}"
               for name in result["variants"]]
     lines.append("LR sensitivity (mean over lrs of min(loss, initial) - best loss):")
     lines += [f"  {name:<9}{result['sensitivity'][name]:.3f}  (best loss "
