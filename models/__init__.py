@@ -8,6 +8,15 @@ out on any mesh without changes here.
     model = models.Transformer(cfg)
     variables = model.init(key, tokens)                      # {"params": boxed params}
     loss = models.cross_entropy(model.apply(variables, tokens[:, :-1]), tokens[:, 1:])
+
+μP (tune the lr at base_width, train wider with the same lr), QK-norm and z-loss:
+
+    cfg = models.TransformerConfig(d_model=1024, parametrization="mup", base_width=256,
+                                   qk_norm=True)
+    params = nn.unbox(models.Transformer(cfg).init(key, tokens))["params"]
+    tx = optax.chain(optim.adamw(lr), optim.scale_by_multipliers(
+        models.mup_lr_multipliers(params, cfg)))
+    loss, metrics = models.lm_loss(logits, targets, z_loss=1e-4)  # metrics["z_loss"]
 """
 from models.accounting import count_params, flops_per_token, non_embedding_params
 from models.attention import causal_attention, chunked_causal_attention

@@ -14,6 +14,11 @@ decay that does not follow the lr (`weight_decay_mode="independent"`) is multipl
 the transform sits after the optimizer; put it before the decay in a hand-built chain to
 leave the decay alone.
 
+Which factors: for Adam-family optimizers (and Shampoo with Adam grafting) μP's hidden
+matrices get base_width / width; Muon's and SOAP's steps on a hidden matrix are already
+width-independent in spectral norm, so they get 1. `models.mup_lr_multipliers` documents
+and tests this (`optimizer=` "adam", "shampoo", "muon", "soap").
+
 References:
   Yang et al. 2022, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
   Hyperparameter Transfer", https://arxiv.org/abs/2203.03466

@@ -80,3 +80,26 @@ def test_demo_bad_flag_exits_2_with_one_line(name, flag):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and flag.split("=")[0] in lines[0], done.stderr
+
+
+def test_recorded_lr_transfer_run_supports_the_readme():
+    # docs/demos/lr_transfer.txt is the output of the full demo (default flags) that the
+    # README row quotes. Its printed optimum per width must be the argmin of its printed
+    # losses, its shifts must follow from them, and μP's optimum must move no more than SP's
+    # (the claim; measured there: SP -2 grid steps, μP +1).
+    with open(os.path.join(REPO, "docs", "demos", "lr_transfer.txt")) as f:
+        text = f.read()
+    rows = lr_transfer.parse_report(text)
+    header = next(line for line in text.splitlines() if line.split()[:2] == ["param", "width"])
+    grid = [int(cell.removeprefix("2^")) for cell in header.split()[2:-2]]
+    widths = sorted({width for _, width in rows})
+    assert len(grid) >= 7 and len(widths) >= 4 and widths[-1] >= 8 * widths[0]
+    shifts = {}
+    for (parametrization, width), (losses, best_log2) in rows.items():
+        assert losses[grid.index(best_log2)] == min(losses), (parametrization, width)
+    for parametrization in ("sp", "mup"):
+        best = [grid.index(rows[(parametrization, w)][1]) for w in (widths[0], widths[-1])]
+        shifts[parametrization] = best[1] - best[0]
+        assert (f"{parametrization} optimum shift from width {widths[0]} to {widths[-1]}: "
+                f"{shifts[parametrization]:+d} grid steps") in text
+    assert abs(shifts["mup"]) <= abs(shifts["sp"])
