@@ -24,14 +24,18 @@ References:
   Hyperparameter Transfer", https://arxiv.org/abs/2203.03466
 """
 import math
+import numbers
 
 import jax
+import numpy as np
 import optax
 
 
 def _check_multiplier(path, value):
-    number = float(value) if isinstance(value, (int, float)) else None
-    if number is None or isinstance(value, bool) or not math.isfinite(number) or number < 0:
+    # Python or NumPy real numbers (not arrays: one static factor per leaf), bools excluded.
+    number = float(value) if isinstance(value, numbers.Real) else None
+    if number is None or isinstance(value, (bool, np.bool_)) or not math.isfinite(number) \
+            or number < 0:
         raise ValueError(f"multipliers must be non-negative finite numbers, got {value!r} at "
                          f"{jax.tree_util.keystr(path)}")
 
@@ -43,7 +47,7 @@ def scale_by_multipliers(multipliers):
     sharding-friendly (a Python float times an array keeps its sharding and dtype).
 
     Args:
-      multipliers: a pytree of Python numbers with the params' structure (e.g.
+      multipliers: a pytree of Python (or NumPy) numbers with the params' structure (e.g.
         `models.mup_lr_multipliers(params, config)`), or a callable `params -> such a
         pytree`, called on the params given to `init` and to `update`.
 
