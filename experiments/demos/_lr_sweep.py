@@ -87,9 +87,3 @@ def sweep(config, lrs, batches, eval_batches=None, z_loss=0.0, warmup_fraction=0
         result["eval_loss"] = np.asarray(eval_loss, np.float64)
     return result
 
-
-def final_loss(curves, tail):
-    """Mean loss of the last `tail` steps per lr; NaN where a run went non-finite anywhere."""
-    curves = np.asarray(curves, np.float64)
-    tail_mean = curves[:, -tail:].mean(axis=1)
-    return np.where(np.isfinite(curves).all(axis=1), tail_mean, np.nan)
