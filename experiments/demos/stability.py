@@ -18,6 +18,11 @@ sensitivity, with diverged runs counted at the initial loss. Wortsman et al. als
 weight decay independent of the lr; that is `weight_decay_mode="independent"` of the
 optimizers and is not part of this demo (Adam without decay here).
 
+Measured (2-core CPU, 2026-12-01, default flags; docs/demos/stability.txt): without
+QK-norm the largest attention logit grows with the lr from 0.6 to 1e7, with it it stays
+below 9 up to lr 0.03; QK-norm lowers the LR sensitivity a little (0.692 -> 0.659) and the
+best loss (2.716 -> 2.680); z-loss changes nothing at this scale.
+
   python -m experiments.demos.stability
 """
 import numpy as np
