@@ -11,6 +11,10 @@ position="learned", tie_embeddings=True`):
 - No biases in linear layers. Init as GPT-2 / nanoGPT: N(0, init_std) for every matrix, and
   init_std / sqrt(2 * n_layers) for the two projections that write into the residual stream
   (attention output, second MLP layer), so the residual's variance does not grow with depth.
+- Parametrization: "sp" (the above) or "mup" (Yang et al. 2022, Tensor Programs V), the
+  μP of Adam-family optimizers relative to a base width; see `TransformerConfig` and
+  `models.mup_lr_multipliers`. Optional QK-norm (`qk_norm`, Dehghani et al. 2023; Wortsman
+  et al. 2023).
 - Mixed precision by `policy`: params stored in param dtype (fp32 master weights), matmuls
   in compute dtype, attention softmax and norms in float32, logits returned in output dtype.
 - Every param is boxed with logical axis names ("vocab", "embed", "mlp", "heads", "kv",
@@ -32,6 +36,7 @@ MLPS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 REMATS = ("none", "block", "dots")
 POSITIONS = ("rope", "learned")
+PARAMETRIZATIONS = ("sp", "mup")
 
 # What a rematerialised block keeps for the backward pass; everything else is recomputed.
 # "dots" keeps the outputs of the weight matmuls (dot_generals without batch dimensions), but
@@ -75,6 +80,25 @@ class TransformerConfig:
       rope_base: the rotary base wavelength.
       init_std: standard deviation of the weight init.
       attention_chunk_size: keys per block for attention="chunked".
+      parametrization: "sp" (standard) or "mup" (maximal update parametrization, Yang et
+        al. 2022, https://arxiv.org/abs/2203.03466, its Adam table). With
+        r = d_model / base_width, "mup" changes three things, all identities at r = 1:
+        the hidden matrices (attention q/k/v/out, MLP up/gate/down) are initialised with
+        std `init_std / sqrt(r)` (variance ∝ 1/fan_in; the residual projections keep
+        their extra 1/sqrt(2 n_layers)); the readout's input is multiplied by 1/r (the
+        mup package's MuReadout; also with tied embeddings); attention logits are
+        `q.k * sqrt(d_head_base) / d_head` with d_head_base = base_width / n_heads
+        (n_heads stays fixed as the width grows). Embeddings, norms and the readout
+        matrix keep a width-independent init. The hidden matrices' learning rate must be
+        multiplied by 1/r: `models.mup_lr_multipliers` gives the factors, applied with
+        `optim.scale_by_multipliers`. Width here means d_model and the MLP width
+        together: keep d_ff proportional to d_model (d_ff=None or 4 * d_model).
+      base_width: the d_model at which "mup" equals "sp" (the width tuned on); None means
+        d_model (r = 1). Ignored by "sp".
+      qk_norm: normalise queries and keys per head over head_dim (the `norm` type, with a
+        learned scale per head dim), before the rotary embedding: bounds the attention
+        logits (Dehghani et al. 2023, https://arxiv.org/abs/2302.05442; Wortsman et al.
+        2023, https://arxiv.org/abs/2309.14322).
     """
     vocab_size: int = 256
     d_model: int = 256
@@ -92,6 +116,9 @@ class TransformerConfig:
     rope_base: float = 10000.0
     init_std: float = 0.02
     attention_chunk_size: int = 128
+    parametrization: str = "sp"
+    base_width: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len",
@@ -109,6 +136,11 @@ class TransformerConfig:
         _check_one_of("remat", self.remat, REMATS)
         _check_one_of("attention", self.attention, IMPLEMENTATIONS)
         _check_one_of("position", self.position, POSITIONS)
+        _check_one_of("parametrization", self.parametrization, PARAMETRIZATIONS)
+        if self.base_width is not None:
+            _check_positive_int("base_width", self.base_width)
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be True or False, got {self.qk_norm!r}")
         for name in ("rope_base", "init_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -120,6 +152,18 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
     @property
+    def width_ratio(self):
+        """r = d_model / base_width under "mup"; 1.0 under "sp" or without a base width."""
+        if self.parametrization == "sp" or self.base_width is None:
+            return 1.0
+        return self.d_model / self.base_width
+
+    @property
+    def attention_scale(self):
+        """The factor on q.k: 1/sqrt(d_head) ("sp"), sqrt(d_head_base)/d_head ("mup")."""
+        return 1.0 / (math.sqrt(self.head_dim) * math.sqrt(self.width_ratio))
+
+    @property
     def ff_dim(self):
         """The MLP hidden width, `d_ff` or its default."""
         if self.d_ff is not None:
@@ -129,20 +173,26 @@ class TransformerConfig:
         return 64 * -(-8 * self.d_model // (3 * 64))  # ceil(8/3 d / 64) * 64
 
 
-def _norm(config, name):
-    """RMSNorm / LayerNorm; flax computes the statistics and the scaling in float32."""
+def _norm(config, name, axis_name="embed"):
+    """RMSNorm / LayerNorm over the last axis (logical name `axis_name`); flax computes the
+    statistics and the scaling in float32."""
     policy = get_policy(config.policy)
     kwargs = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, name=name,
-                  scale_init=logical_init(nn.initializers.ones_init(), ("embed",)))
+                  scale_init=logical_init(nn.initializers.ones_init(), (axis_name,)))
     if config.norm == "rmsnorm":
         return nn.RMSNorm(**kwargs)
-    return nn.LayerNorm(bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+    return nn.LayerNorm(bias_init=logical_init(nn.initializers.zeros_init(), (axis_name,)),
                         **kwargs)
+
+
+def _hidden_init(config, std):
+    """N(0, std) for a hidden matrix; under "mup" std / sqrt(r), so variance ∝ 1/fan_in."""
+    return nn.initializers.normal(std / math.sqrt(config.width_ratio))
 
 
 def _residual_init(config):
     """GPT-2's init for projections into the residual stream: std / sqrt(2 * n_layers)."""
-    return nn.initializers.normal(config.init_std / math.sqrt(2 * config.n_layers))
+    return _hidden_init(config, config.init_std / math.sqrt(2 * config.n_layers))
 
 
 def rotary_embedding(x, base=10000.0):
@@ -161,20 +211,42 @@ def rotary_embedding(x, base=10000.0):
     return rotated.astype(x.dtype)
 
 
+def max_attention_logit(q, k, scale):
+    """The largest `scale * q.k` over heads and causal (query >= key) pairs, in float32."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    return jnp.max(jnp.where(causal, scores, -jnp.inf))
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; Q, K, V column-parallel over heads, output row-parallel."""
+    """Multi-head causal self-attention; Q, K, V column-parallel over heads, output row-parallel.
+
+    When `apply` is called with `mutable=["attention_stats"]`, it records the largest
+    attention logit of the call as `max_logit` (the quantity that grows without QK-norm,
+    Wortsman et al. 2023); otherwise (and in `init`) that is not computed.
+    """
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         policy = get_policy(cfg.policy)
-        init = nn.initializers.normal(cfg.init_std)
+        init = _hidden_init(cfg, cfg.init_std)
         heads = (cfg.n_heads, cfg.head_dim)
         q, k, v = (Dense(heads, ("embed", "heads", "kv"), policy, init, name=name)(x)
                    for name in ("query", "key", "value"))
+        if cfg.qk_norm:
+            q = _norm(cfg, "query_norm", "kv")(q)
+            k = _norm(cfg, "key_norm", "kv")(k)
         if cfg.position == "rope":
             q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
+        if cfg.width_ratio != 1.0:
+            # The kernels divide by sqrt(d_head); this makes the logits' factor μP's
+            # sqrt(d_head_base) / d_head (sqrt(d_head) * attention_scale = 1 / sqrt(r)).
+            q = q * jnp.asarray(1.0 / math.sqrt(cfg.width_ratio), q.dtype)
+        if self.is_mutable_collection("attention_stats") and not self.is_initializing():
+            self.sow("attention_stats", "max_logit",
+                     max_attention_logit(q, k, 1.0 / math.sqrt(cfg.head_dim)))
         names = ("batch", "length", "heads", "kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
         y = causal_attention(q, k, v, cfg.attention, cfg.attention_chunk_size)
@@ -191,7 +263,7 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.config
         policy = get_policy(cfg.policy)
-        init = nn.initializers.normal(cfg.init_std)
+        init = _hidden_init(cfg, cfg.init_std)
         hidden = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="up")(x)
         if cfg.mlp == "swiglu":
             gate = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="gate")(x)
@@ -249,6 +321,10 @@ class Transformer(nn.Module):
             x = block(cfg, name=f"block_{i}")(x)
 
         x = _norm(cfg, "final_norm")(x)
+        if cfg.width_ratio != 1.0:
+            # μP's readout multiplier base_width / d_model (MuReadout); on the readout's
+            # input, which is the same product and d_model / vocab times cheaper.
+            x = x * jnp.asarray(1.0 / cfg.width_ratio, x.dtype)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

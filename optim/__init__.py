@@ -46,3 +46,7 @@ def __getattr__(name):
     if found is None:
         raise AttributeError(f"module 'optim' has no attribute {name!r}")
     return found
+
+
+# --- per-leaf learning-rate multipliers, e.g. μP's (multipliers.py) ---
+from optim.multipliers import scale_by_multipliers
