@@ -28,6 +28,10 @@ CONFIGS = {
     "shampoo": dict(learning_rate=0.1),
     "soap": dict(learning_rate=0.1, weight_decay=0.0),
     "muon": dict(learning_rate=0.1),
+    "radam": dict(learning_rate=3e-2),
+    "adamw_8bit": dict(learning_rate=0.1),
+    "sophia": dict(learning_rate=3e-2, weight_decay=0.0),
+    "schedule_free_adamw": dict(learning_rate=0.1),
 }
 # Optimizers that optax runs on complex parameters (Lion: its sign is z/|z| there, as optax's).
 COMPLEX = ("sgd", "adagrad", "rmsprop", "adam", "adamw", "lion", "adafactor")
@@ -41,7 +45,9 @@ STATIC_ARGS = {"adafactor": ("min_dim_size_to_factor",),
                            # with 1 (plain sums) in Python, so both must be static (for now).
                            "b1", "b2"),
                "soap": ("precondition_every", "max_precond_dim"),
-               "muon": ("ns_steps", "ns_dtype")}
+               "muon": ("ns_steps", "ns_dtype"),
+               "adamw_8bit": ("block_size", "min_8bit_size"),
+               "sophia": ("hessian_every", "estimator")}
 STEPS = 10_000
 
 
@@ -94,7 +100,11 @@ def test_optimization(name, target, dtype):
     def step(params, state):
         # A real loss of complex params: the descent direction is the conjugate gradient.
         grads = optax.tree.conj(jax.grad(objective)(params))
-        updates, state = tx.update(grads, state, params)
+        # Sophia preconditions by a diagonal Hessian estimate the caller supplies (on its
+        # refresh steps): Hutchinson's with one fixed probe, exact on a diagonal Hessian.
+        extra = {"hessian_fn": lambda p: optim.sophia_estimates.hutchinson(
+            objective, p, jax.random.key(0))} if name == "sophia" else {}
+        updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
     @jax.jit
