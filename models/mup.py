@@ -33,10 +33,12 @@ derived for: an Adam step on a rank-1 gradient n x n has spectral norm lr * n, â
   to AdamW instead (e.g. a 3-D attention kernel, where Muon takes only 2-D leaves) wants
   the Adam table's 1/r: build its multipliers with `optimizer="adam"`.
 - SOAP runs Adam in the eigenbasis of the gradient statistics, where a rank-1 gradient has
-  one nonzero coordinate: its step's spectral norm is lr * 1.14 at every width (measured),
-  like Muon's, so `optimizer="soap"` gives multiplier 1. This is the rank-1 picture; a
-  gradient dominated by noise makes SOAP more Adam-like, and no lr-transfer run with SOAP
-  was made here.
+  one nonzero coordinate, so in exact arithmetic its step's spectral norm is lr * O(1) at
+  every width, like Muon's, and `optimizer="soap"` gives multiplier 1. Not tested: with
+  the official SOAP update (eps on sqrt(v), bias correction in the step size) an exactly
+  rank-1 gradient leaves the statistics' null space to round-off, which Adam's division
+  scales to O(1) coordinates (measured step norms 10.0 / 29.0 / 20.8 at widths 32 / 64 /
+  128, 4 steps, 2026-12-01); no lr-transfer run with SOAP was made here either.
 
 References:
   Yang et al. 2022, "Tensor Programs V", https://arxiv.org/abs/2203.03466

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _validate, quantization
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale
 from optim.quantization import QuantizedArray
 
 
@@ -95,7 +95,7 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
 
 
 def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mask=None,
-               block_size=2048, min_8bit_size=4096):
+               block_size=2048, min_8bit_size=4096, weight_decay_mode="lr_scaled"):
     """8-bit AdamW (Dettmers et al., 2022): AdamW with block-wise dynamic 8-bit moments.
 
     Step `-lr * (m^ / (sqrt(v^) + eps) + wd * params)` as `optim.adamw`, with `m`, `v`
@@ -107,6 +107,8 @@ def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mas
       learning_rate: a float or a schedule `step -> lr` (from step 0).
       b1, b2, eps: Adam's; weight_decay, mask: decoupled decay as `optim.adamw`.
       block_size, min_8bit_size: see `scale_by_adam_8bit`.
+      weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
+        (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -118,5 +120,4 @@ def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mas
       >>> tx = adamw_8bit(1e-3, weight_decay=0.1, mask=optim.decay_mask)
     """
     return optax.chain(scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size),
-                       add_decoupled_weight_decay(weight_decay, mask),
-                       scale_by_learning_rate(learning_rate))
+                       decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))

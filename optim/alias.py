@@ -157,12 +157,12 @@ def decay_and_scale(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0,
       [0.9]
     """
     return optax.chain(
-        add_decoupled_weight_decay(_decay_per_unit_lr(learning_rate, weight_decay,
+        add_decoupled_weight_decay(decay_per_unit_lr(learning_rate, weight_decay,
                                                       weight_decay_mode), mask),
         scale_by_learning_rate(learning_rate))
 
 
-def _decay_per_unit_lr(learning_rate, weight_decay, weight_decay_mode):
+def decay_per_unit_lr(learning_rate, weight_decay, weight_decay_mode):
     """The coefficient c such that the decay term of the step is `lr_t * c * w`."""
     _validate.one_of("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
     _validate.non_negative("weight_decay", weight_decay)
@@ -559,7 +559,7 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None,
         _validate.in_range("momentum", momentum)
         chain.append(optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
     # The decay term is `coefficient_t * w`, added after the lr (and momentum), as in optax.
-    per_unit_lr = _decay_per_unit_lr(1.0 if learning_rate is None else learning_rate,
+    per_unit_lr = decay_per_unit_lr(1.0 if learning_rate is None else learning_rate,
                                       weight_decay, weight_decay_mode)
     parts = [] if weight_decay_rate is None else [weight_decay_rate]
     if not _is_python_zero(per_unit_lr):

@@ -22,7 +22,7 @@ import optax
 from jax import lax
 
 from optim import _blocks, _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import add_decoupled_weight_decay, decay_per_unit_lr, scale_by_learning_rate
 from optim.transforms import scale_by_adam
 
 # Keller Jordan's quintic coefficients: they maximize the slope at 0, so small singular values
@@ -289,7 +289,8 @@ def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
 
 def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
          adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, muon_mask=None, *,
-         eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32):
+         eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32,
+         weight_decay_mode="lr_scaled"):
     """Muon on the linear maps chosen by `muon_mask`, AdamW on every other leaf.
 
     For a leaf W routed to Muon, seen as a (fan_in, fan_out) matrix (see `scale_by_muon`):
@@ -331,6 +332,9 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
       weight_decay: decoupled weight decay for all leaves chosen by `mask`, multiplied by
         each leaf's learning rate (as `optax.adamw` and `optax.contrib.muon`).
       adam_learning_rate: learning rate of the AdamW leaves; None means `learning_rate`.
+      weight_decay_mode: "lr_scaled" (decay times each leaf's learning rate) or
+        "independent" (`s_t * weight_decay * W`, s_t = that learning rate / its peak; see
+        `optim.decay_and_scale`).
       adam_b1, adam_b2: Adam's moment decays, in [0, 1).
       muon_mask: which leaves get Muon and as which matrices (see Routing).
       eps: added to the Frobenius norm before Newton–Schulz.
@@ -361,13 +365,40 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
                                   dimension_numbers=routing.dimension_numbers),
             "adam": scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps),
         }, routing.labels),
-        add_decoupled_weight_decay(weight_decay, mask),
+        _decay_by_route(weight_decay, mask, routing, learning_rate, adam_learning_rate,
+                        weight_decay_mode),
         optax.partition({
             "muon": scale_by_learning_rate(learning_rate),
             "adam": scale_by_learning_rate(adam_learning_rate),
         }, routing.labels),
     )
     return optax.GradientTransformation(routing.checked(inner.init), inner.update)
+
+
+def _decay_by_route(weight_decay, mask, routing, learning_rate, adam_learning_rate,
+                    weight_decay_mode):
+    """Decoupled decay before the two learning rates. "lr_scaled": `+ wd * W` on every
+    decayed leaf. "independent": `+ (wd / peak) * W`, with the peak of the leaf's own
+    learning rate (Muon's or AdamW's), so after scaling the decay is `s_t * wd * W`."""
+    _validate.one_of("weight_decay_mode", weight_decay_mode, ("lr_scaled", "independent"))
+    if weight_decay_mode == "lr_scaled":
+        return add_decoupled_weight_decay(weight_decay, mask)
+    muon_decay = decay_per_unit_lr(learning_rate, weight_decay, weight_decay_mode)
+    adam_decay = decay_per_unit_lr(adam_learning_rate, weight_decay, weight_decay_mode)
+    if not isinstance(mask, (type(None),)) and not callable(mask):
+        fixed_mask = mask
+        mask = lambda _: fixed_mask  # noqa: E731 - a pytree of bools, as optax takes it
+    muon_leaves = lambda params: jax.tree.map(  # noqa: E731
+        lambda label: label == "muon", routing.labels(params))
+
+    def both(params, on_muon):
+        decayed = mask(params) if mask is not None else jax.tree.map(lambda _: True, params)
+        return jax.tree.map(lambda d, m: bool(d) and m == on_muon, decayed,
+                            muon_leaves(params))
+
+    return optax.chain(
+        add_decoupled_weight_decay(muon_decay, lambda p: both(p, True)),
+        add_decoupled_weight_decay(adam_decay, lambda p: both(p, False)))
 
 
 def _is_route(x):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale
 from optim.transforms import AdamState
 
 
@@ -82,7 +82,7 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0):
 
 
 def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0,
-          weight_decay=0.0, mask=None):
+          weight_decay=0.0, mask=None, weight_decay_mode="lr_scaled"):
     """RAdam (Liu et al., 2020): step `-lr * (radam_direction + wd * params)`.
 
     See `scale_by_radam`. Equals `optax.radam` (which has no weight decay); with
@@ -93,6 +93,8 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0
       b1, b2, eps, eps_root, threshold: see `scale_by_radam`.
       weight_decay: decoupled weight decay coefficient (0: none).
       mask: which leaves are decayed (None: all; a pytree of bools or a callable).
+      weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
+        (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -104,5 +106,4 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0
       >>> tx = radam(1e-3, weight_decay=0.01, mask=optim.decay_mask)
     """
     return optax.chain(scale_by_radam(b1, b2, eps, eps_root, threshold),
-                       add_decoupled_weight_decay(weight_decay, mask),
-                       scale_by_learning_rate(learning_rate))
+                       decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale
 
 
 class ScheduleFreeState(NamedTuple):
@@ -129,7 +129,7 @@ def _warmup_constant(learning_rate, warmup_steps):
 
 
 def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.0, weight_lr_power=2.0, mask=None):
+                        weight_decay=0.0, weight_lr_power=2.0, mask=None, weight_decay_mode="lr_scaled"):
     """Schedule-Free AdamW (Defazio et al., 2024): AdamW without momentum, made schedule-free.
 
     Same numbers as `optax.contrib.schedule_free_adamw` (which has no `mask`). Use a constant
@@ -143,6 +143,8 @@ def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=
       b2, eps: the second moment's decay and the denominator's epsilon (bias-corrected).
       weight_decay: decoupled weight decay (times lr), taken at `y`; mask: which leaves.
       weight_lr_power: averaging weights are `max_lr ** weight_lr_power`.
+      weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
+        (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -161,8 +163,7 @@ def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=
         _validate.positive_int("warmup_steps", warmup_steps)
         learning_rate = _warmup_constant(learning_rate, warmup_steps)
     base = optax.chain(scale_by_bias_corrected_rms(b2, eps),
-                       add_decoupled_weight_decay(weight_decay, mask),
-                       scale_by_learning_rate(learning_rate))
+                       decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))
     return schedule_free(base, learning_rate, b1, weight_lr_power)
 
 

@@ -15,7 +15,7 @@ import optax
 from jax import lax
 
 from optim import _blocks, _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale
 
 GRAFTINGS = ("adam", "rmsprop", "sgd", None)
 
@@ -282,18 +282,19 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
 def shampoo(learning_rate, b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, weight_decay=0.0,
             block_size=1024, precondition_every=10, start_preconditioning_step=10,
             grafting="adam", inverse_root="eigh", statistics_dtype=jnp.float32,
-            nesterov=False, mask=None, graft_eps=1e-8, newton_precision="float32"):
+            nesterov=False, mask=None, graft_eps=1e-8, newton_precision="float32",
+            weight_decay_mode="lr_scaled"):
     """Shampoo with grafting, momentum and decoupled weight decay.
 
     Step `-lr * (shampoo_direction + weight_decay * params)`, the direction from
     `scale_by_shampoo` (see there for the update rule and the papers: Gupta et al. 2018,
     Anil et al. 2020, Shi et al. 2023). `mask` chooses the leaves that get weight decay
-    (None: all). With the default "adam" grafting, learning rates tuned for Adam are a
-    good start.
+    (None: all); `weight_decay_mode="independent"` makes the decay `s_t * weight_decay *
+    params` with s_t = lr_t / peak lr (see `optim.decay_and_scale`). With the default "adam"
+    grafting, learning rates tuned for Adam are a good start.
     """
     return optax.chain(
         scale_by_shampoo(b1, b2, eps, relative_eps, block_size, precondition_every,
                          start_preconditioning_step, grafting, inverse_root,
                          statistics_dtype, nesterov, graft_eps, newton_precision),
-        add_decoupled_weight_decay(weight_decay, mask),
-        scale_by_learning_rate(learning_rate))
+        decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))

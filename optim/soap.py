@@ -12,7 +12,7 @@ import optax
 from jax import lax
 
 from optim import _blocks, _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale, scale_by_learning_rate
 
 HIGHEST = _blocks.HIGHEST
 
@@ -219,7 +219,8 @@ class SoapWithDecayState(NamedTuple):
 
 
 def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondition_every=10,
-         max_precond_dim=10000, shampoo_b2=None, mask=None):
+         max_precond_dim=10000, shampoo_b2=None, mask=None,
+         weight_decay_mode="lr_scaled"):
     """SOAP (Vyas et al. 2024) as released, with decoupled weight decay after the step.
 
     The direction D is `scale_by_soap`'s (see there for the update rule and the released
@@ -237,6 +238,8 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
       weight_decay: decoupled decay, multiplied by the learning rate, applied to the
         parameters after the step.
       mask: which leaves get weight decay (a pytree of bools or a callable).
+      weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
+        (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -246,8 +249,7 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
     """
     direction = scale_by_soap(b1, b2, eps, precondition_every, max_precond_dim, shampoo_b2)
     step = scale_by_learning_rate(learning_rate)
-    decay = optax.chain(add_decoupled_weight_decay(weight_decay, mask),
-                        scale_by_learning_rate(learning_rate))
+    decay = decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode)
 
     def init_fn(params):
         return SoapWithDecayState(direction.init(params), step.init(params), decay.init(params))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from optim import _validate
-from optim.alias import add_decoupled_weight_decay, scale_by_learning_rate
+from optim.alias import decay_and_scale
 
 ESTIMATORS = ("gnb", "hutchinson")
 
@@ -109,7 +109,7 @@ def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10):
 
 
 def sophia(learning_rate, b1=0.965, b2=0.99, rho=0.04, eps=1e-15, weight_decay=0.1,
-           hessian_every=10, estimator="gnb", mask=None):
+           hessian_every=10, estimator="gnb", mask=None, weight_decay_mode="lr_scaled"):
     """Sophia (Liu et al., 2023): clipped, diagonally preconditioned momentum; see the module.
 
     Args:
@@ -120,6 +120,8 @@ def sophia(learning_rate, b1=0.965, b2=0.99, rho=0.04, eps=1e-15, weight_decay=0
         mask: which leaves are decayed.
       estimator: "gnb" (Sophia-G) or "hutchinson" (Sophia-H): which estimator the training
         loop should feed (`optim.sophia_estimates`); the transform itself takes any.
+      weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
+        (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` taking `hessian_diag=` / `hessian_fn=`.
@@ -134,5 +136,4 @@ def sophia(learning_rate, b1=0.965, b2=0.99, rho=0.04, eps=1e-15, weight_decay=0
     """
     _validate.one_of("estimator", estimator, ESTIMATORS)
     return optax.chain(scale_by_sophia(b1, b2, rho, eps, hessian_every),
-                       add_decoupled_weight_decay(weight_decay, mask),
-                       scale_by_learning_rate(learning_rate))
+                       decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))

@@ -412,6 +412,14 @@ DECAYED = {
     "adamw": lambda lr, **kw: optim.adamw(lr, **kw),
     "lion": lambda lr, **kw: optim.lion(lr, **kw),
     "adafactor": lambda lr, **kw: optim.adafactor(lr, min_dim_size_to_factor=4, **kw),
+    # The other optimizers whose decay is the same additive term (SOAP decays after its
+    # step, as the official code; Schedule-Free decays inside its averaged iterate).
+    "radam": lambda lr, **kw: optim.radam(lr, **kw),
+    "adamw_8bit": lambda lr, **kw: optim.adamw_8bit(lr, min_8bit_size=0, block_size=8, **kw),
+    "sophia": lambda lr, **kw: optim.sophia(lr, **kw),
+    "shampoo": lambda lr, **kw: optim.shampoo(lr, block_size=8, precondition_every=2,
+                                              start_preconditioning_step=2, **kw),
+    "muon": lambda lr, **kw: optim.muon(lr, **kw),
 }
 WARMUP_COSINE = optim.schedules.warmup_cosine(0.05, total_steps=12, warmup_steps=3)
 
