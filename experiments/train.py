@@ -20,7 +20,6 @@ is batch number `s - 1 + data_offset` of the seekable sampler (`experiments.data
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import signal
@@ -28,7 +27,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import flags, logging
@@ -36,18 +34,18 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 import models
-import optim
 import sharding
-from experiments import checkpointing, cli, data, spikes, train_lib
-from experiments.configs import lm
-from optim import _validate, schedules
+from experiments import builders, checkpointing, cli, data, spikes
+# The builders, also reachable from here (experiments.race and older code use these names).
+from experiments.builders import (  # noqa: F401
+    LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,
+    no_decay_mask, validate)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/lm.py", "Config file, `path[:variant]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 
-LOSS_SCALES = ("auto", "none", "dynamic")
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12,
               "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12}
@@ -56,134 +54,6 @@ METRICS_FILE, CONFIG_FILE, PLOT_FILE, CHECKPOINT_DIR = (
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-def validate(config):
-    """Checks the scalar fields; ValueError naming the field and its value."""
-    for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum", "eval_batches",
-                 "keep_checkpoints", "spike_window", "spike_patience"):
-        _validate.positive_int(f"config.{name}", config[name])
-    for name in ("seed", "eval_every", "checkpoint_every", "spike_skip"):
-        _validate.non_negative_int(f"config.{name}", config[name])
-    _validate.learning_rate(config.optimizer.learning_rate, "config.optimizer.learning_rate")
-    _validate.one_of("config.zero", config.zero, sharding.partition.ZERO_STAGES)
-    _validate.one_of("config.loss_scale", config.loss_scale, LOSS_SCALES)
-    _validate.non_negative("config.clip_norm", config.clip_norm)
-    _validate.non_negative("config.peak_flops", config.peak_flops)
-    _validate.in_range("config.ema_decay", config.ema_decay)
-    _validate.greater_than("config.spike_factor", config.spike_factor, 1)
-    if not isinstance(config.average_from_step, int) or config.average_from_step < -1:
-        raise ValueError(f"config.average_from_step must be -1 (off) or a step >= 0, got "
-                         f"{config.average_from_step!r}")
-
-
-def build_schedule(config):
-    """`optim.schedules.<schedule.name>(**args)` from the schedule fields that are set;
-    `peak_value` (`value` for constant) defaults to optimizer.learning_rate and
-    `total_steps` to steps."""
-    name = config.schedule.name
-    if name not in lm.SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(lm.SCHEDULES)}")
-    function = getattr(schedules, name)
-    accepted = inspect.signature(function).parameters
-    args = {key: value for key, value in config.schedule.items()
-            if key != "name" and value is not None}
-    unknown = sorted(set(args) - set(accepted) - {"peak_value"})
-    if unknown:
-        raise ValueError(f"schedule {name!r} takes no {unknown[0]} (config.schedule."
-                         f"{unknown[0]}={args[unknown[0]]!r}; set it to None)")
-    peak = args.pop("peak_value", config.optimizer.learning_rate)
-    args["value" if "value" in accepted else "peak_value"] = peak
-    if "total_steps" in accepted:
-        args.setdefault("total_steps", config.steps)
-    missing = [key for key, arg in accepted.items()
-               if arg.default is inspect.Parameter.empty and key not in args]
-    if missing:
-        raise ValueError(f"schedule {name!r} needs config.schedule.{missing[0]}")
-    return function(**args)
-
-
-def _path_keys(path):
-    return {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
-
-
-def no_decay_mask(keys):
-    """A weight-decay `mask`: False for leaves with any path key in the comma list `keys`."""
-    skipped = {key.strip() for key in keys.split(",") if key.strip()}
-
-    def mask(params):
-        return jax.tree.map_with_path(lambda path, _: not _path_keys(path) & skipped, params)
-
-    return mask
-
-
-def _coerce(name, value, default):
-    """A dtype given by name on the command line, for an argument whose default is a dtype."""
-    if isinstance(value, str) and default is not None and not isinstance(
-            default, (str, bool, int, float)):
-        try:
-            return jnp.dtype(value)
-        except TypeError:
-            raise ValueError(f"config.optimizer.{name} must be a dtype name, got "
-                             f"{value!r}") from None
-    return value
-
-
-def build_optimizer(config, schedule):
-    """`optim.create(optimizer.name, **set hparams)` with the schedule as learning rate,
-    `mask` from no_decay and `muon_mask` from muon_exclude (where the optimizer takes them),
-    preceded by global-norm clipping when clip_norm > 0."""
-    cfg = config.optimizer
-    name = cfg.name
-    if name not in optim.available() or not hasattr(optim, name):
-        known = [n for n in optim.available() if hasattr(optim, n)]
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
-    accepted = inspect.signature(getattr(optim, name)).parameters
-    hparams = {key: value for key, value in cfg.items()
-               if key not in ("name", "no_decay", "muon_exclude") and value is not None}
-    hparams = {key: _coerce(key, value, accepted[key].default if key in accepted else None)
-               for key, value in hparams.items()}
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ValueError(f"optimizer {name!r} takes no {', '.join(unknown)} (unset with "
-                         f"--config.optimizer.{unknown[0]}=None); it takes "
-                         f"{', '.join(accepted)}")
-    hparams["learning_rate"] = schedule
-    if hparams.get("adam_learning_rate") is not None:
-        # Muon's AdamW leaves: the same schedule shape, peaking at adam_learning_rate.
-        adam_peak = hparams["adam_learning_rate"]
-        _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
-        if cfg.learning_rate:
-            ratio = adam_peak / cfg.learning_rate
-            hparams["adam_learning_rate"] = lambda step: ratio * schedule(step)
-    if "mask" in accepted and cfg.no_decay:
-        hparams["mask"] = no_decay_mask(cfg.no_decay)
-    if "muon_mask" in accepted:
-        exclude = tuple(key.strip() for key in cfg.muon_exclude.split(",") if key.strip())
-        hparams["muon_mask"] = optim.hidden_matrices(exclude=exclude)
-    return train_lib.with_clipping(optim.create(name, **hparams), config.clip_norm)
-
-
-def build_loss_scale(config, policy):
-    """Dynamic loss scaling when asked, or with "auto" when any policy dtype is float16."""
-    dtypes = (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
-    if config.loss_scale == "dynamic" or (
-            config.loss_scale == "auto" and np.dtype(np.float16) in dtypes):
-        return optim.DynamicLossScale()
-    return optim.NoOpLossScale()
-
-
-def build_model_config(config):
-    """The TransformerConfig: config.model, vocab 256 (bytes), policy from precision."""
-    fields = dict(config.model.items())
-    known = {f.name for f in dataclasses.fields(models.TransformerConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown model field config.model.{unknown[0]}")
-    if fields["max_len"] < config.seq_len:
-        raise ValueError(f"config.model.max_len ({fields['max_len']}) must be >= "
-                         f"config.seq_len ({config.seq_len})")
-    return models.TransformerConfig(vocab_size=256, policy=config.precision, **fields)
 
 
 def state_signature(abstract_state):
@@ -231,7 +101,7 @@ def setup(config):
 
     Raises ValueError (naming the bad value) for anything wrong with the config.
     """
-    validate(config)
+    fns = builders.make_train_step(config)  # validates config first
     mesh = sharding.make_mesh(config.mesh)
     data_parallel = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
     if config.batch_size % data_parallel:
@@ -242,30 +112,17 @@ def setup(config):
                          f"{jax.process_count()} processes")
     corpus = data.load_corpus(config.corpus, config.valid_fraction)
     data.check_length(corpus, config.seq_len)
-    model_config = build_model_config(config)
-    model = models.Transformer(model_config)
-    policy = models.get_policy(config.precision)
-    schedule = build_schedule(config)
-    tx = build_optimizer(config, schedule)
-    loss_scale = build_loss_scale(config, policy)
-
-    dummy = jnp.zeros((1, config.seq_len), jnp.int32)
-
-    def init(key):
-        params = nn.unbox(model.init(key, dummy))["params"]
-        return train_lib.init_state(params, tx, loss_scale, config.ema_decay,
-                                    config.average_from_step)
 
     key = jax.random.key(config.seed)
-    boxed = jax.eval_shape(model.init, key, dummy)["params"]
-    abstract = jax.eval_shape(init, key)
+    boxed = jax.eval_shape(fns.init_params, key)
+    abstract = jax.eval_shape(fns.init, key)
     param_sh = sharding.logical_to_shardings(boxed, mesh)
     params = abstract["params"]
     replicated = sharding.replicated(mesh)
     state_sh = {
         "step": replicated, "skipped": replicated, "params": param_sh,
         "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
-        "opt_state": sharding.optimizer_state_shardings(tx, params, param_sh, config.zero)}
+        "opt_state": sharding.optimizer_state_shardings(fns.tx, params, param_sh, config.zero)}
     for key_name in ("ema", "average"):
         if key_name in abstract:
             state_sh[key_name] = sharding.follow_param_shardings(abstract[key_name], params,
@@ -274,26 +131,22 @@ def setup(config):
         lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
         abstract, state_sh)
 
-    loss_fn = train_lib.lm_loss(model)
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
-    train_step = sharding.jit_train_step(
-        train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,
-                                  config.average_from_step),
-        mesh, state_sh, batch_sh)
-    eval_step = jax.jit(train_lib.make_eval_step(loss_fn), in_shardings=(param_sh, batch_sh),
+    train_step = sharding.jit_train_step(fns.train_step, mesh, state_sh, batch_sh)
+    eval_step = jax.jit(fns.eval_step, in_shardings=(param_sh, batch_sh),
                         out_shardings=replicated)
     eval_rows = data.sample_batch(
         corpus.valid, config.seed, 0, config.batch_size, config.seq_len,
         micro_batches=config.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count(), stream=data.EVAL_STREAM)
     return Setup(
-        config=config, corpus=corpus, mesh=mesh, model_config=model_config,
+        config=config, corpus=corpus, mesh=mesh, model_config=fns.model_config,
         n_params=models.count_params(params),
-        init=jax.jit(init, out_shardings=state_sh), abstract_state=abstract_state,
+        init=jax.jit(fns.init, out_shardings=state_sh), abstract_state=abstract_state,
         train_step=train_step, eval_step=eval_step,
         eval_batch=sharding.shard_batch(eval_rows, mesh, batch_dim=1),
         signature=state_signature(abstract_state),
-        flops_per_token=models.flops_per_token(model_config, config.seq_len),
+        flops_per_token=models.flops_per_token(fns.model_config, config.seq_len),
         peak_flops=_peak_flops(config))
 
 

@@ -18,7 +18,7 @@ from flax import linen as nn
 
 import models
 import optim
-from experiments import data, spikes, train, train_lib
+from experiments import builders, data, spikes, train, train_lib
 from experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,10 +192,10 @@ def tiny_config(**overrides):
 @pytest.mark.parametrize("variant", sorted(lm.VARIANTS))
 def test_variants_build_and_document_a_command(variant):
     config = lm.get_config(variant)
-    train.validate(config)
-    model_config = train.build_model_config(config)
+    builders.validate(config)
+    model_config = builders.build_model_config(config)
     assert model_config.max_len == config.seq_len and model_config.vocab_size == 256
-    train.build_optimizer(config, train.build_schedule(config))
+    builders.build_optimizer(config, builders.build_schedule(config))
     assert f"lm.py:{variant}" in lm.__doc__
 
 
@@ -216,13 +216,13 @@ def test_config_has_a_field_for_every_optimizer_hyperparameter():
 
 
 def test_schedule_defaults_to_the_learning_rate_and_steps():
-    schedule = train.build_schedule(tiny_config())
+    schedule = builders.build_schedule(tiny_config())
     np.testing.assert_allclose(float(schedule(10)), 0.01, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(100)), 0.001, rtol=1e-5)  # end = 0.1 peak
-    constant = train.build_schedule(tiny_config(**{"schedule.name": "constant",
+    constant = builders.build_schedule(tiny_config(**{"schedule.name": "constant",
                                                    "schedule.warmup_steps": None}))
     np.testing.assert_allclose(float(constant(50)), 0.01)
-    wsd = train.build_schedule(tiny_config(**{"schedule.name": "wsd",
+    wsd = builders.build_schedule(tiny_config(**{"schedule.name": "wsd",
                                               "schedule.decay_steps": 50}))
     np.testing.assert_allclose(float(wsd(50)), 0.01, rtol=1e-6)
     np.testing.assert_allclose(float(wsd(75)), 0.005, rtol=1e-5)
@@ -236,7 +236,7 @@ def test_schedule_defaults_to_the_learning_rate_and_steps():
 ])
 def test_bad_schedule_config(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.build_schedule(tiny_config(**overrides))
+        builders.build_schedule(tiny_config(**overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -249,8 +249,8 @@ def test_bad_schedule_config(overrides, message):
 def test_bad_optimizer_config(overrides, message):
     config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=message):
-        train.validate(config)
-        train.build_optimizer(config, train.build_schedule(config))
+        builders.validate(config)
+        builders.build_optimizer(config, builders.build_schedule(config))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -259,7 +259,7 @@ def test_bad_optimizer_config(overrides, message):
 ])
 def test_validate_names_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"config\.{field}.*{value}"):
-        train.validate(tiny_config(**{field: value}))
+        builders.validate(tiny_config(**{field: value}))
 
 
 def test_muon_adam_learning_rate_follows_the_schedule_shape():
@@ -270,7 +270,7 @@ def test_muon_adam_learning_rate_follows_the_schedule_shape():
 
     def b_updates(**overrides):
         config = tiny_config(**{"optimizer.name": "muon", "clip_norm": 0.0, **overrides})
-        tx = train.build_optimizer(config, train.build_schedule(config))
+        tx = builders.build_optimizer(config, builders.build_schedule(config))
         state, out = tx.init(params), []
         for _ in range(15):  # through the warmup and into the decay
             updates, state = tx.update(grads, state, params)
@@ -285,7 +285,7 @@ def test_muon_adam_learning_rate_follows_the_schedule_shape():
 def test_dtype_hyperparameters_are_given_by_name():
     config = tiny_config(**{"optimizer.name": "shampoo", "optimizer.statistics_dtype":
                             "bfloat16", "clip_norm": 0.0})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)})
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
 
@@ -294,7 +294,7 @@ def test_no_decay_leaves_get_no_weight_decay():
     params = transformer_params()
     config = tiny_config(**{"schedule.name": "constant", "schedule.warmup_steps": None,
                             "clip_norm": 0.0, "optimizer.weight_decay": 0.1})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     decayed = {jax.tree_util.keystr(path): bool(np.any(np.asarray(u) != 0))
@@ -305,7 +305,7 @@ def test_no_decay_leaves_get_no_weight_decay():
     assert decayed["['head']['kernel']"] and decayed["['block_0']['mlp']['up']['kernel']"]
     assert decayed["['block_0']['attn']['query']['kernel']"]
     config.optimizer.no_decay = ""
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     assert np.any(np.asarray(updates["embed"]["embedding"]) != 0)
 
@@ -316,7 +316,7 @@ def test_muon_routes_embedding_and_head_to_adam():
     config = tiny_config(**{"optimizer.name": "muon", "optimizer.learning_rate": lr,
                             "schedule.name": "constant", "schedule.warmup_steps": None,
                             "clip_norm": 0.0})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     # Adam's first step is -lr * sign(g) in every entry; Muon's orthogonalised step is not.

@@ -36,6 +36,8 @@ SCHEDULES = ("constant", "linear", "warmup_cosine", "wsd", "cosine_restarts", "i
 # Optimizer arguments filled by train.py from other fields: learning_rate (with the
 # schedule), mask (from no_decay) and muon_mask (from muon_exclude).
 DERIVED_HPARAMS = ("learning_rate", "mask", "muon_mask")
+# Fields of `optimizer` that are not keyword arguments of the optimizer.
+NON_HPARAM_KEYS = ("name", "no_decay", "muon_exclude")
 # Schedule arguments defaulting to optimizer.learning_rate and steps.
 DERIVED_SCHEDULE_ARGS = ("value", "peak_value", "total_steps")
 
