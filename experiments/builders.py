@@ -55,6 +55,40 @@ def validate(config):
     if not isinstance(config.average_from_step, int) or config.average_from_step < -1:
         raise ValueError(f"config.average_from_step must be -1 (off) or a step >= 0, got "
                          f"{config.average_from_step!r}")
+    _validate.non_negative_int("config.spike_max_rollbacks", config.spike_max_rollbacks)
+    _validate.one_of("config.preempt_exit_code", config.preempt_exit_code, range(256))
+    _validate.one_of("config.init_from_optimizer", config.init_from_optimizer, (True, False))
+    if not isinstance(config.init_from, str):
+        raise ValueError(f"config.init_from must be DIR or DIR:STEP, got {config.init_from!r}")
+    check_precision(config)
+
+
+# The smallest positive normal float16: an epsilon below it is lost in float16 arithmetic.
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)
+
+
+def check_precision(config):
+    """Refuses float16 params with an optimizer whose epsilon float16 cannot hold.
+
+    Optax-style optimizers keep their moments in the params' dtype, so with float16 params
+    Adam's `sqrt(v) + eps` is computed in float16: eps = 1e-8 underflows to 0 and the
+    first small gradient divides by zero (NaN from step 2, measured on the tiny LM).
+    """
+    policy = models.get_policy(config.precision)
+    if np.dtype(policy.param_dtype) != np.float16:
+        return
+    factory = getattr(optim, config.optimizer.name, None)
+    if factory is None or "eps" not in inspect.signature(factory).parameters:
+        return
+    eps = config.optimizer.get("eps")
+    eps = inspect.signature(factory).parameters["eps"].default if eps is None else eps
+    if isinstance(eps, (int, float)) and 0 <= eps < FLOAT16_TINY:
+        raise ValueError(
+            f"config.precision={config.precision!r} keeps {config.optimizer.name}'s state in "
+            f"float16, where eps={eps:g} underflows (float16's smallest normal is "
+            f"{FLOAT16_TINY:.3g}); use float32 params (master weights) with float16 compute: "
+            "--config.precision=params=float32,compute=float16,output=float32, or set "
+            f"--config.optimizer.eps >= {FLOAT16_TINY:.3g}")
 
 
 def build_schedule(config):
