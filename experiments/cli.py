@@ -98,6 +98,8 @@ def parse_flags(argv):
         fail(error)
     except (KeyError, AttributeError) as error:  # ml_collections: no such config field
         fail(unknown_field_message(error, argv))
+    except OSError as error:  # a config file that cannot be read, with --config.<field>s
+        fail(error)
 
 
 def define_config_flag(define, *args, **kwargs):
@@ -108,6 +110,8 @@ def define_config_flag(define, *args, **kwargs):
         return define(*args, **kwargs)
     except (KeyError, AttributeError) as error:
         fail(unknown_field_message(error, sys.argv))
+    except OSError as error:
+        fail(error)
 
 
 def flag_value(holder):

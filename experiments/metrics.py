@@ -13,6 +13,7 @@ import math
 import os
 import time
 
+import jax
 import numpy as np
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
@@ -83,9 +84,11 @@ class Throughput:
     def restart(self, step):
         self._mark = (time.perf_counter(), step)
 
-    @property
-    def started(self):
-        return self._mark is not None
+    def start_once(self, state):
+        """Starts the clock after the first step (waiting for it: it compiled)."""
+        if self._mark is None:
+            jax.block_until_ready(state["step"])
+            self._mark = (time.perf_counter(), int(state["step"]))
 
     def rate(self, step):
         """Tokens/s since the last restart, or None when no step was timed."""
@@ -98,17 +101,17 @@ class Throughput:
         return time.perf_counter() - self.start
 
 
-def train_row(step, metrics, state, rollbacks, rate, flops_per_token, peak_flops, devices,
-              wall_time):
-    """The metrics.jsonl row of a logged step (`metrics`: the train step's, on the host)."""
-    mfu = None
+def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flops):
+    """The metrics.jsonl row of a logged step (`metrics`: the train step's, on the host;
+    `clock`: the run's Throughput)."""
+    rate, mfu = clock.rate(step), None
     if rate and peak_flops:
-        mfu = rate * flops_per_token / (peak_flops * devices)
+        mfu = rate * flops_per_token / (peak_flops * jax.device_count())
     return {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": rate, "mfu": mfu,
             "loss_scale": float(metrics["loss_scale"]),
             "skipped_steps": int(state["skipped"]), "rollbacks": rollbacks,
-            "wall_time": wall_time}
+            "wall_time": clock.elapsed()}
 
 
 def summarize(rows, workdir, steps, n_params, rollbacks, seconds, diverged=False):

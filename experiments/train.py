@@ -309,14 +309,14 @@ def branch_from(s, spec):
                    "init_from": spec}
 
 
-def roll_back(s, checkpoints, log, monitor, step, loss, tries):
+def roll_back(s, checkpoints, log, monitor, step, tries):
     """Restores the latest checkpoint from before the spike (or the initial state) and
     deletes later checkpoints and metrics rows; returns (state, meta). Raises Diverged
     when `spike_max_rollbacks` rollbacks to the same step did not get past the spike."""
     good = max((c for c in checkpoints.steps() if c <= monitor.first), default=0)
     tries[good] = tries.get(good, 0) + 1
     if tries[good] > s.config.spike_max_rollbacks:
-        raise Diverged(f"loss spike at step {step} (loss {loss:.4g}) after "
+        raise Diverged(f"loss spike at step {step} (loss {monitor.last:.4g}) after "
                        f"{s.config.spike_max_rollbacks} rollbacks to step {good}; stopping "
                        f"(checkpoints kept; a smaller learning rate may help)")
     logging.warning("loss spike at steps %d-%d: rolling back to step %d and skipping %d "
@@ -327,6 +327,29 @@ def roll_back(s, checkpoints, log, monitor, step, loss, tries):
     monitor.load(meta["spike"])
     log.truncate(meta["step"])
     return state, meta
+
+
+def restore_or_start(s, checkpoints, workdir):
+    """`(state, meta)`: the newest checkpoint in `workdir` that restores (of the same run),
+    else the `init_from` branch, else the initial state."""
+    restored = checkpoints.restore_newest(
+        s.abstract_state, lambda meta: check_same_run(s, workdir, meta), _warn)
+    if restored is not None:
+        if restored[1]["step"]:
+            logging.warning("resuming %s from step %d", workdir, restored[1]["step"])
+        return restored
+    if s.config.init_from:
+        return branch_from(s, s.config.init_from)
+    return _fresh(s)
+
+
+def check_finite(s, row, saved):
+    """Raises Diverged for a non-finite logged loss when no loss scale skips such steps."""
+    if not math.isfinite(row["loss"]) and not s.loss_scaled:
+        raise Diverged(
+            f"loss {row['loss']} at step {row['step']} with no loss scaling to skip the "
+            f"step; stopping (checkpoint {saved or 'none'} is the last saved; a smaller "
+            "learning rate or another precision may help)")
 
 
 def _warn(message):
@@ -362,27 +385,21 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
     check_workdir(s, workdir)
     is_main, stop = jax.process_index() == 0, stop or preemption.NoStop()
     with workdir_lib.lock(workdir, enabled=is_main), contextlib.ExitStack() as cleanup:
-        log = metrics.MetricsLog(os.path.join(workdir, METRICS_FILE), is_main)
+        # -- state: the newest checkpoint that restores, a branch, or a fresh start
         checkpoints = checkpointing.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
                                                 config.keep_checkpoints)
         cleanup.callback(_close_quietly, checkpoints)
-        # -- state: the newest checkpoint that restores, a branch, or a fresh start
-        restored = checkpoints.restore_newest(
-            s.abstract_state, lambda meta: check_same_run(s, workdir, meta), _warn)
-        if restored is None and config.init_from:
-            restored = branch_from(s, config.init_from)
-        state, meta = restored or _fresh(s)
+        state, meta = restore_or_start(s, checkpoints, workdir)
         if is_main:
             _start_phase(metrics.write_json, os.path.join(workdir, CONFIG_FILE), run_info(s))
+        log = metrics.MetricsLog(os.path.join(workdir, METRICS_FILE), is_main)
+        log.truncate(meta["step"])
         step, data_offset, rollbacks = int(meta["step"]), meta["data_offset"], meta["rollbacks"]
         monitor = spikes.SpikeMonitor(config.spike_factor, config.spike_window,
                                       config.spike_patience)
         monitor.load(meta["spike"])
-        log.truncate(step)
-        if restored is not None and step:
-            logging.warning("resuming %s from step %d", workdir, step)
-        extra_meta = {"init_from": meta.get("init_from"), "signature": s.signature,
-                      "corpus_sha256": s.corpus.sha256, "config": config_record(config)}
+        same_run = {"init_from": meta.get("init_from"), "signature": s.signature,
+                    "corpus_sha256": s.corpus.sha256, "config": config_record(config)}
         bar = cleanup.enter_context(tqdm.tqdm(
             total=config.steps, initial=step, unit="step", dynamic_ncols=True,
             disable=not (progress and is_main)))
@@ -390,62 +407,50 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
         tries, diverged, saved = {}, False, step
 
         # -- the loop
-        while step < config.steps:
-            state, step_metrics = s.train_step(state, batch_at(s, step + data_offset))
-            step += 1
-            bar.update(1)
-            checkpoints.poll()  # a failed background save surfaces here
-            loss = float(step_metrics["loss"]) if config.spike_rollback else None
-            if config.spike_rollback and monitor.observe(step - 1, loss):
-                try:
-                    state, meta = roll_back(s, checkpoints, log, monitor, step, loss, tries)
-                except Diverged:
-                    if raise_on_divergence:
-                        raise
-                    diverged = True
+        try:
+            while step < config.steps:
+                state, out = s.train_step(state, batch_at(s, step + data_offset))
+                step += 1
+                bar.update(1)
+                checkpoints.poll()  # a failed background save surfaces here
+                if config.spike_rollback and monitor.observe(step - 1, float(out["loss"])):
+                    state, meta = roll_back(s, checkpoints, log, monitor, step, tries)
+                    step, data_offset = int(meta["step"]), data_offset + config.spike_skip
+                    rollbacks += 1  # data_offset only grows: the spike's batches stay unseen
+                    bar.reset(total=config.steps)
+                    bar.update(step)
+                    continue
+                clock.start_once(state)  # after the first step: compilation is not timed
+                is_eval = config.eval_every and (step % config.eval_every == 0
+                                                 or step == config.steps)
+                is_log = step % config.log_every == 0 or step == config.steps or is_eval
+                stopping = stop.reached(step)  # after SIGTERM / SIGINT: save and stop
+                is_save = (config.checkpoint_every and step % config.checkpoint_every == 0
+                           or step == config.steps or stopping)
+                if is_log:
+                    row = metrics.train_row(step, jax.device_get(out), state, rollbacks,
+                                            clock, s.flops_per_token, s.peak_flops)
+                    # -- evaluation
+                    if is_eval:
+                        row.update(evaluate(s, state))
+                    log.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                    tok_s=f"{row['tokens_per_sec'] or 0:.3g}")
+                    check_finite(s, row, saved)
+                # -- checkpoint
+                if is_save:
+                    checkpoints.save(step, state, {
+                        "step": step, "data_offset": data_offset, "rollbacks": rollbacks,
+                        "spike": monitor.state(), **same_run})
+                    saved = step
+                if is_log or is_save:  # tokens/s counts training only, not eval or saving
+                    clock.restart(step)
+                if stopping:
                     break
-                step, data_offset = int(meta["step"]), data_offset + config.spike_skip
-                rollbacks += 1  # data_offset only grows: the spike's batches are not seen again
-                bar.reset(total=config.steps)
-                bar.update(step)
-                continue
-            if not clock.started:  # the first step compiled: time from here on
-                jax.block_until_ready(state["step"])
-                clock.restart(step)
-            is_eval = config.eval_every and (step % config.eval_every == 0
-                                             or step == config.steps)
-            is_log = step % config.log_every == 0 or step == config.steps or is_eval
-            stopping = stop.reached(step)  # a signal: save this step and stop
-            is_save = (config.checkpoint_every and step % config.checkpoint_every == 0
-                       or step == config.steps or stopping)
-            if is_log:
-                row = metrics.train_row(
-                    step, jax.device_get(step_metrics), state, rollbacks, clock.rate(step),
-                    s.flops_per_token, s.peak_flops, jax.device_count(), clock.elapsed())
-                # -- evaluation
-                if is_eval:
-                    row.update(evaluate(s, state))
-                log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
-                                tok_s=f"{row['tokens_per_sec'] or 0:.3g}")
-                if not math.isfinite(row["loss"]) and not s.loss_scaled:
-                    if raise_on_divergence:
-                        raise Diverged(
-                            f"loss {row['loss']} at step {step} with no loss scaling to skip "
-                            f"the step; stopping (checkpoint {saved or 'none'} is the last "
-                            "saved; a smaller learning rate or another precision may help)")
-                    diverged = True
-                    break
-            # -- checkpoint
-            if is_save:
-                checkpoints.save(step, state, {
-                    "step": step, "data_offset": data_offset, "rollbacks": rollbacks,
-                    "spike": monitor.state(), **extra_meta})
-                saved = step
-            if is_log or is_save:  # tokens/s counts training only, not eval or saving
-                clock.restart(step)
-            if stopping:
-                break
+        except Diverged:
+            if raise_on_divergence:
+                raise
+            diverged = True
         checkpoints.close()
     rows = log.rows() if is_main else []
     if is_main and rows:

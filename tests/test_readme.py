@@ -78,3 +78,16 @@ def test_readme_demo_flags_are_the_demos_flags():
     assert len(demos) >= 5
     for module in demos:
         assert mentioned <= defined_flags(module), (module, mentioned)
+
+
+def test_sharding_usage_example_runs():
+    """sharding/__init__.py's usage example, given a batch: every name it uses is defined."""
+    import numpy as np
+
+    import sharding
+    block = sharding.__doc__.split("::\n\n", 1)[1].split("\n\nOther trees")[0]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
+    namespace = {"data": [tokens]}
+    exec(compile(code, "sharding/__init__.py example", "exec"), namespace)
+    assert 5.0 < float(namespace["metrics"]["loss"]) < 6.0  # about ln(256) at init
