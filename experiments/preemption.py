@@ -9,10 +9,10 @@
 
 On one process, the first signal only sets a flag; the loop finishes the step it is in,
 saves and stops. A second signal aborts at once (KeyboardInterrupt). On several processes
-every process must stop at the same step: `reached` is JAX's preemption sync point
-(`jax.experimental.multihost_utils.reached_preemption_sync_point`), which the coordination
-service triggers on all processes when any receives SIGTERM; a local signal is then acted
-upon only through that service.
+every process must stop at the same step: no handler is installed and `reached` is JAX's
+preemption sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`),
+which the coordination service (started by `jax.distributed.initialize()`) triggers on all
+processes when any receives SIGTERM.
 """
 import contextlib
 import signal
@@ -36,8 +36,11 @@ class StopSignal:
 
     @contextlib.contextmanager
     def installed(self):
-        """Handles SIGTERM and SIGINT inside the block; the old handlers afterwards."""
-        previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        """Handles SIGTERM and SIGINT inside the block; the old handlers afterwards. On
+        several processes nothing is installed: JAX's coordination service listens for
+        SIGTERM itself (a Python handler would replace its notifier)."""
+        signals = SIGNALS if jax.process_count() == 1 else ()
+        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
         try:
             yield self
         finally:
@@ -51,9 +54,9 @@ class StopSignal:
                 if multihost_utils.reached_preemption_sync_point(step):
                     self.name = self.name or "SIGTERM"
                     return True
-                return False
-            except RuntimeError:  # no preemption service: fall back to the local flag
+            except RuntimeError:  # no preemption service (jax_enable_preemption_service)
                 pass
+            return False
         return self.name is not None
 
 

@@ -291,7 +291,11 @@ def branch_from(s, spec):
     if same:
         restored, _ = checkpoints.restore(step, s.abstract_state)
     else:  # another optimizer: lay the source's own state out on this mesh, keep its params
-        source_config = ml_collections.ConfigDict(meta["config"])
+        record = meta.get("config")
+        if record is None:  # a checkpoint from before configs were stored with it
+            with open(os.path.join(source, CONFIG_FILE)) as f:
+                record = json.load(f)["config"]
+        source_config = ml_collections.ConfigDict(record)
         layout, _ = state_layout(builders.make_train_step(source_config), s.mesh,
                                  s.config.zero)
         restored, _ = checkpoints.restore(step, layout)
