@@ -17,7 +17,6 @@ at T=2048 for "xla" against "chunked".
         --steps=2 --rounds=1 --matmul_size=256 --memory_seq_len=256   # smoke test
 """
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ from flax import linen as nn
 
 import models
 import optim
-from experiments import cli
+from experiments import cli, timing
 
 _D_MODELS = flags.DEFINE_list("d_models", ["256", "512"], "Model widths to benchmark.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["fp32", "bf16"],
@@ -140,13 +139,6 @@ def make_train_step(config):
     return jax.jit(init), jax.jit(step, donate_argnums=0), loss_fn
 
 
-def timed(fn, *args):
-    """Seconds `fn(*args)` takes, waiting for its result."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def matmul_peak(dtype, size, reps):
     """A jitted function running `reps` n x n x n matmuls, its args and FLOPs per call."""
     a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.float32).astype(dtype)
@@ -174,8 +166,8 @@ def benchmark(setting, matmul_size):
 
     def run_steps(state):
         for _ in range(_STEPS.value):
-            state, loss = step(state, tokens)
-        return state, loss
+            state, _ = step(state, tokens)
+        return state
 
     dtype = jnp.dtype(COMPUTE_DTYPES[setting.precision])
     chain, matmul_args, matmul_flops = matmul_peak(dtype, matmul_size, reps=4)
@@ -183,11 +175,10 @@ def benchmark(setting, matmul_size):
     jax.block_until_ready(chain(*matmul_args))
     best_steps = best_matmul = float("inf")
     for _ in range(_ROUNDS.value):
-        start = time.perf_counter()
-        state, loss = run_steps(state)
-        jax.block_until_ready(loss)
-        best_steps = min(best_steps, time.perf_counter() - start)
-        best_matmul = min(best_matmul, timed(chain, *matmul_args))
+        state, seconds = timing.time_calls(run_steps, state, calls=1)
+        best_steps = min(best_steps, seconds)
+        best_matmul = min(best_matmul, timing.best_seconds(chain, *matmul_args, repeats=1,
+                                                           warm_up=False))
     tokens_per_s = setting.batch_size * setting.seq_len * _STEPS.value / best_steps
     achieved = models.flops_per_token(config, setting.seq_len) * tokens_per_s
     return n_params, tokens_per_s, achieved, matmul_flops / best_matmul

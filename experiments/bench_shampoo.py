@@ -45,7 +45,6 @@ import functools
 import importlib
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,8 @@ from flax import linen as nn
 import optim
 from experiments import cli
 from experiments.bench_optimizers import (  # (also defines the shared flags)
-    random_like, repeat_jitted, time_calls, train_step, transformer_shapes)
+    random_like, repeat_jitted, train_step, transformer_shapes)
+from experiments.timing import best_seconds, time_calls
 from optim import _blocks
 
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 512, "Shampoo's block size.", lower_bound=1)
@@ -190,24 +190,13 @@ def time_interleaved(runs, carries, reps, calls, steps_per_call):
     return {key: float(np.mean(values)) for key, values in seconds.items()}
 
 
-def time_once(fn, *args, repeats=3):
-    """Best wall time of `fn(*args)` (jitted, warmed up) over `repeats` calls."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def shampoo_breakdown(tx, params, grads):
     """Seconds of one Shampoo step: statistics, a root refresh, and the rest."""
     state = tx.init(params)
     update = jax.jit(tx.update)
     _, plain_state = update(grads, state, params)  # count 1: no refresh
-    plain = time_once(update, grads, plain_state, params)
-    refresh = time_once(update, grads, state, params)  # count 0: recomputes every root
+    plain = best_seconds(update, grads, plain_state, params)
+    refresh = best_seconds(update, grads, state, params)  # count 0: recomputes every root
     matrices = [g for g in jax.tree.leaves(grads) if g.ndim >= 2]
 
     @jax.jit
@@ -218,7 +207,7 @@ def shampoo_breakdown(tx, params, grads):
             out += [_blocks.gram(blocked, j, g.ndim) for j in range(g.ndim)]
         return out
 
-    stats = time_once(statistics, matrices)
+    stats = best_seconds(statistics, matrices)
     return {"statistics": stats, "roots (per refresh)": refresh - plain,
             "rest": plain - stats, "plain step": plain, "refresh step": refresh}
 

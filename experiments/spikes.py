@@ -24,6 +24,7 @@ class SpikeMonitor:
       streak: consecutive spikes so far.
       first: update index of the streak's first spike (-1 when there is no streak); a
         checkpoint at a step <= first holds params from before the spike.
+      last: the loss observed last (for messages; not part of `state()`).
     """
     factor: float
     window: int
@@ -31,6 +32,7 @@ class SpikeMonitor:
     recent: list = dataclasses.field(default_factory=list)
     streak: int = 0
     first: int = -1
+    last: float = math.nan
 
     def is_spike(self, loss):
         if not math.isfinite(loss):
@@ -40,6 +42,7 @@ class SpikeMonitor:
 
     def observe(self, index, loss):
         """Records the loss of update `index`; True when a rollback is due."""
+        self.last = loss
         if self.is_spike(loss):
             self.first = index if self.streak == 0 else self.first
             self.streak += 1

@@ -6,19 +6,22 @@ split over ("data", "fsdp"), and `jit` (GSPMD) inserts the collectives.
 
 Usage (what experiments/train.py does)::
 
-    import jax, optax
+    import jax, jax.numpy as jnp, optax
     from flax import linen as nn
-    import sharding
+    import models, sharding
 
     mesh = sharding.make_mesh("data=2,fsdp=1,tensor=4")          # or config.mesh
+    cfg, key = models.TransformerConfig(d_model=64, n_layers=2, n_heads=2), jax.random.key(0)
     model = models.Transformer(cfg)
-    init = lambda key: model.init(key, jnp.zeros((1, cfg.max_len), jnp.int32))
+    loss_fn = lambda params, tokens: models.cross_entropy(
+        model.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+    init = lambda key: model.init(key, jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
     boxed = jax.eval_shape(init, key)                          # logical names, no memory
     param_sh = sharding.logical_to_shardings(boxed, mesh)      # tree of NamedSharding
     params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=param_sh)(key)
 
     tx = optax.adamw(1e-3)                                     # any GradientTransformation
-    opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero=config.zero)
+    opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero=0)  # or config.zero
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
@@ -31,7 +34,7 @@ Usage (what experiments/train.py does)::
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, {"loss": loss}
 
     step = sharding.jit_train_step(train_step, mesh, state_sh, sharding.batch_sharding(mesh))
-    for local_batch in data:                                   # this process's rows only
+    for local_batch in data:                      # uint8 [B, T + 1]: this process's rows only
         state, metrics = step(state, sharding.shard_batch(local_batch, mesh))
 
 Other trees that mirror params (EMA copies, gradient accumulators) get shardings from

@@ -1,6 +1,8 @@
 """experiments.data: corpus reading, document split, seekable per-process batches."""
+import errno
 import hashlib
 import os
+import re
 import sysconfig
 
 import numpy as np
@@ -149,3 +151,42 @@ def test_micro_batches_hold_the_same_windows_as_one_big_batch():
     micro = data.sample_batch(RAMP, seed=1, index=2, batch_size=8, seq_len=12, micro_batches=4)
     whole = data.sample_batch(RAMP, seed=1, index=2, batch_size=32, seq_len=12)
     np.testing.assert_array_equal(micro.reshape(1, 32, 13), whole)
+
+
+@pytest.mark.parametrize("special", ["fifo", "broken_link", "folder_named_txt"])
+def test_special_files_in_a_corpus_folder_are_refused_by_name(folder, special):
+    """A FIFO would block the read forever; a broken link cannot be read; neither is text."""
+    path = folder / "d0" / "special.txt"
+    if special == "fifo":
+        os.mkfifo(path)
+        needle = "is a FIFO"
+    elif special == "broken_link":
+        os.symlink(folder / "no_such_target.txt", path)
+        needle = "is a broken symbolic link"
+    else:
+        path.mkdir()
+        (path / "inner.txt").write_text("text")  # a folder named *.txt: walked into, fine
+        data.load_corpus(str(folder))
+        return
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}' {needle}"):
+        data.load_corpus(str(folder))
+
+
+def test_a_device_as_corpus_is_named_as_such():
+    with pytest.raises(ValueError, match="'/dev/null' is a character device, not a text file"):
+        data.load_corpus("/dev/null")
+
+
+def test_an_unreadable_corpus_file_is_named(folder, monkeypatch):
+    path = folder / "d1" / "doc11.py"
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: make the read fail as it would for a user
+        def denied(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return open(file, *args, **kwargs)
+
+        monkeypatch.setattr(data, "open", denied, raising=False)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}' cannot be read: "
+                                         "Permission denied"):
+        data.load_corpus(str(folder))
