@@ -1,0 +1,202 @@
+"""K-FAC through kfac-jax: the one seam between the train job and a non-Optax optimizer.
+
+K-FAC (Martens & Grosse 2015, https://arxiv.org/abs/1503.05671) approximates each layer's
+block of the Fisher by a Kronecker product A (x) G of its input and output-gradient second
+moments and preconditions the gradient by (A + dI)^-1 (x) (G + dI)^-1. ravine does not write
+K-FAC again: it drives DeepMind's kfac-jax (`pip install ravine[kfac]`), whose optimizer is
+not an `optax.GradientTransformation` (it owns the forward and backward passes, because it
+needs each layer's inputs and output gradients). This module hides that difference:
+
+    kfac = KfacOptimizer(loss_fn, learning_rate=1e-2, damping=1e-3)
+    opt_state = kfac.init(params, key, batch)
+    params, opt_state, loss = kfac.step(params, opt_state, key, batch, step)
+
+`loss_fn(params, batch)` must register its loss with kfac-jax (`lm_loss` below does, for
+softmax cross-entropy). Layers are found by kfac-jax's automatic graph scanning.
+
+Two shims make kfac-jax 0.0.8 work with ravine; both live here and `check_kfac_jax()` fails
+loudly when kfac-jax changes under them:
+- jax >= 0.10 returns the bind params alone from `Primitive.get_bind_params`, where
+  kfac-jax's graph matcher unpacks `(subfuns, params)`; `eval_jaxpr_eqn` accepts both.
+- kfac-jax's repeated-dense block assumes a kernel's last dim is its only output dim and
+  the others its input dims. Flax's attention projections are `(d_model, heads, head_dim)`
+  (one input dim, two output dims): `KernelDenseBlock` splits a kernel into input and output
+  dims from the layer's input and output ranks, so attention is preconditioned as the
+  (d_model) x (heads * head_dim) map it is.
+"""
+import dataclasses
+import importlib.metadata
+import math
+
+import jax
+import jax.numpy as jnp
+
+import models
+
+TESTED_VERSION = "0.0.8"
+# The K-FAC hyperparameters the train job and race accept (`optimizer.<name>`).
+HPARAMS = ("learning_rate", "momentum", "damping", "curvature_ema", "curvature_update_period",
+           "inverse_update_period", "l2_reg", "adaptive")
+
+
+def _import():
+    try:
+        import kfac_jax  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise ValueError("optimizer 'kfac' needs kfac-jax: pip install 'ravine[kfac]'") from None
+    return kfac_jax
+
+
+def _eval_jaxpr_eqn(eqn, in_values):
+    """kfac-jax's `tag_graph_matcher.eval_jaxpr_eqn`, for both return shapes of
+    `get_bind_params` (`(subfuns, params)` before jax 0.10, `params` from 0.10 on)."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, bind_params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+    with jax.extend.source_info_util.user_context(eqn.source_info.traceback):
+        output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
+    return output if isinstance(output, list) else [output]
+
+
+def _kernel_dense_block_class(kfac_jax):
+    from kfac_jax._src.curvature_blocks import kronecker_factored  # noqa: PLC0415
+
+    letters = "abcdefghijklmnop"
+
+    class KernelDenseBlock(kronecker_factored.RepeatedDenseKroneckerFactored):
+        """A dense layer `y[..., out] = x[..., in] . W[in, out]` whose kernel may have
+        several input dims and several output dims; its factors are A over prod(in) and
+        G over prod(out)."""
+
+        def __init__(self, layer_tag_eq, **kwargs):
+            self._layer_tag_eq = layer_tag_eq  # the shape properties below read it
+            x_ndim, y_ndim = len(self.inputs_shapes[0]), len(self.outputs_shapes[0])
+            w_ndim = len(self.parameters_shapes[0])
+            n_in = (x_ndim - y_ndim + w_ndim) // 2  # x = (lead, in), y = (lead, out)
+            w = letters[:w_ndim]
+            specs = [f"{w} -> ({w[:n_in]})({w[n_in:]})"]
+            specs += [f"{letters[:len(s)]} -> 1({letters[:len(s)]})"
+                      for s in self.parameters_shapes[1:]]  # the bias, over the out dims
+            super().__init__(layer_tag_eq, parameters_specs=specs, **kwargs)
+
+        def update_curvature_matrix_estimate(self, state, estimation_data, *args, **kwargs):
+            [x], [dy] = estimation_data.primals.inputs, estimation_data.tangents.outputs
+            lead = (x.ndim + dy.ndim - len(self.parameters_shapes[0])) // 2
+            estimation_data = dataclasses.replace(
+                estimation_data,
+                primals=dataclasses.replace(estimation_data.primals,
+                                            inputs=(x.reshape(x.shape[:lead] + (-1,)),)),
+                tangents=dataclasses.replace(estimation_data.tangents,
+                                             outputs=(dy.reshape(dy.shape[:lead] + (-1,)),)))
+            return super().update_curvature_matrix_estimate(state, estimation_data, *args,
+                                                            **kwargs)
+
+    return KernelDenseBlock
+
+
+def check_kfac_jax():
+    """Installs the shims; raises RuntimeError when kfac-jax no longer has what they patch
+    (a newer release: re-check the shims against it and update TESTED_VERSION)."""
+    kfac_jax = _import()
+    from kfac_jax._src import tag_graph_matcher  # noqa: PLC0415
+
+    version = importlib.metadata.version("kfac-jax")
+    if version != TESTED_VERSION:
+        raise RuntimeError(f"kfac-jax {version} is installed; ravine's shims were written "
+                           f"for {TESTED_VERSION} (experiments/kfac.py): check them")
+    if not hasattr(tag_graph_matcher, "eval_jaxpr_eqn"):
+        raise RuntimeError("kfac-jax's tag_graph_matcher.eval_jaxpr_eqn is gone")
+    tag_graph_matcher.eval_jaxpr_eqn = _eval_jaxpr_eqn
+    return kfac_jax
+
+
+def lm_loss(model):
+    """`loss_fn(params, tokens[B, T + 1])`: the LM's cross-entropy, registered with kfac-jax
+    as softmax cross-entropy over the B * T predicted tokens."""
+    kfac_jax = _import()
+
+    def loss_fn(params, tokens):
+        tokens = tokens.astype(jnp.int32)
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        kfac_jax.register_softmax_cross_entropy_loss(
+            logits.reshape(-1, logits.shape[-1]).astype(jnp.float32), targets.reshape(-1))
+        return models.cross_entropy(logits, targets)
+
+    return loss_fn
+
+
+def tokens_in(batch):
+    """The number of predictions in an LM batch `[B, T + 1]`: kfac-jax's batch size."""
+    return math.prod(batch.shape[:-1]) * (batch.shape[-1] - 1)
+
+
+class KfacOptimizer:
+    """kfac-jax's optimizer behind `init` / `step`, with fixed (non-adaptive) learning rate,
+    momentum and damping by default so a learning-rate sweep means something.
+
+    Args:
+      loss_fn: `loss_fn(params, batch) -> scalar`, registering its loss with kfac-jax.
+      learning_rate: a float or a schedule `step -> lr` (ignored when `adaptive`).
+      momentum: momentum on the preconditioned direction (ignored when `adaptive`).
+      damping: Tikhonov damping added to both Kronecker factors' product (initial damping
+        when `adaptive`).
+      curvature_ema: EMA decay of the factors.
+      curvature_update_period: steps between factor updates.
+      inverse_update_period: steps between recomputing the factors' inverses.
+      l2_reg: L2 regularisation kfac-jax adds to the gradient and the curvature.
+      adaptive: kfac-jax's adaptive learning rate, momentum and damping (Martens & Grosse
+        2015, Sec. 6-7; extra forward passes per step).
+      batch_size: `batch -> int`, the number of examples the loss averages over (default:
+        the batch's leading dim).
+    """
+
+    def __init__(self, loss_fn, learning_rate=1e-2, momentum=0.9, damping=1e-3,
+                 curvature_ema=0.95, curvature_update_period=1, inverse_update_period=5,
+                 l2_reg=0.0, adaptive=False, batch_size=None):
+        kfac_jax = check_kfac_jax()
+        for name, value in (("damping", damping), ("learning_rate", learning_rate)):
+            if not callable(value) and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"kfac {name} must be a positive number, got {value!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"kfac momentum must be in [0, 1), got {momentum!r}")
+        if not 0 <= curvature_ema < 1:
+            raise ValueError(f"kfac curvature_ema must be in [0, 1), got {curvature_ema!r}")
+        for name, value in (("curvature_update_period", curvature_update_period),
+                            ("inverse_update_period", inverse_update_period)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"kfac {name} must be a positive int, got {value!r}")
+        schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+        fixed = {} if adaptive else dict(
+            learning_rate_schedule=lambda step: jnp.asarray(schedule(step), jnp.float32),
+            momentum_schedule=lambda _: jnp.asarray(momentum, jnp.float32),
+            damping_schedule=lambda _: jnp.asarray(damping, jnp.float32))
+        extra = {} if batch_size is None else {"batch_size_extractor": batch_size}
+        self.schedule = schedule
+        self._optimizer = kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=l2_reg,
+            use_adaptive_learning_rate=adaptive, use_adaptive_momentum=adaptive,
+            use_adaptive_damping=adaptive, initial_damping=damping if adaptive else None,
+            curvature_ema=curvature_ema, curvature_update_period=curvature_update_period,
+            inverse_update_period=inverse_update_period, num_burnin_steps=0,
+            multi_device=False, layer_tag_to_block_ctor={
+                "repeated_dense": _kernel_dense_block_class(kfac_jax)},
+            **fixed, **extra)
+
+    def init(self, params, key, batch):
+        """The optimizer state for `params` (traces `loss_fn` on `batch` to find layers)."""
+        return self._optimizer.init(params, key, batch)
+
+    def step(self, params, state, key, batch, step):
+        """One K-FAC update: `(params, state, loss)` after it."""
+        params, state, stats = self._optimizer.step(params, state, key, batch=batch,
+                                                    global_step_int=step)
+        return params, state, stats["loss"]
+
+    def registrations(self):
+        """`{param path: kfac-jax block class name}` after `init`: which curvature block
+        preconditions each leaf ("NaiveDiagonal" / "Diagonal" ones were not recognised as a
+        dense layer by the scanner, e.g. embeddings)."""
+        estimator = self._optimizer._estimator  # noqa: SLF001 - kfac-jax has no public view
+        index = estimator.params_block_index
+        return {jax.tree_util.keystr(path): type(estimator.blocks[i]).__name__
+                for path, i in jax.tree.leaves_with_path(index)}
