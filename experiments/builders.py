@@ -173,6 +173,7 @@ def build_optimizer(config, schedule):
     name = cfg.name
     if name not in optim.available() or not hasattr(optim, name):
         known = [n for n in optim.available() if hasattr(optim, n)]
+        known += sorted(_STEP_MAKERS)
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
     accepted = inspect.signature(getattr(optim, name)).parameters
     hparams = optimizer_hparams(config)
@@ -301,3 +302,11 @@ def make_train_step(config, tx=None, schedule=None):
         eval_step=train_lib.make_eval_step(loss_fn), init_params=init_params,
         loss_fn=loss_fn, model_config=model_config, schedule=schedule, tx=tx,
         loss_scale=loss_scale)
+
+
+def _register_kfac():
+    from experiments import kfac  # noqa: PLC0415 - kfac's train functions build on this module
+    register_train_step("kfac", kfac.make_train_functions)
+
+
+_register_kfac()

@@ -7,7 +7,7 @@ K-FAC again: it drives DeepMind's kfac-jax (`pip install ravine[kfac]`), whose o
 not an `optax.GradientTransformation` (it owns the forward and backward passes, because it
 needs each layer's inputs and output gradients). This module hides that difference:
 
-    kfac = KfacOptimizer(loss_fn, learning_rate=1e-2, damping=1e-3)
+    kfac = KfacOptimizer(loss_fn, learning_rate=1e-2, damping=1e-2)
     opt_state = kfac.init(params, key, batch)
     params, opt_state, loss = kfac.step(params, opt_state, key, batch, step)
 
@@ -26,12 +26,12 @@ loudly when kfac-jax changes under them:
 """
 import dataclasses
 import importlib.metadata
-import math
 
 import jax
 import jax.numpy as jnp
 
 import models
+import optim
 
 TESTED_VERSION = "0.0.8"
 # The K-FAC hyperparameters the train job and race accept (`optimizer.<name>`).
@@ -111,7 +111,8 @@ def check_kfac_jax():
 
 def lm_loss(model):
     """`loss_fn(params, tokens[B, T + 1])`: the LM's cross-entropy, registered with kfac-jax
-    as softmax cross-entropy over the B * T predicted tokens."""
+    as softmax cross-entropy over the B * T predicted tokens (kfac-jax's batch is the B
+    rows; its repeated-dense blocks average their statistics over the T positions)."""
     kfac_jax = _import()
 
     def loss_fn(params, tokens):
@@ -123,11 +124,6 @@ def lm_loss(model):
         return models.cross_entropy(logits, targets)
 
     return loss_fn
-
-
-def tokens_in(batch):
-    """The number of predictions in an LM batch `[B, T + 1]`: kfac-jax's batch size."""
-    return math.prod(batch.shape[:-1]) * (batch.shape[-1] - 1)
 
 
 class KfacOptimizer:
@@ -150,7 +146,7 @@ class KfacOptimizer:
         the batch's leading dim).
     """
 
-    def __init__(self, loss_fn, learning_rate=1e-2, momentum=0.9, damping=1e-3,
+    def __init__(self, loss_fn, learning_rate=1e-2, momentum=0.9, damping=1e-2,
                  curvature_ema=0.95, curvature_update_period=1, inverse_update_period=5,
                  l2_reg=0.0, adaptive=False, batch_size=None):
         kfac_jax = check_kfac_jax()
@@ -172,13 +168,15 @@ class KfacOptimizer:
             damping_schedule=lambda _: jnp.asarray(damping, jnp.float32))
         extra = {} if batch_size is None else {"batch_size_extractor": batch_size}
         self.schedule = schedule
+        self._curvature_update_period = curvature_update_period
+        self._adaptive = adaptive
         self._optimizer = kfac_jax.Optimizer(
             value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=l2_reg,
             use_adaptive_learning_rate=adaptive, use_adaptive_momentum=adaptive,
             use_adaptive_damping=adaptive, initial_damping=damping if adaptive else None,
             curvature_ema=curvature_ema, curvature_update_period=curvature_update_period,
             inverse_update_period=inverse_update_period, num_burnin_steps=0,
-            multi_device=False, layer_tag_to_block_ctor={
+            multi_device=False, include_norms_in_stats=True, layer_tag_to_block_ctor={
                 "repeated_dense": _kernel_dense_block_class(kfac_jax)},
             **fixed, **extra)
 
@@ -192,6 +190,30 @@ class KfacOptimizer:
                                                     global_step_int=step)
         return params, state, stats["loss"]
 
+    def traced_step(self, params, state, key, batch, step):
+        """`step` for use inside `jax.jit`, with a traced `step` (kfac-jax's own `step` needs
+        a Python int, from which it picks its compiled variant): the variants this
+        configuration can need are chosen with `lax.switch` (kfac-jax's `Optimizer._step`,
+        the function its `step` calls). Returns `(params, state, stats)`."""
+        period = self._curvature_update_period
+        damping_interval = self._optimizer._damping_adaptation_interval  # noqa: SLF001
+        variants = [(update_curvature, update_damping)
+                    for update_curvature in ((True,) if period == 1 else (True, False))
+                    for update_damping in ((False, True) if self._adaptive else (False,))]
+
+        def branch(flags):
+            def run(operands):
+                return self._optimizer._step(*operands, None, None, None, None, *flags)  # noqa: SLF001
+            return run
+
+        index = jnp.zeros((), jnp.int32)
+        if period > 1:
+            index += (step % period != 0).astype(jnp.int32) * (2 if self._adaptive else 1)
+        if self._adaptive:
+            index += ((step + 1) % damping_interval == 0).astype(jnp.int32)
+        return jax.lax.switch(index, [branch(flags) for flags in variants],
+                              (params, state, key, batch))
+
     def registrations(self):
         """`{param path: kfac-jax block class name}` after `init`: which curvature block
         preconditions each leaf ("NaiveDiagonal" / "Diagonal" ones were not recognised as a
@@ -200,3 +222,71 @@ class KfacOptimizer:
         index = estimator.params_block_index
         return {jax.tree_util.keystr(path): type(estimator.blocks[i]).__name__
                 for path, i in jax.tree.leaves_with_path(index)}
+
+
+def kfac(learning_rate, momentum=0.9, damping=1e-2, curvature_ema=0.95,
+         curvature_update_period=1, inverse_update_period=5, l2_reg=0.0, adaptive=False):
+    """The train job's `optimizer.name=kfac` hyperparameters (see `KfacOptimizer`); the
+    config's `optimizer.*` fields are made from this signature."""
+    return dict(learning_rate=learning_rate, momentum=momentum, damping=damping,
+                curvature_ema=curvature_ema, curvature_update_period=curvature_update_period,
+                inverse_update_period=inverse_update_period, l2_reg=l2_reg, adaptive=adaptive)
+
+
+def make_train_functions(config):
+    """`builders.TrainFunctions` for `optimizer.name=kfac`: the train job's state and metrics,
+    with kfac-jax's update in place of an Optax transform (registered with
+    `builders.register_train_step`). The key of update s is `fold_in(key(seed), s)`, so a
+    resumed run repeats the same K-FAC steps. Not supported (ValueError): loss scaling,
+    EMA / tail averages, gradient clipping (kfac-jax has its own `norm_constraint`)."""
+    import inspect  # noqa: PLC0415
+
+    import optax  # noqa: PLC0415
+    from flax import linen as nn  # noqa: PLC0415
+
+    from experiments import builders  # noqa: PLC0415
+
+    for field, off in (("ema_decay", 0.0), ("average_from_step", -1), ("clip_norm", 0.0)):
+        if config[field] != off:
+            raise ValueError(f"optimizer 'kfac' does not support config.{field}="
+                             f"{config[field]!r}; set it to {off!r}")
+    fns = builders.make_train_step(config, tx=optax.identity())
+    if not isinstance(fns.loss_scale, optim.NoOpLossScale):
+        raise ValueError(f"optimizer 'kfac' does not support loss scaling (precision "
+                         f"{config.precision!r}, loss_scale {config.loss_scale!r})")
+    known = set(inspect.signature(kfac).parameters) - {"learning_rate"}
+    hparams = {key: value for key, value in builders.optimizer_hparams(config).items()
+               if key != "learning_rate"}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise ValueError(f"optimizer 'kfac' takes no {', '.join(unknown)} (unset with "
+                         f"--config.optimizer.{unknown[0]}=None); it takes "
+                         f"{', '.join(sorted(known))}")
+    model = models.Transformer(fns.model_config)
+    optimizer = KfacOptimizer(lm_loss(model), learning_rate=fns.schedule, **hparams)
+    dummy = jnp.zeros((config.grad_accum * config.batch_size, config.seq_len + 1), jnp.int32)
+
+    class _StateOnly:  # what the train job needs of `tx`: `init`, for state shardings
+        @staticmethod
+        def init(params):
+            return optimizer.init(params, jax.random.key(0), dummy)
+
+    def init(key):
+        params = nn.unbox(fns.init_params(key))
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": optimizer.init(params, jax.random.fold_in(key, 1), dummy),
+                "loss_scale": fns.loss_scale, "skipped": jnp.zeros((), jnp.int32)}
+
+    def train_step(state, batch):
+        tokens = batch.reshape(-1, batch.shape[-1])  # the K micro-batches as one batch
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        params, opt_state, stats = optimizer.traced_step(
+            state["params"], state["opt_state"], key, tokens, state["step"])
+        finite = jnp.isfinite(stats["loss"])
+        metrics = {"loss": stats["loss"].astype(jnp.float32), "grad_norm": stats["grad_norm"],
+                   "lr": jnp.asarray(fns.schedule(state["step"]), jnp.float32),
+                   "finite": finite, "loss_scale": fns.loss_scale.loss_scale}
+        return {**state, "params": params, "opt_state": opt_state,
+                "step": state["step"] + 1}, metrics
+
+    return fns._replace(init=init, train_step=train_step, tx=_StateOnly())

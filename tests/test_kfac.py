@@ -117,8 +117,7 @@ def test_transformer_layers_are_registered_and_kfac_lowers_the_lm_loss():
     model = models.Transformer(config)
     tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
     params = nn.unbox(model.init(jax.random.key(0), tokens[:, :-1]))["params"]
-    optimizer = kfac.KfacOptimizer(kfac.lm_loss(model), learning_rate=3e-2,
-                                   batch_size=kfac.tokens_in)
+    optimizer = kfac.KfacOptimizer(kfac.lm_loss(model), learning_rate=3e-2)
     key = jax.random.key(1)
     state = optimizer.init(params, key, tokens)
     blocks = optimizer.registrations()
@@ -139,3 +138,56 @@ def test_transformer_layers_are_registered_and_kfac_lowers_the_lm_loss():
         params, state, value = optimizer.step(params, state, key, tokens, step)
         first = float(value) if first is None else first
     assert float(kfac.lm_loss(model)(params, tokens)) < first - 0.5
+
+
+# ----------------------------------------------------------------------------- the train job
+
+KFAC_RUN = ["--config.optimizer.name=kfac", "--config.optimizer.learning_rate=3e-3",
+            "--config.clip_norm=0", "--config.schedule.name=constant",
+            "--config.schedule.warmup_steps=None", "--config.steps=12", "--config.batch_size=8",
+            "--config.seq_len=32", "--config.model.n_layers=1", "--config.log_every=1",
+            "--config.eval_every=6", "--config.checkpoint_every=4", "--config.eval_batches=2",
+            "--config.optimizer.inverse_update_period=3", "--config.optimizer.damping=1e-2"]
+
+
+def _train(workdir, *flags, module="experiments.train", returncode=0):
+    import os, subprocess, sys  # noqa: E401, PLC0415
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.run(
+        [sys.executable, "-m", module, "--config=experiments/configs/lm.py:tiny",
+         f"--workdir={workdir}", *KFAC_RUN, *flags], cwd=root, capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert process.returncode == returncode, process.stderr[-3000:]
+    return process.stderr
+
+
+def _losses(workdir):
+    import json, os  # noqa: E401, PLC0415
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_train_job_with_kfac_learns_and_resumes_exactly_after_sigkill(tmp_path):
+    import signal  # noqa: PLC0415
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    _train(reference)
+    losses = _losses(reference)
+    assert losses[12] < losses[1] - 0.5  # K-FAC lowers the tiny LM's loss
+    _train(killed, "--fault=kill_after_save:8", module="tests.fault_train",
+           returncode=-signal.SIGKILL)
+    assert "resuming" in _train(killed)
+    assert _losses(killed) == losses  # the K-FAC state (factors, inverses, age) is restored
+
+
+def test_kfac_config_errors_name_the_field():
+    from experiments import builders  # noqa: PLC0415
+    from experiments.configs import lm  # noqa: PLC0415
+    config = lm.get_config("tiny")
+    config.optimizer.name = "kfac"
+    with pytest.raises(ValueError, match="config.clip_norm=1.0"):
+        builders.make_train_step(config)
+    config.clip_norm = 0.0
+    config.optimizer.b1 = 0.9
+    with pytest.raises(ValueError, match="kfac' takes no b1"):
+        builders.make_train_step(config)

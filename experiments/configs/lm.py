@@ -55,8 +55,11 @@ def hparam_fields(functions, derived=()):
 
 
 def _optimizers():
-    """The optimizer factories that exist (the registry may name ones not written yet)."""
-    return [getattr(optim, name) for name in optim.available() if hasattr(optim, name)]
+    """The optimizer factories that exist (the registry may name ones not written yet), and
+    the train job's optimizers that are not Optax transforms (K-FAC)."""
+    from experiments import kfac  # noqa: PLC0415 - experiments.kfac imports no config
+    return [getattr(optim, name) for name in optim.available() if hasattr(optim, name)] + [
+        kfac.kfac]
 
 
 def _model_fields():
