@@ -7,13 +7,29 @@ killed at any moment, during a save too, leaves only whole checkpoints behind (t
 half-written temporary folder is ignored and removed on the next start).
 
 Restoring takes the target's abstract state (`jax.ShapeDtypeStruct`s with shardings), so a
-checkpoint saved on one mesh restores onto any other.
+checkpoint saved on one mesh restores onto any other. `restore_newest` falls back past
+checkpoints that cannot be restored (a damaged or missing file) to the newest one that can.
+
+Saving runs in the background; a failed save (a full disk) raises `SaveError` naming the
+step at the next `poll`, `save` or `close` — `poll` once per step to learn of it at once.
 """
+import contextlib
+import glob
+import logging as std_logging
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "meta")
+
+
+class SaveError(OSError):
+    """Saving a checkpoint failed; the message names its step and the last good one."""
+
+
+class RestoreError(ValueError):
+    """No checkpoint in the folder can be restored."""
 
 
 class Checkpoints:
@@ -22,14 +38,21 @@ class Checkpoints:
     Args:
       directory: where the checkpoints live (created if needed).
       keep: how many of the most recent checkpoints to keep.
+      read_only: only list and read (no folder created, no leftovers cleaned up): for
+        looking into a folder another process may be writing.
     """
 
-    def __init__(self, directory, keep=3):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
-                                               create=True)
+    def __init__(self, directory, keep=3, read_only=False):
         # Orbax wants an absolute path; a workdir is often given relative to the cwd.
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                              item_names=ITEMS)
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1)
+        with _quiet() if read_only else contextlib.nullcontext():
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=ITEMS)
+        self._pending = None  # the step being saved in the background
 
     def steps(self):
         """The steps of the complete checkpoints, ascending."""
@@ -47,8 +70,44 @@ class Checkpoints:
         """
         if step in self._manager.all_steps():
             return
+        self._check_pending(wait=True)
+        self._pending = step
+        try:
+            self._write(step, state, meta)
+        except OSError as error:
+            self._fail(step, error)
+
+    def _write(self, step, state, meta):
+        """Starts Orbax's save (the seam tests patch to fail as a full disk would)."""
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def poll(self):
+        """Raises SaveError if the background save finished and failed (never blocks)."""
+        self._check_pending(wait=False)
+
+    def _check_pending(self, wait):
+        if self._pending is None:
+            return
+        if not wait and self._manager.is_saving_in_progress():
+            return
+        try:
+            if wait:
+                self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - whatever the background write raised
+            self._fail(self._pending, error)
+        self._pending = None
+
+    def _fail(self, step, error):
+        """Removes what the failed save left behind; raises SaveError naming the step."""
+        self._pending = None
+        for leftover in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+        good = [s for s in self.steps() if s != step]
+        last = f"checkpoint {good[-1]} is the last good one" if good else "no checkpoint saved"
+        reason = getattr(error, "strerror", None) or error
+        raise SaveError(f"saving checkpoint {step} failed: {reason}; {last}") from error
 
     def restore(self, step, abstract_state):
         """`(state, meta)` of checkpoint `step`, laid out as `abstract_state`'s shardings."""
@@ -56,6 +115,46 @@ class Checkpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
+
+    def restore_newest(self, abstract_state, check_meta=None, warn=print):
+        """`(state, meta)` of the newest checkpoint that can be restored, or None if there is
+        no checkpoint. Newer ones that cannot be restored are reported through `warn` (one
+        line each, naming the step and why) and deleted, so the run saves them anew.
+
+        Args:
+          abstract_state: the target layout (see `restore`).
+          check_meta: `meta -> None`, called before the arrays are read; what it raises (a
+            checkpoint of another run) propagates instead of falling back.
+          warn: called with a one-line message for each checkpoint skipped.
+
+        Raises:
+          RestoreError: when there are checkpoints but none can be restored.
+        """
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                meta = self.read_meta(step)
+            except Exception as error:  # noqa: BLE001 - a damaged file, whatever it raises
+                failures.append((step, error))
+                warn(f"checkpoint {step} cannot be restored ({_reason(error)}); trying the "
+                     "one before")
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                restored = self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001
+                failures.append((step, error))
+                warn(f"checkpoint {step} cannot be restored ({_reason(error)}); trying the "
+                     "one before")
+                continue
+            self.delete_after(step)
+            return restored
+        if failures:
+            raise RestoreError(f"no checkpoint in {self.directory} can be restored "
+                               f"(newest: {failures[0][0]}, {_reason(failures[0][1])})")
+        return None
 
     def read_meta(self, step):
         """The JSON metadata of checkpoint `step`, without reading its arrays."""
@@ -70,6 +169,30 @@ class Checkpoints:
                 self._manager.delete(later)
 
     def close(self):
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves (SaveError if one failed) and releases the manager."""
+        if self._manager is None:
+            return
+        try:
+            self._check_pending(wait=True)
+        finally:
+            self._manager.close()
+            self._manager = None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences Orbax's warnings that a read-only manager is read-only (it says so for every
+    option it turns off, and for the folder)."""
+    previous = std_logging.root.manager.disable
+    std_logging.disable(std_logging.WARNING)
+    try:
+        yield
+    finally:
+        std_logging.disable(previous)
+
+
+def _reason(error):
+    """The last line of an exception's message, shortened: why a restore failed."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    text = f"{type(error).__name__}: {lines[-1].strip()}"
+    return text if len(text) <= 200 else text[:197] + "..."

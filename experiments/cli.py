@@ -21,6 +21,7 @@ Only wrap the set-up phase (parsing, validation, building objects) in `usage_err
 ValueError deep inside a training loop is a bug and should keep its traceback.
 """
 import contextlib
+import re
 import sys
 
 from absl import app, flags
@@ -48,6 +49,13 @@ def fail(message):
     sys.exit(EXIT_USAGE)
 
 
+def stopped(message, status):
+    """Prints `message` as one line on stderr and exits with `status` (a run that stopped:
+    diverged, interrupted, preempted, a failed save)."""
+    print(one_line(message), file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 @contextlib.contextmanager
 def usage_errors(*error_types):
     """Turns ValueError (UsageError included) and `error_types` raised inside into `fail`."""
@@ -66,6 +74,18 @@ def _unknown_config_field(argv, key):
     return None
 
 
+def unknown_field_message(error, argv):
+    """One line for ml_collections' KeyError / AttributeError about an unknown config field
+    (whose text is a repr with an embedded 'Did you mean ...' line)."""
+    text = str(error.args[0]) if error.args else str(error)
+    key_match = re.search(r"[A-Za-z_]\w*", text)
+    key = key_match.group(0) if key_match else text
+    arg = _unknown_config_field(argv, key)
+    message = f"unknown config field {key!r}" + (f" in {arg}" if arg else "")
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    return message + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else "")
+
+
 def parse_flags(argv):
     """absl flag parser for `app.run(main, flags_parser=parse_flags)`: errors exit 2.
 
@@ -77,18 +97,29 @@ def parse_flags(argv):
     except flags.Error as error:
         fail(error)
     except (KeyError, AttributeError) as error:  # ml_collections: no such config field
-        key = str(error.args[0]).strip("'\"") if error.args else ""
-        arg = _unknown_config_field(argv, key)
-        fail(f"unknown config field {key!r} in {arg}" if arg else f"bad flag: {error}")
+        fail(unknown_field_message(error, argv))
+
+
+def define_config_flag(define, *args, **kwargs):
+    """`define(*args, **kwargs)` (e.g. `config_flags.DEFINE_config_file`), where an unknown
+    `--config.<field>` on the command line exits 2 with one line: ml_collections applies
+    the overrides when the flag is defined, before `app.run` parses anything."""
+    try:
+        return define(*args, **kwargs)
+    except (KeyError, AttributeError) as error:
+        fail(unknown_field_message(error, sys.argv))
 
 
 def flag_value(holder):
     """`holder.value` of a config flag; a config file that fails to load exits 2.
 
-    ml_collections loads the file lazily and raises (multi-line) on first access.
+    ml_collections loads the file lazily and raises (multi-line) on first access: the
+    value is touched here so that happens now.
     """
     try:
-        return holder.value
+        value = holder.value
+        value.keys()  # a config that failed to load raises on any attribute access
+        return value
     except Exception as error:  # noqa: BLE001 - whatever the config file raised
         fail(f"--{holder.name}: {error}")
 

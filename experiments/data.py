@@ -21,6 +21,7 @@
 import functools
 import hashlib
 import os
+import stat
 import sysconfig
 import zlib
 from typing import NamedTuple
@@ -56,22 +57,56 @@ def default_corpus_path():
     return sysconfig.get_paths()["stdlib"]
 
 
+def _kind(mode):
+    """What a non-regular file is, in words (for error messages)."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_regular(path, what):
+    """ValueError unless `path` is (a symlink to) a regular file: reading a FIFO or a device
+    would block or never end, and a broken link cannot be read at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path!r} is a broken symbolic link") from None
+    except OSError as error:
+        raise ValueError(f"{what} {path!r} cannot be read: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path!r} is {_kind(mode)}, not a text file; remove it or "
+                         "point config.corpus elsewhere")
+
+
 def list_documents(path):
     """The documents of a corpus: `[path]` for a file, else its text files in sorted order.
 
     Raises:
-      ValueError: naming `path` when it does not exist or holds no .txt / .md / .py file.
+      ValueError: naming `path` when it does not exist, is not a regular file or folder
+        (e.g. /dev/null) or holds no .txt / .md / .py file, and naming a document in it
+        that is not a regular file (a FIFO, a device, a broken symbolic link) or that a
+        folder cannot be read.
     """
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
+    if not os.path.lexists(path):
         raise ValueError(f"corpus {path!r} does not exist")
+    if not os.path.isdir(path):
+        _check_regular(path, "corpus")
+        return [path]
+
+    def unreadable(error):
+        raise ValueError(f"corpus folder {error.filename!r} cannot be read: {error.strerror}")
+
     found = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path, onerror=unreadable):
         dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
         found.extend(os.path.join(root, f) for f in files if f.endswith(SUFFIXES))
     if not found:
         raise ValueError(f"corpus {path!r} holds no {' / '.join(SUFFIXES)} files")
+    for document in found:
+        _check_regular(document, "corpus file")
     return sorted(found, key=lambda f: os.path.relpath(f, path))
 
 
@@ -113,8 +148,11 @@ def _read_corpus(path, fingerprint, valid_fraction):
     n_bytes = 0
     for file, _, _ in fingerprint:
         name = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
-        with open(file, "rb") as f:
-            text = f.read()
+        try:
+            with open(file, "rb") as f:
+                text = f.read()
+        except OSError as error:
+            raise ValueError(f"corpus file {file!r} cannot be read: {error.strerror}") from None
         digest.update(name.encode() + SEPARATOR + text + SEPARATOR)
         n_bytes += len(text)
         if text:

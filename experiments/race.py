@@ -55,9 +55,10 @@ from experiments import cli, race_stats, sweep, train
 CENTRE_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3,
              "lion": 1e-3, "adafactor": 1e-2, "shampoo": 3e-3, "soap": 1e-2, "muon": 0.03}
 
-# --config and --workdir are experiments.train's flags; the race's default workload is tiny.
-flags.FLAGS.set_default("config", "experiments/configs/lm.py:tiny")
-_CONFIG, _WORKDIR = train._CONFIG, train._WORKDIR
+# --config and --workdir as in experiments.train; the race's default workload is tiny. (The
+# default is given when the flag is defined: ml_collections applies `--config.<field>`
+# overrides then, so changing it later breaks them.)
+_CONFIG, _WORKDIR, _ = train.define_flags(train.DEFAULT_CONFIG + ":tiny")
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adamw", "lion", "shampoo", "soap", "muon"],
                                 "Optimizers to race (names from optim.available()).")
 _LRS = flags.DEFINE_list("lrs", [], "Explicit initial learning rates for every optimizer "

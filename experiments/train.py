@@ -9,7 +9,16 @@ Bad flags or config values exit with status 2 and one line on stderr, before DIR
 For emulated devices on CPU set `JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=8`; on several hosts
 set `--multihost` (calls `jax.distributed.initialize()`; each host reads its rows of a batch).
 
-In Python (e.g. experiments/race.py): `summary = train(lm.get_config("tiny"), workdir)`.
+The workdir rules (experiments/workdir.py): one run per workdir (a second process exits 2
+naming the first one's pid); a resume is the same run (trajectory fields changed since the
+checkpoint exit 2, listing them); `--config.init_from=DIR[:STEP]` starts a new workdir
+from another run's checkpoint (params; with `--config.init_from_optimizer=true` also the
+optimizer state, step and data position). SIGTERM or Ctrl-C: the step finishes, a
+checkpoint is saved, one line says where it stopped; exit `config.preempt_exit_code` (143).
+
+In Python (e.g. experiments/race.py): `summary = train(lm.get_config("tiny"), workdir)`;
+the pieces (`setup`, `experiments.builders`) are public for sweeps that drive steps
+themselves.
 
 Steps are counted from 1: the row with `step = s` has the loss of the s-th update (of the
 params after s - 1 updates) and, on eval steps, the eval losses of the params after s
@@ -20,16 +29,15 @@ is batch number `s - 1 + data_offset` of the seekable sampler (`experiments.data
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
+import math
 import os
-import signal
-import time
+import re
+import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+import ml_collections
 import tqdm
 from absl import flags, logging
 from flax import linen as nn
@@ -38,152 +46,41 @@ from ml_collections import config_flags
 import models
 import optim
 import sharding
-from experiments import checkpointing, cli, data, spikes, train_lib
-from experiments.configs import lm
-from optim import _validate, schedules
+from experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
+                         train_lib)
+from experiments import workdir as workdir_lib
+# The builders and the metrics log, also reachable from here (older callers use these).
+from experiments.builders import (  # noqa: F401
+    LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,
+    no_decay_mask, validate)
+from experiments.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses  # noqa: F401
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/lm.py", "Config file, `path[:variant]`.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
-
-LOSS_SCALES = ("auto", "none", "dynamic")
+CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm.py")
+EXIT_STOPPED = 1  # diverged, or a checkpoint could not be saved
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12,
               "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12}
-METRICS_FILE, CONFIG_FILE, PLOT_FILE, CHECKPOINT_DIR = (
-    "metrics.jsonl", "config.json", "loss.png", "checkpoints")
+
+
+def define_flags(default_config=DEFAULT_CONFIG):
+    """Defines --config (a config file, `path[:variant]`), --workdir and --multihost; the
+    scripts built on the train job (experiments.race) call it with their own default."""
+    config = cli.define_config_flag(
+        config_flags.DEFINE_config_file, "config", default_config,
+        "Config file, `path[:variant]`.", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.")
+    multihost = flags.DEFINE_bool("multihost", False,
+                                  "Call jax.distributed.initialize() first.")
+    return config, workdir, multihost
+
+
+class Diverged(RuntimeError):
+    """The loss became non-finite with no loss scaling to skip it, or spike rollbacks ran
+    out of their budget; the message says at which step and what was tried."""
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-def validate(config):
-    """Checks the scalar fields; ValueError naming the field and its value."""
-    for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum", "eval_batches",
-                 "keep_checkpoints", "spike_window", "spike_patience"):
-        _validate.positive_int(f"config.{name}", config[name])
-    for name in ("seed", "eval_every", "checkpoint_every", "spike_skip"):
-        _validate.non_negative_int(f"config.{name}", config[name])
-    _validate.learning_rate(config.optimizer.learning_rate, "config.optimizer.learning_rate")
-    _validate.one_of("config.zero", config.zero, sharding.partition.ZERO_STAGES)
-    _validate.one_of("config.loss_scale", config.loss_scale, LOSS_SCALES)
-    _validate.non_negative("config.clip_norm", config.clip_norm)
-    _validate.non_negative("config.peak_flops", config.peak_flops)
-    _validate.in_range("config.ema_decay", config.ema_decay)
-    _validate.greater_than("config.spike_factor", config.spike_factor, 1)
-    if not isinstance(config.average_from_step, int) or config.average_from_step < -1:
-        raise ValueError(f"config.average_from_step must be -1 (off) or a step >= 0, got "
-                         f"{config.average_from_step!r}")
-
-
-def build_schedule(config):
-    """`optim.schedules.<schedule.name>(**args)` from the schedule fields that are set;
-    `peak_value` (`value` for constant) defaults to optimizer.learning_rate and
-    `total_steps` to steps."""
-    name = config.schedule.name
-    if name not in lm.SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(lm.SCHEDULES)}")
-    function = getattr(schedules, name)
-    accepted = inspect.signature(function).parameters
-    args = {key: value for key, value in config.schedule.items()
-            if key != "name" and value is not None}
-    unknown = sorted(set(args) - set(accepted) - {"peak_value"})
-    if unknown:
-        raise ValueError(f"schedule {name!r} takes no {unknown[0]} (config.schedule."
-                         f"{unknown[0]}={args[unknown[0]]!r}; set it to None)")
-    peak = args.pop("peak_value", config.optimizer.learning_rate)
-    args["value" if "value" in accepted else "peak_value"] = peak
-    if "total_steps" in accepted:
-        args.setdefault("total_steps", config.steps)
-    missing = [key for key, arg in accepted.items()
-               if arg.default is inspect.Parameter.empty and key not in args]
-    if missing:
-        raise ValueError(f"schedule {name!r} needs config.schedule.{missing[0]}")
-    return function(**args)
-
-
-def _path_keys(path):
-    return {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
-
-
-def no_decay_mask(keys):
-    """A weight-decay `mask`: False for leaves with any path key in the comma list `keys`."""
-    skipped = {key.strip() for key in keys.split(",") if key.strip()}
-
-    def mask(params):
-        return jax.tree.map_with_path(lambda path, _: not _path_keys(path) & skipped, params)
-
-    return mask
-
-
-def _coerce(name, value, default):
-    """A dtype given by name on the command line, for an argument whose default is a dtype."""
-    if isinstance(value, str) and default is not None and not isinstance(
-            default, (str, bool, int, float)):
-        try:
-            return jnp.dtype(value)
-        except TypeError:
-            raise ValueError(f"config.optimizer.{name} must be a dtype name, got "
-                             f"{value!r}") from None
-    return value
-
-
-def build_optimizer(config, schedule):
-    """`optim.create(optimizer.name, **set hparams)` with the schedule as learning rate,
-    `mask` from no_decay and `muon_mask` from muon_exclude (where the optimizer takes them),
-    preceded by global-norm clipping when clip_norm > 0."""
-    cfg = config.optimizer
-    name = cfg.name
-    if name not in optim.available() or not hasattr(optim, name):
-        known = [n for n in optim.available() if hasattr(optim, n)]
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
-    accepted = inspect.signature(getattr(optim, name)).parameters
-    hparams = {key: value for key, value in cfg.items()
-               if key not in ("name", "no_decay", "muon_exclude") and value is not None}
-    hparams = {key: _coerce(key, value, accepted[key].default if key in accepted else None)
-               for key, value in hparams.items()}
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ValueError(f"optimizer {name!r} takes no {', '.join(unknown)} (unset with "
-                         f"--config.optimizer.{unknown[0]}=None); it takes "
-                         f"{', '.join(accepted)}")
-    hparams["learning_rate"] = schedule
-    if hparams.get("adam_learning_rate") is not None:
-        # Muon's AdamW leaves: the same schedule shape, peaking at adam_learning_rate.
-        adam_peak = hparams["adam_learning_rate"]
-        _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
-        if cfg.learning_rate:
-            ratio = adam_peak / cfg.learning_rate
-            hparams["adam_learning_rate"] = lambda step: ratio * schedule(step)
-    if "mask" in accepted and cfg.no_decay:
-        hparams["mask"] = no_decay_mask(cfg.no_decay)
-    if "muon_mask" in accepted:
-        exclude = tuple(key.strip() for key in cfg.muon_exclude.split(",") if key.strip())
-        hparams["muon_mask"] = optim.hidden_matrices(exclude=exclude)
-    return train_lib.with_clipping(optim.create(name, **hparams), config.clip_norm)
-
-
-def build_loss_scale(config, policy):
-    """Dynamic loss scaling when asked, or with "auto" when any policy dtype is float16."""
-    dtypes = (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
-    if config.loss_scale == "dynamic" or (
-            config.loss_scale == "auto" and np.dtype(np.float16) in dtypes):
-        return optim.DynamicLossScale()
-    return optim.NoOpLossScale()
-
-
-def build_model_config(config):
-    """The TransformerConfig: config.model, vocab 256 (bytes), policy from precision."""
-    fields = dict(config.model.items())
-    known = {f.name for f in dataclasses.fields(models.TransformerConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown model field config.model.{unknown[0]}")
-    if fields["max_len"] < config.seq_len:
-        raise ValueError(f"config.model.max_len ({fields['max_len']}) must be >= "
-                         f"config.seq_len ({config.seq_len})")
-    return models.TransformerConfig(vocab_size=256, policy=config.precision, **fields)
 
 
 def state_signature(abstract_state):
@@ -202,6 +99,27 @@ def _peak_flops(config):
     return next((peak for key, peak in PEAK_FLOPS.items() if key in kind), None)
 
 
+def state_layout(fns, mesh, zero):
+    """`(abstract_state, state_shardings)` of `builders.make_train_step`'s state on `mesh`:
+    params by their logical axes, optimizer state following them (ZeRO stage `zero`)."""
+    key = jax.random.key(0)
+    abstract = jax.eval_shape(fns.init, key)
+    param_sh = sharding.logical_to_shardings(jax.eval_shape(fns.init_params, key), mesh)
+    params = abstract["params"]
+    replicated = sharding.replicated(mesh)
+    state_sh = {
+        "step": replicated, "skipped": replicated, "params": param_sh,
+        "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
+        "opt_state": sharding.optimizer_state_shardings(fns.tx, params, param_sh, zero)}
+    for name in ("ema", "average"):
+        if name in abstract:
+            state_sh[name] = sharding.follow_param_shardings(abstract[name], params, param_sh)
+    abstract_state = jax.tree.map(
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+        abstract, state_sh)
+    return abstract_state, state_sh
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a run needs, built and validated from a config before any file is written."""
@@ -211,6 +129,7 @@ class Setup:
     model_config: models.TransformerConfig
     n_params: int
     init: Any              # key -> state, jitted onto the mesh
+    init_from_params: Any  # params -> state at step 0 around them, jitted onto the mesh
     abstract_state: Any    # ShapeDtypeStructs with the state's shardings
     train_step: Any        # sharding.jit_train_step(...)
     eval_step: Any         # jitted (params, batch) -> loss
@@ -218,6 +137,7 @@ class Setup:
     signature: str
     flops_per_token: float
     peak_flops: float | None
+    loss_scaled: bool      # whether a loss scale skips non-finite steps (dynamic scaling)
 
     @contextlib.contextmanager
     def in_mesh(self):
@@ -231,7 +151,7 @@ def setup(config):
 
     Raises ValueError (naming the bad value) for anything wrong with the config.
     """
-    validate(config)
+    fns = builders.make_train_step(config)  # validates config first
     mesh = sharding.make_mesh(config.mesh)
     data_parallel = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
     if config.batch_size % data_parallel:
@@ -242,327 +162,371 @@ def setup(config):
                          f"{jax.process_count()} processes")
     corpus = data.load_corpus(config.corpus, config.valid_fraction)
     data.check_length(corpus, config.seq_len)
-    model_config = build_model_config(config)
-    model = models.Transformer(model_config)
-    policy = models.get_policy(config.precision)
-    schedule = build_schedule(config)
-    tx = build_optimizer(config, schedule)
-    loss_scale = build_loss_scale(config, policy)
-
-    dummy = jnp.zeros((1, config.seq_len), jnp.int32)
-
-    def init(key):
-        params = nn.unbox(model.init(key, dummy))["params"]
-        return train_lib.init_state(params, tx, loss_scale, config.ema_decay,
-                                    config.average_from_step)
-
-    key = jax.random.key(config.seed)
-    boxed = jax.eval_shape(model.init, key, dummy)["params"]
-    abstract = jax.eval_shape(init, key)
-    param_sh = sharding.logical_to_shardings(boxed, mesh)
-    params = abstract["params"]
-    replicated = sharding.replicated(mesh)
-    state_sh = {
-        "step": replicated, "skipped": replicated, "params": param_sh,
-        "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
-        "opt_state": sharding.optimizer_state_shardings(tx, params, param_sh, config.zero)}
-    for key_name in ("ema", "average"):
-        if key_name in abstract:
-            state_sh[key_name] = sharding.follow_param_shardings(abstract[key_name], params,
-                                                                 param_sh)
-    abstract_state = jax.tree.map(
-        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
-        abstract, state_sh)
-
-    loss_fn = train_lib.lm_loss(model)
+    abstract_state, state_sh = state_layout(fns, mesh, config.zero)
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
-    train_step = sharding.jit_train_step(
-        train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,
-                                  config.average_from_step),
-        mesh, state_sh, batch_sh)
-    eval_step = jax.jit(train_lib.make_eval_step(loss_fn), in_shardings=(param_sh, batch_sh),
-                        out_shardings=replicated)
     eval_rows = data.sample_batch(
         corpus.valid, config.seed, 0, config.batch_size, config.seq_len,
         micro_batches=config.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count(), stream=data.EVAL_STREAM)
+
     return Setup(
-        config=config, corpus=corpus, mesh=mesh, model_config=model_config,
-        n_params=models.count_params(params),
-        init=jax.jit(init, out_shardings=state_sh), abstract_state=abstract_state,
-        train_step=train_step, eval_step=eval_step,
+        config=config, corpus=corpus, mesh=mesh, model_config=fns.model_config,
+        n_params=models.count_params(abstract_state["params"]),
+        init=jax.jit(fns.init, out_shardings=state_sh),
+        init_from_params=jax.jit(lambda params: _state_around(fns, config, params),
+                                 out_shardings=state_sh),
+        abstract_state=abstract_state,
+        train_step=sharding.jit_train_step(fns.train_step, mesh, state_sh, batch_sh),
+        eval_step=jax.jit(fns.eval_step, in_shardings=(state_sh["params"], batch_sh),
+                          out_shardings=sharding.replicated(mesh)),
         eval_batch=sharding.shard_batch(eval_rows, mesh, batch_dim=1),
         signature=state_signature(abstract_state),
-        flops_per_token=models.flops_per_token(model_config, config.seq_len),
-        peak_flops=_peak_flops(config))
+        flops_per_token=models.flops_per_token(fns.model_config, config.seq_len),
+        peak_flops=_peak_flops(config),
+        loss_scaled=not isinstance(fns.loss_scale, optim.NoOpLossScale))
 
 
-# ----------------------------------------------------------------------------- metrics
+def _state_around(fns, config, params):
+    return train_lib.init_state(params, fns.tx, fns.loss_scale, config.ema_decay,
+                                config.average_from_step)
 
 
-class MetricsLog:
-    """DIR/metrics.jsonl, written by process 0: one JSON object per line, flushed each row."""
+# ----------------------------------------------------------------------------- pieces
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
 
-    def rows(self):
-        """Every complete row (a line cut short by a kill is skipped)."""
-        if not os.path.exists(self.path):
-            return []
-        rows = []
-        with open(self.path) as f:
-            for line in f:
+def batch_at(s, position):
+    """Training batch number `position` (this process's rows), on the mesh."""
+    cfg = s.config
+    rows = data.sample_batch(
+        s.corpus.train, cfg.seed, position, cfg.batch_size, cfg.seq_len,
+        micro_batches=cfg.grad_accum, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    return sharding.shard_batch(rows, s.mesh, batch_dim=1)
+
+
+def evaluate(s, state):
+    """Eval losses of the params (and of the EMA / tail average, when the state has them)."""
+    with s.in_mesh():
+        row = {"eval_loss": float(s.eval_step(state["params"], s.eval_batch))}
+        if "ema" in state:
+            row["eval_loss_ema"] = float(s.eval_step(state["ema"], s.eval_batch))
+        if "average" in state and int(state["average"].count) > 0:
+            row["eval_loss_avg"] = float(s.eval_step(state["average"].average, s.eval_batch))
+    return row
+
+
+def config_record(config):
+    """The config as plain JSON values (what a checkpoint stores and a resume compares)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def run_info(s):
+    """config.json's content: the resolved config, the corpus, model and devices."""
+    corpus = s.corpus
+    return {
+        "config": config_record(s.config),
+        "corpus": {"path": corpus.path, "bytes": corpus.n_bytes, "sha256": corpus.sha256,
+                   "documents": corpus.n_documents, "train_bytes": int(corpus.train.size),
+                   "valid_bytes": int(corpus.valid.size)},
+        "model": dataclasses.asdict(s.model_config), "params": s.n_params,
+        "flops_per_token": s.flops_per_token, "mesh": dict(s.mesh.shape),
+        "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
+
+
+def check_same_run(s, workdir, meta):
+    """ValueError when checkpoint `meta` is of another run than `s` (see workdir.py)."""
+    record = config_record(s.config)
+    changes = workdir_lib.changed_fields(meta["config"], record) if "config" in meta else []
+    if meta.get("corpus_sha256", s.corpus.sha256) != s.corpus.sha256:
+        changes.append(("corpus (SHA-256 of its documents)", meta["corpus_sha256"][:12],
+                        s.corpus.sha256[:12]))
+    if meta.get("signature") != s.signature:
+        listed = "; changed: " + ", ".join(c[0] for c in changes) if changes else ""
+        raise cli.UsageError(
+            f"workdir {workdir!r} holds a checkpoint (step {meta.get('step')}) of a "
+            f"different model / optimizer state{listed}; use a new --workdir or the "
+            "original config")
+    if changes:
+        raise cli.UsageError(workdir_lib.describe_changes(workdir, changes))
+
+
+def check_workdir(s, workdir):
+    """Before anything is written: a checkpoint in `workdir` must be of the same run."""
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return
+    checkpoints = checkpointing.Checkpoints(folder, read_only=True)
+    for step in reversed(checkpoints.steps()):
+        try:
+            meta = checkpoints.read_meta(step)
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: restore falls back past it
+            continue
+        check_same_run(s, workdir, meta)
+        return
+
+
+def _fresh(s):
+    return s.init(jax.random.key(s.config.seed)), {
+        "step": 0, "data_offset": 0, "rollbacks": 0, "spike": {}}
+
+
+def branch_from(s, spec):
+    """`(state, meta)` for `config.init_from=DIR[:STEP]` (see the module docstring)."""
+    match = re.fullmatch(r"(.*?)(?::(\d+))?", spec)
+    source, step = match.group(1), match.group(2)
+    checkpoints = checkpointing.Checkpoints(os.path.join(source, CHECKPOINT_DIR),
+                                            read_only=True)
+    steps = checkpoints.steps() if os.path.isdir(checkpoints.directory) else []
+    step = int(step) if step is not None else (steps[-1] if steps else None)
+    if step is None or step not in steps:
+        raise cli.UsageError(f"config.init_from={spec!r}: no checkpoint "
+                             f"{'' if step is None else step} in {source!r} (it has "
+                             f"{', '.join(map(str, steps)) or 'none'})")
+    meta = checkpoints.read_meta(step)
+    same = meta.get("signature") == s.signature
+    if s.config.init_from_optimizer and not same:
+        raise cli.UsageError(
+            f"config.init_from_optimizer: the optimizer state of {spec!r} has another "
+            "structure than this config's; branch with params only (init_from_optimizer=false)")
+    if same:
+        restored, _ = checkpoints.restore(step, s.abstract_state)
+    else:  # another optimizer: lay the source's own state out on this mesh, keep its params
+        source_config = ml_collections.ConfigDict(meta["config"])
+        layout, _ = state_layout(builders.make_train_step(source_config), s.mesh,
+                                 s.config.zero)
+        restored, _ = checkpoints.restore(step, layout)
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), s.abstract_state["params"])
+        got = jax.tree.map(lambda x: (x.shape, x.dtype), restored["params"])
+        if want != got:
+            raise cli.UsageError(f"config.init_from={spec!r}: its model has other "
+                                 "parameters than this config's model")
+    checkpoints.close()
+    if s.config.init_from_optimizer:
+        return restored, {"step": int(meta["step"]), "data_offset": meta["data_offset"],
+                          "rollbacks": 0, "spike": meta["spike"], "init_from": spec}
+    state = s.init_from_params(restored["params"])
+    return state, {"step": 0, "data_offset": 0, "rollbacks": 0, "spike": {},
+                   "init_from": spec}
+
+
+def roll_back(s, checkpoints, log, monitor, step, loss, tries):
+    """Restores the latest checkpoint from before the spike (or the initial state) and
+    deletes later checkpoints and metrics rows; returns (state, meta). Raises Diverged
+    when `spike_max_rollbacks` rollbacks to the same step did not get past the spike."""
+    good = max((c for c in checkpoints.steps() if c <= monitor.first), default=0)
+    tries[good] = tries.get(good, 0) + 1
+    if tries[good] > s.config.spike_max_rollbacks:
+        raise Diverged(f"loss spike at step {step} (loss {loss:.4g}) after "
+                       f"{s.config.spike_max_rollbacks} rollbacks to step {good}; stopping "
+                       f"(checkpoints kept; a smaller learning rate may help)")
+    logging.warning("loss spike at steps %d-%d: rolling back to step %d and skipping %d "
+                    "batches", monitor.first + 1, step, good, s.config.spike_skip)
+    checkpoints.delete_after(good)
+    state, meta = (checkpoints.restore(good, s.abstract_state) if good in checkpoints.steps()
+                   else _fresh(s))
+    monitor.load(meta["spike"])
+    log.truncate(meta["step"])
+    return state, meta
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config, workdir, progress=True, *, prepared=None, stop=None,
+          raise_on_divergence=False):
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns a summary:
+    steps, final_loss, final_eval_loss(_ema/_avg), tokens_per_sec (median), skipped_steps,
+    rollbacks, seconds, params, history (the metrics.jsonl rows), diverged (the run
+    stopped on a non-finite loss or a spent rollback budget; its final eval losses are
+    then NaN) and stopped_by (the signal that stopped it early, or None).
+
+    Args:
+      config: an experiments/configs/lm.py config.
+      workdir: the run folder (see the workdir rules in the module docstring).
+      progress: show a progress bar on stderr.
+      prepared: `setup(config)`, when the caller built it already.
+      stop: a `preemption.StopSignal` to obey (default: none; signals act as usual).
+      raise_on_divergence: raise Diverged instead of returning a `diverged` summary.
+
+    Raises:
+      ValueError: a bad config or workdir, before anything is written (also
+        `workdir.WorkdirBusy`, when another run holds the workdir).
+      checkpointing.SaveError: a checkpoint could not be written (e.g. a full disk).
+    """
+    # -- mesh, data, model, optimizer: every check before a file is written
+    s = prepared or setup(config)
+    check_workdir(s, workdir)
+    is_main, stop = jax.process_index() == 0, stop or preemption.NoStop()
+    with workdir_lib.lock(workdir, enabled=is_main), contextlib.ExitStack() as cleanup:
+        log = metrics.MetricsLog(os.path.join(workdir, METRICS_FILE), is_main)
+        checkpoints = checkpointing.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
+                                                config.keep_checkpoints)
+        cleanup.callback(_close_quietly, checkpoints)
+        # -- state: the newest checkpoint that restores, a branch, or a fresh start
+        restored = checkpoints.restore_newest(
+            s.abstract_state, lambda meta: check_same_run(s, workdir, meta), _warn)
+        if restored is None and config.init_from:
+            restored = branch_from(s, config.init_from)
+        state, meta = restored or _fresh(s)
+        if is_main:
+            _start_phase(metrics.write_json, os.path.join(workdir, CONFIG_FILE), run_info(s))
+        step, data_offset, rollbacks = int(meta["step"]), meta["data_offset"], meta["rollbacks"]
+        monitor = spikes.SpikeMonitor(config.spike_factor, config.spike_window,
+                                      config.spike_patience)
+        monitor.load(meta["spike"])
+        log.truncate(step)
+        if restored is not None and step:
+            logging.warning("resuming %s from step %d", workdir, step)
+        extra_meta = {"init_from": meta.get("init_from"), "signature": s.signature,
+                      "corpus_sha256": s.corpus.sha256, "config": config_record(config)}
+        bar = cleanup.enter_context(tqdm.tqdm(
+            total=config.steps, initial=step, unit="step", dynamic_ncols=True,
+            disable=not (progress and is_main)))
+        clock = metrics.Throughput(config.grad_accum * config.batch_size * config.seq_len)
+        tries, diverged, saved = {}, False, step
+
+        # -- the loop
+        while step < config.steps:
+            state, step_metrics = s.train_step(state, batch_at(s, step + data_offset))
+            step += 1
+            bar.update(1)
+            checkpoints.poll()  # a failed background save surfaces here
+            loss = float(step_metrics["loss"]) if config.spike_rollback else None
+            if config.spike_rollback and monitor.observe(step - 1, loss):
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return rows
+                    state, meta = roll_back(s, checkpoints, log, monitor, step, loss, tries)
+                except Diverged:
+                    if raise_on_divergence:
+                        raise
+                    diverged = True
+                    break
+                step, data_offset = int(meta["step"]), data_offset + config.spike_skip
+                rollbacks += 1  # data_offset only grows: the spike's batches are not seen again
+                bar.reset(total=config.steps)
+                bar.update(step)
+                continue
+            if not clock.started:  # the first step compiled: time from here on
+                jax.block_until_ready(state["step"])
+                clock.restart(step)
+            is_eval = config.eval_every and (step % config.eval_every == 0
+                                             or step == config.steps)
+            is_log = step % config.log_every == 0 or step == config.steps or is_eval
+            stopping = stop.reached(step)  # a signal: save this step and stop
+            is_save = (config.checkpoint_every and step % config.checkpoint_every == 0
+                       or step == config.steps or stopping)
+            if is_log:
+                row = metrics.train_row(
+                    step, jax.device_get(step_metrics), state, rollbacks, clock.rate(step),
+                    s.flops_per_token, s.peak_flops, jax.device_count(), clock.elapsed())
+                # -- evaluation
+                if is_eval:
+                    row.update(evaluate(s, state))
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                tok_s=f"{row['tokens_per_sec'] or 0:.3g}")
+                if not math.isfinite(row["loss"]) and not s.loss_scaled:
+                    if raise_on_divergence:
+                        raise Diverged(
+                            f"loss {row['loss']} at step {step} with no loss scaling to skip "
+                            f"the step; stopping (checkpoint {saved or 'none'} is the last "
+                            "saved; a smaller learning rate or another precision may help)")
+                    diverged = True
+                    break
+            # -- checkpoint
+            if is_save:
+                checkpoints.save(step, state, {
+                    "step": step, "data_offset": data_offset, "rollbacks": rollbacks,
+                    "spike": monitor.state(), **extra_meta})
+                saved = step
+            if is_log or is_save:  # tokens/s counts training only, not eval or saving
+                clock.restart(step)
+            if stopping:
+                break
+        checkpoints.close()
+    rows = log.rows() if is_main else []
+    if is_main and rows:
+        plot_losses(rows, os.path.join(workdir, PLOT_FILE))
+    summary = metrics.summarize(rows, workdir, step, s.n_params, rollbacks, clock.elapsed(),
+                                diverged=diverged)
+    return {**summary, "stopped_by": stop.name if step < config.steps else None}
 
-    def truncate(self, step):
-        """Drops the rows after `step` (atomically), so the log matches a restored state."""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        kept = [row for row in self.rows() if row["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(tmp, self.path)
 
-    def write(self, row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+def _close_quietly(checkpoints):
+    """Releases the checkpoint manager on the way out of a failing run (the failure that
+    is propagating is the one to report)."""
+    with contextlib.suppress(Exception):
+        checkpoints.close()
 
 
-def plot_losses(rows, path):
-    """Training and eval losses against step, saved as a PNG."""
-    import matplotlib  # here, not at the top: a bad flag should fail without loading it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("eval_loss", "o-"), ("eval_loss_ema", "s--"),
-                       ("eval_loss_avg", "^--")):
-        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=key, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+def _start_phase(function, *args):
+    """Runs `function`; an OSError (a full disk, a read-only folder) becomes a UsageError."""
+    try:
+        return function(*args)
+    except OSError as error:
+        raise cli.UsageError(f"{error.filename or ''}: {error.strerror or error}") from None
 
 
 class Run:
-    """One training run in a workdir: resumes, trains, logs, checkpoints, rolls back.
-
-    Opening a run checks that a checkpoint already in `workdir` belongs to the same state
-    structure (ValueError otherwise) and writes nothing.
-    """
+    """`Run(setup(config), workdir).train(progress)`: `train` with a Setup built already."""
 
     def __init__(self, setup_, workdir):
-        self.s, self.config, self.workdir = setup_, setup_.config, workdir
-        self.is_main = jax.process_index() == 0
-        self.checkpoints = checkpointing.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
-                                                     self.config.keep_checkpoints)
-        self.metrics = MetricsLog(os.path.join(workdir, METRICS_FILE), self.is_main)
-        latest = self.checkpoints.latest_step()
-        if latest is not None:
-            signature = self.checkpoints.read_meta(latest).get("signature")
-            if signature != self.s.signature:
-                raise ValueError(
-                    f"workdir {workdir!r} holds a checkpoint (step {latest}) of a different "
-                    "model / optimizer state; use a new --workdir or the original config")
-
-    # -- state and metadata
-
-    def _fresh(self):
-        return self.s.init(jax.random.key(self.config.seed)), {
-            "step": 0, "data_offset": 0, "rollbacks": 0, "spike": {}}
-
-    def _restore(self, step):
-        if step is None:
-            return self._fresh()
-        return self.checkpoints.restore(step, self.s.abstract_state)
-
-    def _meta(self, step, data_offset, rollbacks, monitor):
-        return {"step": step, "data_offset": data_offset, "rollbacks": rollbacks,
-                "spike": monitor.state(), "signature": self.s.signature,
-                "corpus_sha256": self.s.corpus.sha256}
-
-    def _batch(self, position):
-        cfg = self.config
-        rows = data.sample_batch(
-            self.s.corpus.train, cfg.seed, position, cfg.batch_size, cfg.seq_len,
-            micro_batches=cfg.grad_accum, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        test = cfg.testing
-        if test.corrupt_from <= position < test.corrupt_from + test.corrupt_count:
-            rows = np.random.default_rng(position).integers(0, 256, rows.shape, np.uint8)
-        return sharding.shard_batch(rows, self.s.mesh, batch_dim=1)
-
-    def _evaluate(self, state):
-        with self.s.in_mesh():
-            row = {"eval_loss": float(self.s.eval_step(state["params"], self.s.eval_batch))}
-            if "ema" in state:
-                row["eval_loss_ema"] = float(self.s.eval_step(state["ema"], self.s.eval_batch))
-            if "average" in state and int(state["average"].count) > 0:
-                row["eval_loss_avg"] = float(
-                    self.s.eval_step(state["average"].average, self.s.eval_batch))
-        return row
-
-    def _write_config(self):
-        if not self.is_main:
-            return
-        corpus = self.s.corpus
-        _write_json(os.path.join(self.workdir, CONFIG_FILE), {
-            "config": self.config.to_dict(),
-            "corpus": {"path": corpus.path, "bytes": corpus.n_bytes, "sha256": corpus.sha256,
-                       "documents": corpus.n_documents, "train_bytes": int(corpus.train.size),
-                       "valid_bytes": int(corpus.valid.size)},
-            "model": dataclasses.asdict(self.s.model_config), "params": self.s.n_params,
-            "flops_per_token": self.s.flops_per_token,
-            "mesh": dict(self.s.mesh.shape), "devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind})
-
-    # -- the loop
+        self.setup, self.workdir = setup_, workdir
 
     def train(self, progress=True):
-        """Trains to `config.steps` (resuming if possible); returns a summary dict."""
-        cfg = self.config
-        os.makedirs(self.workdir, exist_ok=True)
-        self._write_config()
-        latest = self.checkpoints.latest_step()
-        state, meta = self._restore(latest)
-        step = int(meta["step"])
-        data_offset, rollbacks = meta["data_offset"], meta["rollbacks"]
-        monitor = spikes.SpikeMonitor(cfg.spike_factor, cfg.spike_window, cfg.spike_patience)
-        monitor.load(meta["spike"])
-        self.metrics.truncate(step)
-        if step:
-            logging.warning("resuming %s from step %d", self.workdir, step)
-
-        tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
-        bar = tqdm.tqdm(total=cfg.steps, initial=step, disable=not (progress and self.is_main),
-                        unit="step", dynamic_ncols=True)
-        start = time.perf_counter()
-        timer = None  # (time, step) of the last rate measurement; set after compiling
-        while step < cfg.steps:
-            state, metrics = self.s.train_step(state, self._batch(step + data_offset))
-            step += 1
-            bar.update(1)
-            if cfg.spike_rollback and monitor.observe(step - 1, float(metrics["loss"])):
-                state, step = self._roll_back(monitor, step)
-                data_offset += cfg.spike_skip  # the offset only grows: never the same batches
-                rollbacks += 1
-                bar.reset(total=cfg.steps)
-                bar.update(step)
-                continue
-            if timer is None:  # the first step compiled: measure speed from here on
-                jax.block_until_ready(state["step"])
-                timer = (time.perf_counter(), step)
-
-            is_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-            is_log = step % cfg.log_every == 0 or step == cfg.steps or is_eval
-            is_save = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                       or step == cfg.steps)
-            if is_log:
-                row = self._row(step, state, metrics, rollbacks, tokens_per_step, timer, start)
-                if is_eval:
-                    row.update(self._evaluate(state))
-                self.metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
-                                tok_s=f"{row['tokens_per_sec'] or 0:.3g}")
-            if is_save:
-                self.checkpoints.save(step, state,
-                                      self._meta(step, data_offset, rollbacks, monitor))
-                if step == cfg.testing.kill_after_save:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            if is_log or is_save:  # tokens/s counts training only, not eval or saving
-                timer = (time.perf_counter(), step)
-        bar.close()
-        self.checkpoints.close()
-        rows = self.metrics.rows() if self.is_main else []
-        if self.is_main and rows:
-            plot_losses(rows, os.path.join(self.workdir, PLOT_FILE))
-        return self._summary(rows, step, rollbacks, time.perf_counter() - start)
-
-    def _roll_back(self, monitor, step):
-        """Restores the latest checkpoint from before the spike (or the initial state),
-        deletes later checkpoints and metrics rows; returns (state, its step)."""
-        good = max((s for s in self.checkpoints.steps() if s <= monitor.first), default=None)
-        logging.warning("loss spike at steps %d-%d: rolling back to step %d and skipping %d "
-                        "batches", monitor.first + 1, step, good or 0, self.config.spike_skip)
-        self.checkpoints.delete_after(-1 if good is None else good)
-        state, meta = self._restore(good)
-        monitor.load(meta["spike"])
-        self.metrics.truncate(meta["step"])
-        return state, int(meta["step"])
-
-    def _row(self, step, state, metrics, rollbacks, tokens_per_step, timer, start):
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        rate = None
-        if step > timer[1]:
-            rate = (step - timer[1]) * tokens_per_step / (now - timer[0])
-        mfu = None
-        if rate and self.s.peak_flops:
-            mfu = rate * self.s.flops_per_token / (self.s.peak_flops * jax.device_count())
-        return {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-                "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": rate, "mfu": mfu,
-                "loss_scale": float(metrics["loss_scale"]),
-                "skipped_steps": int(state["skipped"]), "rollbacks": rollbacks,
-                "wall_time": now - start}
-
-    def _summary(self, rows, step, rollbacks, seconds):
-        def last(key):
-            return next((row[key] for row in reversed(rows) if key in row), None)
-
-        rates = [row["tokens_per_sec"] for row in rows if row.get("tokens_per_sec")]
-        return {"workdir": self.workdir, "steps": step, "params": self.s.n_params,
-                "final_loss": last("loss"), "final_eval_loss": last("eval_loss"),
-                "final_eval_loss_ema": last("eval_loss_ema"),
-                "final_eval_loss_avg": last("eval_loss_avg"),
-                "tokens_per_sec": float(np.median(rates)) if rates else None,
-                "skipped_steps": last("skipped_steps"), "rollbacks": rollbacks,
-                "seconds": seconds, "history": rows}
+        return train(self.setup.config, self.workdir, progress, prepared=self.setup)
 
 
-def train(config, workdir, progress=True):
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns a summary:
-    steps, final_loss, final_eval_loss(_ema/_avg), tokens_per_sec (median), skipped_steps,
-    rollbacks, seconds, params and history (the metrics.jsonl rows).
-
-    Raises ValueError for a bad config, before anything is written.
-    """
-    return Run(setup(config), workdir).train(progress)
-
-
-def main(argv):
+def main(argv, flag_holders):
+    """The script: `flag_holders` are `define_flags()`'s; bad input exits 2 with one line,
+    a run that stops early (diverged, failed save, signal) exits nonzero with one line."""
+    config_flag, workdir_flag, multihost_flag = flag_holders
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _MULTIHOST.value:
+    if multihost_flag.value:
         jax.distributed.initialize()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    config = cli.flag_value(_CONFIG)
-    if not _WORKDIR.value:
+    config = cli.flag_value(config_flag)
+    workdir = workdir_flag.value
+    if not workdir:
         cli.fail("--workdir is required")
-    with cli.usage_errors():
-        run = Run(setup(config), _WORKDIR.value)
-    run.train()
+    stop = preemption.StopSignal()
+    try:
+        with stop.installed():
+            with cli.usage_errors():
+                s = setup(config)
+            summary = train(config, workdir, prepared=s, stop=stop, raise_on_divergence=True)
+    except cli.UsageError as error:  # a bad workdir, another run in it, a changed config
+        cli.fail(error)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run got going
+        cli.stopped(f"interrupted; re-running the same command resumes from "
+                    f"{_latest(workdir)}", 130)
+    except (Diverged, OSError, checkpointing.RestoreError) as error:
+        cli.stopped(f"error: {error}", EXIT_STOPPED)
+    if summary["stopped_by"]:
+        cli.stopped(f"stopped by {summary['stopped_by']} at step {summary['steps']} "
+                    f"(checkpoint {summary['steps']} saved); re-running the same command "
+                    "resumes from it", config.preempt_exit_code)
+
+
+def _latest(workdir):
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    with contextlib.suppress(Exception):
+        step = checkpointing.Checkpoints(folder, read_only=True).latest_step()
+        if step is not None:
+            return f"checkpoint {step}"
+    return "the start (no checkpoint yet)"
+
+
+def run_script():
+    """`python -m experiments.train`: defines the flags and runs `main`."""
+    holders = define_flags()
+    cli.run(lambda argv: main(argv, holders))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run_script()

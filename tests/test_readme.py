@@ -18,3 +18,63 @@ def test_snippet_runs(index, capsys):
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), namespace)
     if "train_step" in namespace:  # the tour trains a linear model to its optimum
         assert float(namespace["loss"]) < 1e-4
+
+
+# ----------------------------------------------------------------------------- commands
+# Every `python -m experiments.<module> --flag...` the README shows uses flags that module
+# defines (read from its source: importing every script in one process would define
+# --config twice), and every `--config.<field>` is a field of the LM config.
+
+ROOT = os.path.dirname(README)
+TEXT = open(README).read()
+
+
+def readme_commands():
+    """(module, [flag names]) of each command in the README, continuation lines joined."""
+    joined = TEXT.replace("\\\n", " ")
+    found = []
+    for match in re.finditer(r"python -m (experiments[\w.]*)([^`\n|]*)", joined):
+        names = re.findall(r"(?<!\S)--([\w.]+)", match.group(2))
+        found.append((match.group(1), names))
+    return found
+
+
+def defined_flags(module):
+    """The flag names a script defines: its own DEFINE_* calls plus the shared helpers it
+    calls (the demos' output flags, the train job's --config / --workdir / --multihost)."""
+    source = open(os.path.join(ROOT, *module.split(".")) + ".py").read()
+    names = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source))
+    names |= set(re.findall(r"define_number_list\(\s*\"(\w+)\"", source))
+    if "define_output_flags" in source:
+        names |= {"outdir", "dpi"}
+    if "define_flags(" in source:
+        names |= {"config", "workdir", "multihost"}
+    return names
+
+
+def test_readme_commands_use_flags_their_scripts_define():
+    from experiments.configs import lm
+    config = lm.get_config("small")
+    commands = readme_commands()
+    assert {"experiments.train", "experiments.race"} <= {module for module, _ in commands}
+    for module, names in commands:
+        defined = defined_flags(module)
+        for name in names:
+            if name.startswith("config."):
+                target = config
+                for part in name.split(".")[1:]:
+                    assert part in target, (module, name)
+                    target = target[part]
+            else:
+                assert name in defined, (module, name, sorted(defined))
+
+
+def test_readme_demo_flags_are_the_demos_flags():
+    """Flags the demos section names (e.g. where the PNG goes) are defined by every demo."""
+    section = TEXT.split("## Demos", 1)[1].split("\n## ", 1)[0]
+    mentioned = set(re.findall(r"`--(\w+)", section))
+    assert mentioned
+    demos = [m for m, _ in readme_commands() if m.startswith("experiments.demos.")]
+    assert len(demos) >= 5
+    for module in demos:
+        assert mentioned <= defined_flags(module), (module, mentioned)

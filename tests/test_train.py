@@ -2,6 +2,7 @@
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,7 +19,9 @@ from flax import linen as nn
 
 import models
 import optim
-from experiments import data, spikes, train, train_lib
+import sharding
+from experiments import builders, cli, data, spikes, train, train_lib
+from experiments import workdir as workdir_lib
 from experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,10 +195,10 @@ def tiny_config(**overrides):
 @pytest.mark.parametrize("variant", sorted(lm.VARIANTS))
 def test_variants_build_and_document_a_command(variant):
     config = lm.get_config(variant)
-    train.validate(config)
-    model_config = train.build_model_config(config)
+    builders.validate(config)
+    model_config = builders.build_model_config(config)
     assert model_config.max_len == config.seq_len and model_config.vocab_size == 256
-    train.build_optimizer(config, train.build_schedule(config))
+    builders.build_optimizer(config, builders.build_schedule(config))
     assert f"lm.py:{variant}" in lm.__doc__
 
 
@@ -216,13 +219,13 @@ def test_config_has_a_field_for_every_optimizer_hyperparameter():
 
 
 def test_schedule_defaults_to_the_learning_rate_and_steps():
-    schedule = train.build_schedule(tiny_config())
+    schedule = builders.build_schedule(tiny_config())
     np.testing.assert_allclose(float(schedule(10)), 0.01, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(100)), 0.001, rtol=1e-5)  # end = 0.1 peak
-    constant = train.build_schedule(tiny_config(**{"schedule.name": "constant",
+    constant = builders.build_schedule(tiny_config(**{"schedule.name": "constant",
                                                    "schedule.warmup_steps": None}))
     np.testing.assert_allclose(float(constant(50)), 0.01)
-    wsd = train.build_schedule(tiny_config(**{"schedule.name": "wsd",
+    wsd = builders.build_schedule(tiny_config(**{"schedule.name": "wsd",
                                               "schedule.decay_steps": 50}))
     np.testing.assert_allclose(float(wsd(50)), 0.01, rtol=1e-6)
     np.testing.assert_allclose(float(wsd(75)), 0.005, rtol=1e-5)
@@ -236,7 +239,7 @@ def test_schedule_defaults_to_the_learning_rate_and_steps():
 ])
 def test_bad_schedule_config(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.build_schedule(tiny_config(**overrides))
+        builders.build_schedule(tiny_config(**overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -249,8 +252,8 @@ def test_bad_schedule_config(overrides, message):
 def test_bad_optimizer_config(overrides, message):
     config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=message):
-        train.validate(config)
-        train.build_optimizer(config, train.build_schedule(config))
+        builders.validate(config)
+        builders.build_optimizer(config, builders.build_schedule(config))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -259,7 +262,7 @@ def test_bad_optimizer_config(overrides, message):
 ])
 def test_validate_names_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"config\.{field}.*{value}"):
-        train.validate(tiny_config(**{field: value}))
+        builders.validate(tiny_config(**{field: value}))
 
 
 def test_muon_adam_learning_rate_follows_the_schedule_shape():
@@ -270,7 +273,7 @@ def test_muon_adam_learning_rate_follows_the_schedule_shape():
 
     def b_updates(**overrides):
         config = tiny_config(**{"optimizer.name": "muon", "clip_norm": 0.0, **overrides})
-        tx = train.build_optimizer(config, train.build_schedule(config))
+        tx = builders.build_optimizer(config, builders.build_schedule(config))
         state, out = tx.init(params), []
         for _ in range(15):  # through the warmup and into the decay
             updates, state = tx.update(grads, state, params)
@@ -285,7 +288,7 @@ def test_muon_adam_learning_rate_follows_the_schedule_shape():
 def test_dtype_hyperparameters_are_given_by_name():
     config = tiny_config(**{"optimizer.name": "shampoo", "optimizer.statistics_dtype":
                             "bfloat16", "clip_norm": 0.0})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)})
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
 
@@ -294,7 +297,7 @@ def test_no_decay_leaves_get_no_weight_decay():
     params = transformer_params()
     config = tiny_config(**{"schedule.name": "constant", "schedule.warmup_steps": None,
                             "clip_norm": 0.0, "optimizer.weight_decay": 0.1})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     decayed = {jax.tree_util.keystr(path): bool(np.any(np.asarray(u) != 0))
@@ -305,7 +308,7 @@ def test_no_decay_leaves_get_no_weight_decay():
     assert decayed["['head']['kernel']"] and decayed["['block_0']['mlp']['up']['kernel']"]
     assert decayed["['block_0']['attn']['query']['kernel']"]
     config.optimizer.no_decay = ""
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     assert np.any(np.asarray(updates["embed"]["embedding"]) != 0)
 
@@ -316,7 +319,7 @@ def test_muon_routes_embedding_and_head_to_adam():
     config = tiny_config(**{"optimizer.name": "muon", "optimizer.learning_rate": lr,
                             "schedule.name": "constant", "schedule.warmup_steps": None,
                             "clip_norm": 0.0})
-    tx = train.build_optimizer(config, train.build_schedule(config))
+    tx = builders.build_optimizer(config, builders.build_schedule(config))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     # Adam's first step is -lr * sign(g) in every entry; Muon's orthogonalised step is not.
@@ -379,7 +382,11 @@ def corpus(tmp_path_factory):
 
 
 def train_command(workdir, corpus, *flags):
-    return [sys.executable, "-m", "experiments.train",
+    """The train job's command line; a `--fault=...` flag runs it through tests/fault_train.py
+    (the job with a seam patched), the rest go to the job."""
+    faults = [flag for flag in flags if flag.startswith("--fault=")]
+    module = "tests.fault_train" if faults else "experiments.train"
+    return [sys.executable, "-m", module,
             "--config=experiments/configs/lm.py:tiny", f"--workdir={workdir}",
             f"--config.corpus={corpus}", *RUN_FLAGS, *flags]
 
@@ -457,7 +464,7 @@ def test_run_writes_metrics_config_plot_and_checkpoints(reference, corpus):
 def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, corpus, tmp_path):
     reference, workdir = reference[0], str(tmp_path)
     # 1) Killed by itself right after starting the save of step 8 (mid-save).
-    run(workdir, corpus, "--config.testing.kill_after_save=8", returncode=-signal.SIGKILL)
+    run(workdir, corpus, "--fault=kill_after_save:8", returncode=-signal.SIGKILL)
     assert max(losses(workdir)) == 8
     # 2) Resumed, then killed from outside once it has logged step 10.
     process = start(workdir, corpus)
@@ -498,7 +505,7 @@ def test_spike_rollback_restores_and_skips_the_bad_batches(corpus, tmp_path):
     stderr = run(workdir, corpus, "--config.steps=16", "--config.spike_rollback=true",
                  "--config.spike_window=3", "--config.spike_patience=2",
                  "--config.spike_factor=1.3", "--config.spike_skip=6",
-                 "--config.testing.corrupt_from=9", "--config.testing.corrupt_count=3")
+                 "--fault=corrupt:9:3")
     assert "rolling back to step 8" in stderr
     got = rows(workdir)
     assert [row["step"] for row in got] == list(range(1, 17))
@@ -539,3 +546,252 @@ def test_bad_flags_exit_2_with_one_line_and_leave_the_run_alone(reference, corpu
             assert len(lines) == 1 and needle in lines[0], (flags, stderr)
             assert "Traceback" not in stderr
     assert tree_digest(workdir) == before
+
+
+# ----------------------------------------------------------------------------- the run's rules
+# One run per workdir, a resume is the same run, branching with init_from, falling back past
+# a damaged checkpoint, stopping instead of looping or training NaN, one line per failure.
+
+
+def copy_of(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    return workdir
+
+
+def config_for(folder, **overrides):
+    """The subprocess runs' config (RUN) on corpus `folder`, with `overrides`."""
+    return tiny_config(**{**RUN, "corpus": folder, **overrides})
+
+
+def test_changed_fields_follow_the_allow_list_and_the_schedule_length():
+    saved = {"seed": 0, "steps": 100, "log_every": 10, "mesh": "data=-1",
+             "optimizer": {"name": "adamw", "learning_rate": 1e-3},
+             "schedule": {"name": "warmup_cosine", "total_steps": None}}
+    same_run = dict(saved, log_every=5, mesh="data=2,tensor=4")
+    assert workdir_lib.changed_fields(saved, same_run) == []
+    longer = dict(saved, steps=200)  # a cosine over `steps`: every later lr would change
+    assert workdir_lib.changed_fields(saved, longer) == [("steps", 100, 200)]
+    for schedule in ({"name": "warmup_cosine", "total_steps": 100},
+                     {"name": "constant", "total_steps": None}):
+        fixed = dict(saved, schedule=schedule)
+        assert workdir_lib.changed_fields(fixed, dict(fixed, steps=200)) == []
+    other = dict(saved, seed=1, optimizer={"name": "adamw", "learning_rate": 3e-3})
+    assert [c[0] for c in workdir_lib.changed_fields(saved, other)] == [
+        "optimizer.learning_rate", "seed"]
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_refused_listing_them(reference, corpus, tmp_path):
+    workdir = copy_of(reference[0], tmp_path)
+    before = tree_digest(workdir)
+    other_corpus = tmp_path / "other"
+    shutil.copytree(corpus, other_corpus)
+    (other_corpus / "doc00.txt").write_text("a changed document " * 40)
+    for overrides, names in [
+            ({"optimizer.learning_rate": 0.01}, ["optimizer.learning_rate"]),
+            ({"seed": 1, "steps": 20}, ["seed"]),  # steps may change: constant schedule
+            ({"corpus": str(other_corpus)}, ["corpus (SHA-256"]),
+            ({"model.d_model": 32}, ["different model", "model.d_model"])]:
+        with pytest.raises(cli.UsageError) as error:
+            train.train(config_for(corpus, **overrides), workdir, progress=False)
+        message = str(error.value)
+        assert all(name in message for name in names), message
+        assert "steps 12" not in message  # `steps` may change under a constant schedule
+    assert tree_digest(workdir) == before
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_workdir_exits_2_naming_the_holder(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom experiments import workdir\n"
+         "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n"
+         "    time.sleep(600)\n", workdir],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        stderr = run(workdir, corpus, returncode=2)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0], stderr
+        assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_FILE]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lib.lock(workdir):  # the kernel released the killed holder's lock
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["remove", "truncate"])
+def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_path, damage,
+                                                      capsys):
+    reference = reference[0]
+    workdir = copy_of(reference, tmp_path)
+    state_dir = os.path.join(workdir, train.CHECKPOINT_DIR, "12", "state")
+    data_files = [os.path.join(root, name) for root, _, names in os.walk(state_dir)
+                  for name in names if os.sep + "d" + os.sep in os.path.join(root, name)]
+    largest = max(data_files, key=os.path.getsize)
+    if damage == "remove":
+        os.remove(largest)
+    else:
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+    # keep_checkpoints may change on resume: it does not change the trajectory.
+    summary = train.train(config_for(corpus, keep_checkpoints=4), workdir, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "cannot be restored" in line]
+    assert len(warnings) == 1 and "checkpoint 12" in warnings[0], warnings
+    assert summary["steps"] == 12
+    assert losses(workdir) == losses(reference)  # retrained 9-12 from checkpoint 8, exactly
+    for key in ("eval_loss", "eval_loss_ema", "eval_loss_avg"):
+        assert losses(workdir, key) == losses(reference, key)
+    assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR)), key=int) == [
+        "4", "8", "12"]
+
+
+@pytest.mark.slow
+def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp_path):
+    """A constant-lr (stable) run, branched at step 4 into a WSD decay with its optimizer
+    state and data position, equals a run that had the WSD schedule from the start (flat
+    at the peak until step 4, then decaying)."""
+    wsd = {"schedule.name": "wsd", "schedule.decay_steps": 4}
+    short = {"steps": 8, "eval_every": 4}
+    stable, branch, whole = (str(tmp_path / name) for name in ("stable", "branch", "whole"))
+    train.train(config_for(corpus, **short), stable, progress=False)
+    train.train(config_for(corpus, **short, **wsd, init_from=f"{stable}:4",
+                           init_from_optimizer=True), branch, progress=False)
+    train.train(config_for(corpus, **short, **wsd), whole, progress=False)
+    assert sorted(losses(branch)) == [5, 6, 7, 8]
+    assert losses(branch) == {s: loss for s, loss in losses(whole).items() if s > 4}
+    assert losses(branch, "eval_loss") == {8: losses(whole, "eval_loss")[8]}
+    assert losses(whole)[4] == losses(stable)[4]          # the same stable phase
+    assert losses(whole)[8] != losses(stable)[8]          # and a different tail
+    lrs = {row["step"]: row["lr"] for row in rows(branch)}
+    assert lrs[5] == pytest.approx(3e-3) and lrs[8] == pytest.approx(3e-3 / 4)
+
+    # Params only (another optimizer): a fresh optimizer from the trained params.
+    lion = str(tmp_path / "lion")
+    train.train(config_for(corpus, **short, init_from=stable,
+                           **{"optimizer.name": "lion", "optimizer.learning_rate": 1e-4}),
+                lion, progress=False)
+    assert sorted(losses(lion))[0] == 1
+    assert losses(lion)[1] < losses(stable)[1] - 0.5       # it starts from trained params
+    with pytest.raises(cli.UsageError, match="init_from_optimizer"):
+        train.train(config_for(corpus, **short, init_from=stable, init_from_optimizer=True,
+                               **{"optimizer.name": "lion"}), str(tmp_path / "x"),
+                    progress=False)
+
+
+@pytest.mark.slow
+def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
+    """Every batch from position 9 on is noise: rolling back cannot get past the spike."""
+    batch_at = train.batch_at
+
+    def noisy(s, position):
+        batch = batch_at(s, position)
+        if position >= 9:
+            rows_ = np.random.default_rng(position).integers(0, 256, batch.shape, np.uint8)
+            return sharding.shard_batch(rows_, s.mesh, batch_dim=1)
+        return batch
+
+    monkeypatch.setattr(train, "batch_at", noisy)
+    config = config_for(corpus, steps=16, spike_rollback=True, spike_window=3,
+                        spike_patience=2, spike_factor=1.3, spike_skip=2,
+                        spike_max_rollbacks=2)
+    with pytest.raises(train.Diverged, match=r"step 1\d .*after 2 rollbacks to step 8"):
+        train.train(config, str(tmp_path / "a"), progress=False, raise_on_divergence=True)
+    assert sorted(os.listdir(tmp_path / "a" / train.CHECKPOINT_DIR), key=int) == ["4", "8"]
+    summary = train.train(config, str(tmp_path / "b"), progress=False)  # as a sweep runs it
+    assert summary["diverged"] and summary["rollbacks"] == 2
+    assert math.isnan(summary["final_eval_loss"])
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_without_loss_scaling_stops_the_run(corpus, tmp_path):
+    config = config_for(corpus, clip_norm=0.0, **{"optimizer.name": "sgd",
+                                                  "optimizer.learning_rate": 1e30})
+    with pytest.raises(train.Diverged, match=r"loss (nan|inf) at step 2 with no loss scaling"):
+        train.train(config, str(tmp_path), progress=False, raise_on_divergence=True)
+    assert max(losses(str(tmp_path))) == 2
+
+
+def test_fp16_params_with_an_underflowing_eps_are_refused():
+    with pytest.raises(ValueError, match=r"eps=1e-08 underflows.*params=float32"):
+        builders.validate(tiny_config(precision="half"))
+    builders.validate(tiny_config(precision="half", **{"optimizer.eps": 1e-4}))
+    builders.validate(tiny_config(precision="params=float32,compute=float16,output=float32"))
+    builders.validate(tiny_config(precision="half", **{"optimizer.name": "lion"}))
+
+
+def test_max_len_is_independent_of_seq_len():
+    config = lm.get_config("tiny")
+    config.model.max_len = 128
+    assert config.seq_len == 64 and builders.build_model_config(config).max_len == 128
+    config.model.max_len = 32
+    assert config.seq_len == 64
+    with pytest.raises(ValueError, match=r"max_len \(32\) must be >= config.seq_len \(64\)"):
+        builders.build_model_config(config)
+
+
+START_ERRORS = [
+    (["--config.stepz=3"], "unknown config field 'stepz' in --config.stepz=3; did you mean "
+                           "'steps'?"),
+    (["--config.model.max_len=16"], "max_len (16) must be >= config.seq_len (32)"),
+    (["--config.precision=half"], "params=float32,compute=float16"),
+    (["--config.corpus=/dev/null"], "'/dev/null' is a character device"),
+    (["--config=no/such/lm.py"], "no/such/lm.py"),
+    (["--workdir=/proc/version"], "/proc/version"),
+]
+
+
+@pytest.mark.slow
+def test_start_errors_exit_2_with_one_line(corpus, tmp_path):
+    fifo_corpus = tmp_path / "fifo_corpus"
+    shutil.copytree(corpus, fifo_corpus)
+    os.mkfifo(fifo_corpus / "pipe.txt")  # reading it would block forever
+    cases = START_ERRORS + [([f"--config.corpus={fifo_corpus}"], "is a FIFO")]
+    while cases:  # a few at a time: each is a python process importing jax
+        batch, cases = cases[:4], cases[4:]
+        processes = [(start(str(tmp_path / "run"), corpus, *flags), needle)
+                     for flags, needle in batch]
+        for process, needle in processes:
+            _, stderr = process.communicate(timeout=600)
+            lines = stderr.strip().splitlines()
+            assert process.returncode == 2, stderr[-2000:]
+            assert len(lines) == 1 and needle in lines[0], stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_failed_save_stops_at_its_step_with_one_line(corpus, tmp_path):
+    """Saving checkpoint 8 fails as on a full disk: the run stops there, says so and which
+    checkpoint is good, leaves no temporary file, and a re-run says the same."""
+    workdir = str(tmp_path)
+    lines = []
+    for _ in range(2):
+        stderr = run(workdir, corpus, "--fault=save_error:8", returncode=1)
+        assert "Traceback" not in stderr
+        lines.append(stderr.strip().splitlines()[-1])
+        assert max(losses(workdir)) == 8
+        assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))) == ["4"]
+        leftovers = [name for _, dirs, names in os.walk(workdir) for name in dirs + names
+                     if "tmp" in name]
+        assert leftovers == []
+    assert lines[0] == lines[1] == (
+        "error: saving checkpoint 8 failed: No space left on device; checkpoint 4 is the "
+        "last good one")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_stops_with_one_line_and_resumes_exactly(reference, corpus, tmp_path):
+    reference, workdir = reference[0], str(tmp_path)
+    stderr = run(workdir, corpus, "--fault=sigterm_at:6", returncode=143)
+    assert stderr.strip().splitlines()[-1] == (
+        "stopped by SIGTERM at step 6 (checkpoint 6 saved); re-running the same command "
+        "resumes from it")
+    assert "Traceback" not in stderr
+    assert "6" in os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))
+    run(workdir, corpus)
+    assert losses(workdir) == losses(reference)
+    assert losses(workdir, "eval_loss_avg") == losses(reference, "eval_loss_avg")

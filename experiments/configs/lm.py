@@ -36,6 +36,8 @@ SCHEDULES = ("constant", "linear", "warmup_cosine", "wsd", "cosine_restarts", "i
 # Optimizer arguments filled by train.py from other fields: learning_rate (with the
 # schedule), mask (from no_decay) and muon_mask (from muon_exclude).
 DERIVED_HPARAMS = ("learning_rate", "mask", "muon_mask")
+# Fields of `optimizer` that are not keyword arguments of the optimizer.
+NON_HPARAM_KEYS = ("name", "no_decay", "muon_exclude")
 # Schedule arguments defaulting to optimizer.learning_rate and steps.
 DERIVED_SCHEDULE_ARGS = ("value", "peak_value", "total_steps")
 
@@ -59,7 +61,7 @@ def _optimizers():
 
 def _model_fields():
     """TransformerConfig's fields and defaults, less those the LM fixes or derives:
-    vocab_size (256 bytes), policy (from `precision`) and max_len (= seq_len)."""
+    vocab_size (256 bytes), policy (from `precision`) and max_len (follows seq_len)."""
     fixed = ("vocab_size", "policy", "max_len")
     return {f.name: (config_dict.placeholder(int) if f.default is None else f.default)
             for f in dataclasses.fields(models.TransformerConfig) if f.name not in fixed}
@@ -111,7 +113,8 @@ def get_config(variant="small"):
     config.peak_flops = 0.0             # per device, for MFU; 0 = look up the device kind
 
     config.model = ml_collections.ConfigDict(_model_fields())
-    config.model.max_len = config.get_ref("seq_len")
+    # Follows seq_len until set; setting it leaves seq_len alone (must be >= seq_len).
+    config.model.max_len = config.get_ref("seq_len") * 1
 
     config.optimizer = ml_collections.ConfigDict(hparam_fields(_optimizers(), DERIVED_HPARAMS))
     config.optimizer.name = "adamw"
@@ -143,11 +146,16 @@ def get_config(variant="small"):
     config.spike_patience = 3
     config.spike_skip = 200
 
-    # Fault injection for tests: corrupt `corrupt_count` batches from data position
-    # `corrupt_from`; SIGKILL the process just after starting the checkpoint save at step
-    # `kill_after_save` (-1: never).
-    config.testing = ml_collections.ConfigDict(
-        dict(corrupt_from=-1, corrupt_count=0, kill_after_save=-1))
+    config.spike_max_rollbacks = 5      # rollbacks to one step before the run stops
+
+    # Workdir rules (experiments/workdir.py): branch a NEW workdir from another run's
+    # checkpoint, "DIR" (its latest) or "DIR:STEP": its params, and with
+    # init_from_optimizer also its optimizer state, step and data position.
+    config.init_from = ""
+    config.init_from_optimizer = False
+    # Exit status after SIGTERM / SIGINT (the step finishes and a checkpoint is saved):
+    # 143 = 128 + SIGTERM, what schedulers that retry failed jobs expect.
+    config.preempt_exit_code = 143
 
     for key, value in VARIANTS[variant].items():
         if isinstance(value, dict):

@@ -1,0 +1,66 @@
+"""Stopping a run cleanly: SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C).
+
+    stop = preemption.StopSignal()
+    with stop.installed():              # in the main thread of a standalone run only
+        for step in ...:
+            train_step(...)
+            if stop.reached(step):      # after a signal: finish this step, save, exit
+                save(step); break
+
+On one process, the first signal only sets a flag; the loop finishes the step it is in,
+saves and stops. A second signal aborts at once (KeyboardInterrupt). On several processes
+every process must stop at the same step: `reached` is JAX's preemption sync point
+(`jax.experimental.multihost_utils.reached_preemption_sync_point`), which the coordination
+service triggers on all processes when any receives SIGTERM; a local signal is then acted
+upon only through that service.
+"""
+import contextlib
+import signal
+
+import jax
+from jax.experimental import multihost_utils
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignal:
+    """Whether a stop was asked for, and by which signal (`name`, e.g. "SIGTERM")."""
+
+    def __init__(self):
+        self.name = None
+
+    def _handle(self, signum, frame):
+        if self.name is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handles SIGTERM and SIGINT inside the block; the old handlers afterwards."""
+        previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def reached(self, step):
+        """Whether to stop after `step` (all processes agree on it)."""
+        if jax.process_count() > 1:
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.name = self.name or "SIGTERM"
+                    return True
+                return False
+            except RuntimeError:  # no preemption service: fall back to the local flag
+                pass
+        return self.name is not None
+
+
+class NoStop:
+    """A `StopSignal` that never fires (runs inside another program, e.g. a race)."""
+    name = None
+
+    def reached(self, step):
+        del step
+        return False
