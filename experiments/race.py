@@ -48,7 +48,7 @@ import numpy as np
 from absl import flags, logging
 
 import optim
-from experiments import cli, race_stats, sweep, train
+from experiments import builders, cli, race_stats, sweep, train
 
 # A good learning rate for each optimizer on the tiny LM (warmup-cosine), the middle of the
 # default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
@@ -312,21 +312,32 @@ def race(base, optimizers, workdir, *, lrs=(), points=5, spacing=2.0, max_points
             config, workdir, grid=grid, spacing=spacing,
             max_points=max_points or len(grid) + 4, seeds=seeds, seeds_at_best=seeds_at_best,
             mode=mode, runs_per_program=runs_per_program))
+    target, source = score(results, baseline, target)
+    return results, target, source
+
+
+def score(results, baseline, target=None):
+    """Adds the report's numbers to each optimizer's result (from its `best_runs`: mean, CI
+    half width, n, diverged count, paired p-value against `baseline`, k of N reached,
+    median steps to target); returns (target, where it came from).
+
+    The target defaults to the baseline's mean final eval loss at its best lr."""
     base_result = next(r for r in results if r["optimizer"] == baseline)
     source = "given"
     if target is None:
         target = race_stats.mean_ci([r["final_eval_loss"] for r in base_result["best_runs"]])[0]
         source = f"mean final eval loss of {baseline} at its best lr"
+    base_losses = [run["final_eval_loss"] for run in base_result["best_runs"]]
     for r in results:
         losses = [run["final_eval_loss"] for run in r["best_runs"]]
         r["mean"], r["half"], r["n"] = race_stats.mean_ci(losses)
         r["diverged"] = sum(run["diverged"] for run in r["best_runs"])
-        r["p"] = (math.nan if r is base_result else race_stats.paired_p_value(
-            losses, [run["final_eval_loss"] for run in base_result["best_runs"]]))
-        steps = [race_stats.steps_to_target(run["curve"], target) if not run["diverged"]
-                 else None for run in r["best_runs"]]
+        r["p"] = (math.nan if r is base_result
+                  else race_stats.paired_p_value(losses, base_losses))
+        steps = [None if run["diverged"] else race_stats.steps_to_target(run["curve"], target)
+                 for run in r["best_runs"]]
         r["reached"], r["runs"], r["median_steps"] = race_stats.censored(steps)
-    return results, target, source
+    return target, source
 
 
 # ----------------------------------------------------------------------------- the report
@@ -493,7 +504,7 @@ def main(argv):
         configs = [run_config(base, name, CENTRE_LR.get(name, 1e-3), _MUON_ADAM_LR.value,
                               _EVALS.value) for name in _OPTIMIZERS.value]
         for config in configs:
-            train.validate(config)
+            builders.validate(config)
             sweep.optimizer_at(config, 1.0)
         train.setup(configs[0])
     mode = _SWEEP.value or default_sweep_mode()

@@ -31,8 +31,6 @@ killed sweep resumes to the same numbers.
 """
 import copy
 import math
-import os
-import signal
 import statistics
 import time
 from typing import NamedTuple
@@ -44,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import models
 import sharding
-from experiments import checkpointing, data, train, train_lib
+from experiments import builders, checkpointing, data, train, train_lib
 from optim import _validate
 
 # Optimizers that cannot share a vmapped program: not an Optax transform, extra update
@@ -88,14 +86,14 @@ def optimizer_at(config, lr):
     one-ulp learning-rate differences to 1e-3 in the loss within 30 steps).
 
     Muon's AdamW leaves keep their own peak (`optimizer.adam_learning_rate`) on the same
-    schedule shape, as in `train.build_optimizer`.
+    schedule shape, as in `builders.build_optimizer`.
     """
     if config.schedule.get("peak_value") is not None:
         raise ValueError("config.schedule.peak_value must be None in a sweep (the peak is "
                          f"each run's learning rate), got {config.schedule.peak_value!r}")
     cfg = copy.deepcopy(config)
     cfg.schedule.peak_value = lr
-    schedule = train.build_schedule(cfg)
+    schedule = builders.build_schedule(cfg)
     adam_peak = cfg.optimizer.get("adam_learning_rate")
     # build_optimizer derives Muon's AdamW schedule as (adam peak / learning_rate) x schedule;
     # with learning_rate 0 it takes the given schedule as is, so a traced lr never enters it.
@@ -103,8 +101,8 @@ def optimizer_at(config, lr):
     if adam_peak is not None:
         _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
         cfg.schedule.peak_value = adam_peak
-        cfg.optimizer.adam_learning_rate = train.build_schedule(cfg)
-    return train.build_optimizer(cfg, schedule), schedule
+        cfg.optimizer.adam_learning_rate = builders.build_schedule(cfg)
+    return builders.build_optimizer(cfg, schedule), schedule
 
 
 class Engine:
@@ -252,12 +250,12 @@ class Engine:
         init, one_step, evaluate, as_list = self._group(runs, vectorized)
         state = init()
         checkpoints = checkpointing.Checkpoints(checkpoint_dir, keep=1)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(
-                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                  sharding=leaf.sharding), state)
-            state, meta = checkpoints.restore(latest, abstract)
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+            state)
+        restored = checkpoints.restore_newest(abstract)
+        if restored is not None:
+            state, meta = restored
             step, rows = int(meta["step"]), meta["rows"]
         else:
             step, rows = 0, [[{"step": 0, "eval_loss": loss}] for loss in evaluate(state)]
@@ -282,9 +280,6 @@ class Engine:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoints.save(step, state, {"step": step, "rows": rows,
                                                "runs": [run.key for run in runs]})
-                if step == cfg.testing.kill_after_save:
-                    checkpoints.close()
-                    os.kill(os.getpid(), signal.SIGKILL)
         checkpoints.close()
         return dict(zip(runs, rows))
 
