@@ -85,7 +85,42 @@ _EVALS = flags.DEFINE_integer("evals", 20, "Evaluations per run (sets config.eva
                               "20 = every 5% of training).")
 
 REPORT_FILE, CURVES_FILE, SENSITIVITY_FILE = "report.md", "curves.png", "lr_sensitivity.png"
-RUNS_DIR, GROUPS_DIR, TIMING_FILE = "runs", "groups", "timing.json"
+RUNS_DIR, GROUPS_DIR, TIMING_FILE, RACE_FILE = "runs", "groups", "timing.json", "race.json"
+# Config fields a race may change between invocations in one workdir (they do not change
+# any run's numbers); anything else changed means other runs: a new workdir.
+FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "mesh", "peak_flops", "corpus")
+
+
+def _flatten(record, prefix=""):
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_same_race(workdir, base, evals, muon_adam_lr):
+    """Records what every run's numbers depend on in DIR/race.json; a workdir holding runs
+    of another workload raises ValueError listing the changed fields (finished runs are
+    read back by (optimizer, lr, seed) only, so they must come from the same workload)."""
+    record = {"config": train.config_record(base), "evals": evals,
+              "muon_adam_lr": muon_adam_lr}
+    for field in FREE_FIELDS:
+        record["config"].pop(field, None)
+    path = os.path.join(workdir, RACE_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = _flatten(json.load(f))
+        new = _flatten(json.loads(json.dumps(record)))
+        changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if changed:
+            raise ValueError(f"--workdir {workdir!r} holds a race of another workload (changed: "
+                             f"{', '.join(changed[:5])}); use a new --workdir")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(path, json.dumps(record, indent=1))
 
 
 def default_sweep_mode():
@@ -507,6 +542,7 @@ def main(argv):
             builders.validate(config)
             sweep.optimizer_at(config, 1.0)
         train.setup(configs[0])
+        check_same_race(workdir, base, _EVALS.value, _MUON_ADAM_LR.value)
     mode = _SWEEP.value or default_sweep_mode()
     results, target, source = race(
         base, _OPTIMIZERS.value, workdir, lrs=lrs, points=_LR_POINTS.value,

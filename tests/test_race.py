@@ -308,6 +308,10 @@ def test_race_end_to_end_and_read_back(corpus, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout
     assert (workdir / race.REPORT_FILE).read_text() == text
+    # Another workload in the same workdir: exit 2 naming the changed field.
+    other = subprocess.run(command + ["--config.seq_len=16"], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=900)
+    assert other.returncode == 2 and "seq_len" in other.stderr, other.stderr[-2000:]
 
 
 KILLED_RACE = """
@@ -359,5 +363,5 @@ def test_bad_flags_exit_2_with_one_line(corpus, tmp_path, flags, needle):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and needle in lines[0], done.stderr
-    assert not os.path.exists(tmp_path / "race")
+    assert not os.path.exists(tmp_path / "race")  # nothing written
     assert re.match(r"^error: ", lines[0])
