@@ -106,6 +106,21 @@ def test_lr_grid_and_run_config():
     assert race.run_config(base, "muon", 0.02, 3e-3).optimizer.adam_learning_rate == 3e-3
 
 
+def test_every_available_optimizer_can_be_raced():
+    import jax
+    import jax.numpy as jnp
+    import optim
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    for name in optim.available():
+        config = tiny_config(name, race.CENTRE_LR.get(name, 1e-3), 0)
+        tx, schedule = sweep.optimizer_at(config, jnp.float32(0.5))
+        updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
+        assert float(schedule(10)) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5 * (
+            1 + math.cos(math.pi * 5 / 45))), rel=1e-5), name  # warmup 5, 50 steps
+    assert sweep.can_vectorize("adamw") and not sweep.can_vectorize("schedule_free_adamw")
+
+
 def test_summarize_flags_divergence():
     rows = [{"step": 0, "eval_loss": 5.0}, {"step": 5, "loss": 4.0, "skipped_steps": 0},
             {"step": 10, "loss": 3.0, "eval_loss": 3.1, "skipped_steps": 0}]
