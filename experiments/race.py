@@ -1,37 +1,54 @@
-r"""Race optimizers on one workload: a learning-rate sweep each, compared at their best.
+r"""Race optimizers on one workload: seeds, intervals, and learning-rate grids that cannot miss.
 
-    python -m experiments.race --workdir=runs/race \
-        --optimizers=adamw,lion,shampoo,soap,muon --lr_points=3
+    python -m experiments.race --workdir=runs/race --optimizers=adamw,lion,shampoo,soap,muon
 
-For every optimizer, trains the LM config (`--config`, default `lm.py:tiny`) once per
-learning rate on a log grid (`--lr_points` points spaced by `--lr_spacing` around the
-optimizer's entry in `CENTRE_LR`, or the explicit `--lrs`), picks the learning rate with the
-lowest final eval loss, and reports for that run: final eval loss, steps and seconds to
-reach the target eval loss (`--target`; default the best final eval loss of the first
-optimizer listed, AdamW in the default race), seconds per step (median, compilation, eval
-and checkpointing excluded) and optimizer-state memory. Seconds to target are
-`steps to target x seconds per step`, so a slow first compile does not count against an
-optimizer. Every run is a normal `experiments.train` run in `DIR/runs/<optimizer>_lr<lr>`
-(its own metrics.jsonl, loss.png and checkpoint), so a race that is stopped resumes where
-it was: finished runs are read back, not redone.
+For each optimizer (the LM config `--config`, default `lm.py:tiny`; any field can be set as
+in experiments.train, e.g. `--config.steps=200`):
 
-Writes DIR/report.md (the table, plus every run of the sweep) and DIR/curves.png (eval
-loss of each optimizer's best run against step and against seconds). Any field of the
-config can be set as in experiments.train, e.g. `--config.steps=1000`; the optimizer's
-other hyperparameters keep their defaults. For Muon, `--muon_adam_lr` sets the peak
-learning rate of its AdamW leaves (embeddings, head, gains), which otherwise would share
-Muon's much larger one.
+1. Select the learning rate: `--lr_points` (default 5) peak lrs on a log grid spaced by
+   `--lr_spacing` (2x) around the optimizer's `CENTRE_LR` (or the explicit `--lrs`), each
+   with `--seeds` seeds (default 1). When the best (lowest mean final eval loss) sits at an
+   edge of the grid, the grid is extended past that edge, one point at a time, up to
+   `--max_lr_points`; diverged runs (non-finite loss) rank last and extend a grid only
+   downward.
+2. Measure: `--seeds_at_best` (default 3) NEW seeds at the best lr and its two neighbours.
+   The reported numbers come only from these seeds, never from those that picked the lr
+   (which would bias the result low).
+
+The report (`DIR/report.md`, printed) ranks the optimizers by mean final eval loss at their
+best lr: mean ± 95% Student-t interval over the report seeds, the paired t-test p-value
+against `--baseline` (default the first optimizer; runs with the same seed share the
+initial params and the data order, so they pair), steps to the target eval loss (`--target`,
+default the baseline's mean final eval loss; linearly interpolated between evals, which
+come every 5% of training by default; censored: "k of N reached" and the median of those),
+seconds to target (= steps x seconds per step of one run trained alone), and the optimizer
+state's size. `DIR/curves.png` shows the mean eval loss ±1 std of each optimizer against
+steps and seconds; `DIR/lr_sensitivity.png` the final eval loss against lr (U-curves, error
+bars over seeds).
+
+Runs of one optimizer share one compiled step (`experiments.sweep`): `--sweep=loop` trains
+them one after another, `--sweep=vmap` `--runs_per_program` of them side by side in one
+vmapped program (optimizers in `sweep.NO_VMAP` fall back to loop). Each run equals the same
+(lr, seed) trained alone by experiments.train. Every run's metrics are kept in
+`DIR/runs/<optimizer>/lr<lr>_seed<seed>.jsonl` and the report is computed from them; a
+killed race resumes: finished runs are read back and an interrupted group of runs restarts
+from its own checkpoint (`DIR/groups/`) to the same numbers. For Muon, `--muon_adam_lr`
+sets the peak lr of its AdamW leaves (embeddings, head, gains).
 """
 import copy
+import hashlib
+import json
 import math
 import os
+import shutil
+import statistics
 
 import jax
 import numpy as np
 from absl import flags, logging
 
 import optim
-from experiments import cli, train
+from experiments import builders, cli, race_stats, sweep, train
 
 # A good learning rate for each optimizer on the tiny LM (warmup-cosine), the middle of the
 # default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
@@ -44,20 +61,76 @@ CENTRE_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw"
 _CONFIG, _WORKDIR, _ = train.define_flags(train.DEFAULT_CONFIG + ":tiny")
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adamw", "lion", "shampoo", "soap", "muon"],
                                 "Optimizers to race (names from optim.available()).")
-_LRS = flags.DEFINE_list("lrs", [], "Explicit learning rates for every optimizer "
+_LRS = flags.DEFINE_list("lrs", [], "Explicit initial learning rates for every optimizer "
                          "(default: a grid around each one's CENTRE_LR).")
-_LR_POINTS = flags.DEFINE_integer("lr_points", 3, "Learning rates per optimizer.")
-_LR_SPACING = flags.DEFINE_float("lr_spacing", math.sqrt(10), "Ratio of neighbouring lrs.")
+_LR_POINTS = flags.DEFINE_integer("lr_points", 5, "Learning rates per optimizer (>= 2).")
+_MAX_LR_POINTS = flags.DEFINE_integer(
+    "max_lr_points", None, "Most learning rates per optimizer once the grid is extended past "
+    "an edge (default: the initial points + 4).")
+_LR_SPACING = flags.DEFINE_float("lr_spacing", 2.0, "Ratio of neighbouring lrs.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds at every learning rate (they pick the lr).")
+_SEEDS_AT_BEST = flags.DEFINE_integer(
+    "seeds_at_best", 3, "New seeds at each optimizer's best lr and its two neighbours (the "
+    "reported numbers come from these).")
+_BASELINE = flags.DEFINE_string("baseline", None, "Optimizer the others are tested against "
+                                "(default: the first of --optimizers).")
 _TARGET = flags.DEFINE_float("target", None, "Target eval loss for steps-to-target "
-                             "(default: the first optimizer's best final eval loss).")
+                             "(default: the baseline's mean final eval loss).")
+_SWEEP = flags.DEFINE_enum("sweep", None, ["loop", "vmap"], "How the runs of a sweep share "
+                           "their compiled step (default: loop on CPU, vmap otherwise).")
+_RUNS_PER_PROGRAM = flags.DEFINE_integer("runs_per_program", 16,
+                                         "Runs trained together in one vmapped program.")
 _MUON_ADAM_LR = flags.DEFINE_float("muon_adam_lr", 3e-3, "Peak lr of Muon's AdamW leaves.")
-_EVALS = flags.DEFINE_integer("evals", 10, "Evaluations per run (sets config.eval_every).")
+_EVALS = flags.DEFINE_integer("evals", 20, "Evaluations per run (sets config.eval_every; "
+                              "20 = every 5% of training).")
 
-REPORT_FILE, CURVES_FILE = "report.md", "curves.png"
+REPORT_FILE, CURVES_FILE, SENSITIVITY_FILE = "report.md", "curves.png", "lr_sensitivity.png"
+RUNS_DIR, GROUPS_DIR, TIMING_FILE, RACE_FILE = "runs", "groups", "timing.json", "race.json"
+# Config fields a race may change between invocations in one workdir (they do not change
+# any run's numbers); anything else changed means other runs: a new workdir.
+FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "mesh", "peak_flops", "corpus")
+
+
+def _flatten(record, prefix=""):
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_same_race(workdir, base, evals, muon_adam_lr):
+    """Records what every run's numbers depend on in DIR/race.json; a workdir holding runs
+    of another workload raises ValueError listing the changed fields (finished runs are
+    read back by (optimizer, lr, seed) only, so they must come from the same workload)."""
+    record = {"config": train.config_record(base), "evals": evals,
+              "muon_adam_lr": muon_adam_lr}
+    for field in FREE_FIELDS:
+        record["config"].pop(field, None)
+    path = os.path.join(workdir, RACE_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = _flatten(json.load(f))
+        new = _flatten(json.loads(json.dumps(record)))
+        changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if changed:
+            raise ValueError(f"--workdir {workdir!r} holds a race of another workload (changed: "
+                             f"{', '.join(changed[:5])}); use a new --workdir")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(path, json.dumps(record, indent=1))
+
+
+def default_sweep_mode():
+    """The faster way to share work on this backend (experiments/bench_race.py): on CPU a
+    small model is compute-bound and vmap is slower; on accelerators it is launch-bound."""
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
 
 
 def lr_grid(name, points, spacing, explicit=()):
-    """The learning rates to try for optimizer `name`: `explicit` if given, else `points`
+    """The initial learning rates for optimizer `name`: `explicit` if given, else `points`
     values spaced by `spacing` (log grid) centred on CENTRE_LR[name]."""
     if explicit:
         return sorted(explicit)
@@ -65,8 +138,16 @@ def lr_grid(name, points, spacing, explicit=()):
     return [centre * spacing ** (i - (points - 1) / 2) for i in range(points)]
 
 
-def validate_flags(optimizers, lrs, points, spacing, target, evals, muon_adam_lr=3e-3):
-    """ValueError naming the first bad flag value."""
+def _positive(name, value, minimum=1):
+    if value is None or value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def validate_flags(optimizers, lrs=(), points=5, spacing=2.0, target=None, evals=20,
+                   muon_adam_lr=3e-3, max_points=None, seeds=1, seeds_at_best=3,
+                   baseline=None, runs_per_program=16):
+    """ValueError naming the first bad flag; returns (explicit lrs as floats, max points,
+    baseline)."""
     if not optimizers:
         raise ValueError("--optimizers is empty")
     for name in optimizers:
@@ -84,22 +165,37 @@ def validate_flags(optimizers, lrs, points, spacing, target, evals, muon_adam_lr
         if not value > 0 or not math.isfinite(value):
             raise ValueError(f"--lrs: learning rate {text} must be a positive number")
         parsed.append(value)
-    if points < 1:
-        raise ValueError(f"--lr_points must be >= 1, got {points}")
-    if not spacing > 1:
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"--lrs lists a learning rate twice: {','.join(lrs)}")
+    if not parsed:
+        _positive("lr_points", points, 2)
+    initial = len(parsed) or points
+    if max_points is None:
+        max_points = initial + 4
+    elif max_points < initial:
+        raise ValueError(f"--max_lr_points ({max_points}) must be >= the initial grid's "
+                         f"{initial} points (--lr_points / --lrs)")
+    if not spacing > 1 or not math.isfinite(spacing):
         raise ValueError(f"--lr_spacing must be > 1, got {spacing}")
-    if evals < 1:
-        raise ValueError(f"--evals must be >= 1, got {evals}")
+    _positive("evals", evals)
+    _positive("seeds", seeds)
+    _positive("seeds_at_best", seeds_at_best)
+    _positive("runs_per_program", runs_per_program)
+    if baseline is None:
+        baseline = optimizers[0]
+    elif baseline not in optimizers:
+        raise ValueError(f"--baseline {baseline!r} is not in --optimizers "
+                         f"({','.join(optimizers)})")
     if not muon_adam_lr > 0 or not math.isfinite(muon_adam_lr):
         raise ValueError(f"--muon_adam_lr must be a positive number, got {muon_adam_lr}")
     if target is not None and not math.isfinite(target):
         raise ValueError(f"--target must be a finite loss, got {target}")
-    return parsed
+    return parsed, max_points, baseline
 
 
-def run_config(base, name, lr, muon_adam_lr, evals=10):
+def run_config(base, name, lr, muon_adam_lr, evals=20):
     """`base` with optimizer `name` at peak learning rate `lr` (other hparams at their
-    defaults), evaluated `evals` times."""
+    defaults, the schedule's peak = lr), evaluated `evals` times."""
     config = copy.deepcopy(base)
     config.eval_every = max(1, config.steps // evals)
     with config.unlocked():
@@ -108,137 +204,320 @@ def run_config(base, name, lr, muon_adam_lr, evals=10):
                 config.optimizer[key] = None
         config.optimizer.name = name
         config.optimizer.learning_rate = lr
+        config.schedule.peak_value = None
         if name == "muon":
             config.optimizer.adam_learning_rate = muon_adam_lr
     return config
 
 
-def state_bytes(setup):
-    """Bytes of the optimizer state (all devices' shards counted once)."""
-    return sum(leaf.size * leaf.dtype.itemsize
-               for leaf in jax.tree.leaves(setup.abstract_state["opt_state"]))
+# ----------------------------------------------------------------------------- one run's rows
 
 
-def eval_curve(summary):
-    """[(step, eval_loss)] of a run."""
-    return [(row["step"], row["eval_loss"]) for row in summary["history"]
-            if row.get("eval_loss") is not None]
+def summarize(rows, steps):
+    """A run's record from its metrics rows: final eval loss (NaN when diverged), the eval
+    curve [(step, eval_loss)] and whether it diverged (a non-finite loss, a skipped
+    non-finite step, or stopped before `steps`)."""
+    curve = [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+    losses = [row[key] for row in rows for key in ("loss", "eval_loss") if key in row]
+    diverged = (not rows or rows[-1]["step"] < steps or rows[-1].get("skipped_steps", 0) > 0
+                or not all(math.isfinite(v) for v in losses))
+    final = math.nan if diverged or not curve else curve[-1][1]
+    return {"final_eval_loss": final, "curve": curve, "diverged": diverged}
 
 
-def seconds_per_step(summary, tokens_per_step):
-    """Median training seconds per step (from the logged tokens/s)."""
-    rate = summary["tokens_per_sec"]
-    return tokens_per_step / rate if rate else math.nan
-
-
-def steps_to(curve, target):
-    """First eval step whose loss is <= target, or None."""
-    return next((step for step, loss in curve if loss <= target), None)
-
-
-def finite_or_inf(value):
+def _finite_or_inf(value):
     return value if value is not None and math.isfinite(value) else math.inf
 
 
-def sweep(base, name, lrs, workdir, muon_adam_lr, evals):
-    """Trains `name` at every lr; returns the results, one dict per lr."""
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class OptimizerSweep:
+    """The runs of one optimizer in a race: reads back finished runs, trains missing ones
+    (in groups sharing one compiled step), keeps every run's metrics."""
+
+    def __init__(self, config, workdir, mode, runs_per_program):
+        self.config, self.name = config, config.optimizer.name
+        self.mode = mode if sweep.can_vectorize(self.name) else "loop"
+        self.runs_per_program = runs_per_program
+        self.runs_dir = os.path.join(workdir, RUNS_DIR, self.name)
+        self.groups_dir = os.path.join(workdir, GROUPS_DIR, self.name)
+        self._engine = None
+        self.rows = {}   # SweepRun -> metrics rows
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = sweep.Engine(self.config)
+        return self._engine
+
+    def _path(self, run):
+        return os.path.join(self.runs_dir, run.key + ".jsonl")
+
+    def _read(self, run):
+        path = self._path(run)
+        if run not in self.rows and os.path.exists(path):
+            with open(path) as f:
+                self.rows[run] = [json.loads(line) for line in f]
+        return self.rows.get(run)
+
+    def train(self, runs):
+        """Trains those of `runs` that are not finished; returns {run: record}."""
+        missing = [run for run in runs if self._read(run) is None]
+        size = self.runs_per_program if self.mode == "vmap" else 1
+        for start in range(0, len(missing), size):
+            group = missing[start:start + size]
+            keys = ",".join(run.key for run in group)
+            group_dir = os.path.join(
+                self.groups_dir, f"{self.mode}_{hashlib.sha1(keys.encode()).hexdigest()[:12]}")
+            print(f"race: {self.name} training {len(group)} run(s) ({self.mode}): "
+                  f"{' '.join(run.key for run in group)}", flush=True)
+            rows = self.engine.train_group(group, group_dir, vectorized=self.mode == "vmap")
+            os.makedirs(self.runs_dir, exist_ok=True)
+            for run, run_rows in rows.items():
+                _write_atomic(self._path(run), "".join(json.dumps(r) + "\n" for r in run_rows))
+                self.rows[run] = run_rows
+            shutil.rmtree(group_dir, ignore_errors=True)
+        return {run: dict(summarize(self._read(run), self.config.steps), lr=run.lr,
+                          seed=run.seed) for run in runs}
+
+    def timing(self, lr):
+        """{"seconds_per_step", "state_bytes"} of one run alone (measured once, then read
+        back from DIR/runs/<optimizer>/timing.json)."""
+        path = os.path.join(self.runs_dir, TIMING_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        result = {"seconds_per_step": self.engine.seconds_per_step(lr),
+                  "state_bytes": self.engine.state_bytes(), "params": self.engine.setup.n_params}
+        os.makedirs(self.runs_dir, exist_ok=True)
+        _write_atomic(path, json.dumps(result))
+        return result
+
+
+def _mean_loss(records):
+    """Mean final eval loss of runs at one lr; inf when any diverged."""
+    losses = [r["final_eval_loss"] for r in records]
+    return statistics.fmean(losses) if all(math.isfinite(v) for v in losses) else math.inf
+
+
+def race_one(config, workdir, *, grid, spacing, max_points, seeds, seeds_at_best, mode,
+             runs_per_program):
+    """Selects the lr (grid extended past edges) and trains the report seeds of one
+    optimizer; returns its result dict."""
+    job = OptimizerSweep(config, workdir, mode, runs_per_program)
+    select_seeds = [config.seed + i for i in range(seeds)]
+    report_seeds = [config.seed + seeds + i for i in range(seeds_at_best)]
+    selection = {}
+
+    def losses_at(lrs):
+        records = job.train([sweep.SweepRun(lr, s) for lr in lrs for s in select_seeds])
+        selection.update(records)
+        return {lr: _mean_loss([records[sweep.SweepRun(lr, s)] for s in select_seeds])
+                for lr in lrs}
+
+    grid, losses, added = race_stats.settle_grid(grid, losses_at, spacing, max_points)
+    finite = [lr for lr in grid if math.isfinite(losses[lr])]
+    best = min(finite, key=lambda lr: losses[lr]) if finite else grid[0]
+    i = grid.index(best)
+    around = grid[max(0, i - 1):i + 2]
+    reported = job.train([sweep.SweepRun(lr, s) for lr in around for s in report_seeds])
+    timing = job.timing(best)
+    return {"optimizer": job.name, "mode": job.mode, "grid": grid, "added": added,
+            "best_lr": best, "at_edge": len(grid) > 1 and best in (grid[0], grid[-1]),
+            "selection": selection, "reported": reported, "report_seeds": report_seeds,
+            "best_runs": [reported[sweep.SweepRun(best, s)] for s in report_seeds],
+            **timing}
+
+
+def race(base, optimizers, workdir, *, lrs=(), points=5, spacing=2.0, max_points=None,
+         seeds=1, seeds_at_best=3, baseline=None, target=None, mode="loop",
+         runs_per_program=16, muon_adam_lr=3e-3, evals=20):
+    """Runs the race; returns (results per optimizer, target, its source)."""
+    baseline = baseline or optimizers[0]
     results = []
-    for lr in lrs:
-        config = run_config(base, name, lr, muon_adam_lr, evals)
-        setup = train.setup(config)
-        run_dir = os.path.join(workdir, "runs", f"{name}_lr{lr:.3g}")
-        print(f"race: {name} lr={lr:.3g} -> {run_dir}", flush=True)
-        summary = train.Run(setup, run_dir).train(progress=False)
-        tokens = config.grad_accum * config.batch_size * config.seq_len
-        results.append({"optimizer": name, "lr": lr, "workdir": run_dir,
-                        "final_eval_loss": summary["final_eval_loss"],
-                        "curve": eval_curve(summary),
-                        "seconds_per_step": seconds_per_step(summary, tokens),
-                        "state_bytes": state_bytes(setup), "params": setup.n_params})
-        print(f"race: {name} lr={lr:.3g} final eval loss "
-              f"{finite_or_inf(summary['final_eval_loss']):.4f}", flush=True)
-    return results
+    for name in optimizers:
+        config = run_config(base, name, CENTRE_LR.get(name, 1e-3), muon_adam_lr, evals)
+        grid = lr_grid(name, points, spacing, lrs)
+        results.append(race_one(
+            config, workdir, grid=grid, spacing=spacing,
+            max_points=max_points or len(grid) + 4, seeds=seeds, seeds_at_best=seeds_at_best,
+            mode=mode, runs_per_program=runs_per_program))
+    target, source = score(results, baseline, target)
+    return results, target, source
 
 
-def best_of(results):
-    """The run with the lowest final eval loss; `at_edge` when its lr is the grid's lowest
-    or highest (the optimum may lie outside the grid)."""
-    best = min(results, key=lambda r: finite_or_inf(r["final_eval_loss"]))
-    lrs = [r["lr"] for r in results]
-    return dict(best, at_edge=len(lrs) > 1 and best["lr"] in (min(lrs), max(lrs)))
+def score(results, baseline, target=None):
+    """Adds the report's numbers to each optimizer's result (from its `best_runs`: mean, CI
+    half width, n, diverged count, paired p-value against `baseline`, k of N reached,
+    median steps to target); returns (target, where it came from).
+
+    The target defaults to the baseline's mean final eval loss at its best lr."""
+    base_result = next(r for r in results if r["optimizer"] == baseline)
+    source = "given"
+    if target is None:
+        target = race_stats.mean_ci([r["final_eval_loss"] for r in base_result["best_runs"]])[0]
+        source = f"mean final eval loss of {baseline} at its best lr"
+    base_losses = [run["final_eval_loss"] for run in base_result["best_runs"]]
+    for r in results:
+        losses = [run["final_eval_loss"] for run in r["best_runs"]]
+        r["mean"], r["half"], r["n"] = race_stats.mean_ci(losses)
+        r["diverged"] = sum(run["diverged"] for run in r["best_runs"])
+        r["p"] = (math.nan if r is base_result
+                  else race_stats.paired_p_value(losses, base_losses))
+        steps = [None if run["diverged"] else race_stats.steps_to_target(run["curve"], target)
+                 for run in r["best_runs"]]
+        r["reached"], r["runs"], r["median_steps"] = race_stats.censored(steps)
+    return target, source
+
+
+# ----------------------------------------------------------------------------- the report
 
 
 def _fmt(value, spec):
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def report(best, everything, target, target_source, config, eval_every):
-    """The markdown report: the best run per optimizer, then the whole sweep."""
+def _grid_note(r):
+    """E.g. "7 lrs 0.00075..0.048, extended up by 2"."""
+    grid, added = r["grid"], r["added"]
+    text = f"{len(grid)} lrs {grid[0]:.3g}..{grid[-1]:.3g}"
+    initial = [lr for lr in grid if lr not in added]
+    downs = sum(lr < min(initial) for lr in added)
+    moves = [f"{word} by {count}" for word, count in
+             (("down", downs), ("up", len(added) - downs)) if count]
+    return text + (", extended " + " and ".join(moves) if moves else "")
+
+
+def ranked(results):
+    """Optimizers by mean final eval loss (those with no finite report run last)."""
+    return sorted(results, key=lambda r: _finite_or_inf(r["mean"]))
+
+
+def report(results, target, target_source, config, baseline, seeds, seeds_at_best):
+    """The markdown report (see the module docstring)."""
+    first = results[0]
     lines = [
         "# Optimizer race", "",
-        f"Workload: byte-level LM, {best[0]['params']:,} params, {config.steps} steps of "
+        f"Workload: byte-level LM, {first['params']:,} params, {config.steps} steps of "
         f"{config.grad_accum * config.batch_size} x {config.seq_len} tokens, schedule "
-        f"{config.schedule.name}, {jax.device_count()} x {jax.devices()[0].device_kind}.",
+        f"{config.schedule.name}, {jax.device_count()} x {jax.devices()[0].device_kind}. "
+        f"lr picked by {seeds} seed(s) per lr; numbers below from {seeds_at_best} other "
+        "seeds at the best lr.",
         f"Target eval loss: {target:.4f} ({target_source}).", "",
-        "| optimizer | best lr | final eval loss | steps to target | s / step "
-        "| s to target | state MiB |",
-        "|---|---|---|---|---|---|---|"]
-    for r in sorted(best, key=lambda r: finite_or_inf(r["final_eval_loss"])):
-        steps = steps_to(r["curve"], target)
-        seconds = None if steps is None else steps * r["seconds_per_step"]
+        "| optimizer | best lr | final eval loss (95% CI) | n | p vs "
+        f"{baseline} | reached target | median steps to target | s / step "
+        "| s to target | state MiB | grid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ranked(results):
+        loss = (f"{_fmt(r['mean'], '.4f')} ± {_fmt(r['half'], '.4f')}"
+                if math.isfinite(r["mean"]) else "diverged")
+        n = f"{r['n']}" + (f" (+{r['diverged']} diverged)" if r["diverged"] else "")
+        seconds = r["median_steps"] * r["seconds_per_step"]
         lines.append(
-            f"| {r['optimizer']} | {r['lr']:.3g}{'*' if r['at_edge'] else ''} "
-            f"| {_fmt(r['final_eval_loss'], '.4f')} "
-            f"| {'-' if steps is None else steps} | {_fmt(r['seconds_per_step'], '.4f')} "
-            f"| {_fmt(seconds, '.1f')} | {r['state_bytes'] / 2**20:.2f} |")
-    lines += ["", "Steps to target are counted at eval steps (every "
-              f"{eval_every}); seconds to target = steps x median s / step; "
-              "'-': not reached. *: the best lr is at the edge of the grid, so a better one "
-              "may lie beyond it (widen the grid with --lr_points or --lrs).", "",
-              "## Every run", "",
-              "| optimizer | lr | final eval loss | workdir |", "|---|---|---|---|"]
-    for r in everything:
-        lines.append(f"| {r['optimizer']} | {r['lr']:.3g} | "
-                     f"{_fmt(r['final_eval_loss'], '.4f')} | {r['workdir']} |")
+            f"| {r['optimizer']} | {r['best_lr']:.3g}{'*' if r['at_edge'] else ''} | {loss} "
+            f"| {n} | {_fmt(r['p'], '.3g')} | {r['reached']} of {r['runs']} "
+            f"| {_fmt(r['median_steps'], '.0f')} | {_fmt(r['seconds_per_step'], '.4f')} "
+            f"| {_fmt(seconds, '.2f')} | {r['state_bytes'] / 2**20:.2f} | {_grid_note(r)} |")
+    extended = [r["optimizer"] for r in results if r["added"]]
+    lines += [
+        "", "Final eval loss: mean ± half width of the 95% Student-t interval over the report "
+        "seeds (diverged runs left out, counted in n). p: two-sided paired t-test against "
+        f"{baseline} (same seeds: same initial params and data order). Steps to target: "
+        "linearly interpolated between evals, median over the runs that reached it; seconds "
+        "to target = that x s / step, one run trained alone (compilation excluded). *: the "
+        "best lr is still at an edge of the grid (--max_lr_points reached).",
+        "Grids extended past an edge: " + (", ".join(extended) if extended else "none") + ".",
+        "", "## Every run", "",
+        "| optimizer | lr | seed | role | final eval loss | metrics |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for role, records in (("select", r["selection"]), ("report", r["reported"])):
+            for run, record in sorted(records.items()):
+                loss = "diverged" if record["diverged"] else _fmt(record["final_eval_loss"],
+                                                                  ".4f")
+                lines.append(f"| {r['optimizer']} | {run.lr:.3g} | {run.seed} | {role} | "
+                             f"{loss} | {RUNS_DIR}/{r['optimizer']}/{run.key}.jsonl |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(best, target, path):
-    """Eval loss of each optimizer's best run vs step and vs seconds, saved as a PNG."""
+def _pyplot():
     import matplotlib  # here, not at the top: a bad flag should fail without loading it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for r in best:
-        if not r["curve"]:
+    return plt
+
+
+def mean_curve(runs):
+    """(steps, mean, std) of the eval curves of the finite runs (same eval steps)."""
+    curves = [run["curve"] for run in runs if not run["diverged"]]
+    if not curves:
+        return None
+    steps = np.array([step for step, _ in curves[0]], float)
+    losses = np.array([[loss for _, loss in curve] for curve in curves], float)
+    return steps, losses.mean(0), losses.std(0, ddof=1) if len(curves) > 1 else 0 * steps
+
+
+def plot_curves(results, target, path):
+    """Mean eval loss ±1 std over the report seeds at each optimizer's best lr, against step
+    and against seconds (steps x s / step of one run alone)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for r in ranked(results):
+        curve = mean_curve(r["best_runs"])
+        if curve is None:
             continue
-        steps, losses = np.array(r["curve"], dtype=float).T
-        label = f"{r['optimizer']} (lr {r['lr']:.3g})"
-        axes[0].plot(steps, losses, "o-", markersize=3, label=label)
-        axes[1].plot(steps * r["seconds_per_step"], losses, "o-", markersize=3, label=label)
-    for ax, xlabel in zip(axes, ("step", "seconds (training only)")):
+        steps, mean, std = curve
+        label = f"{r['optimizer']} (lr {r['best_lr']:.3g}, n={r['n']})"
+        for ax, x in ((axes[0], steps), (axes[1], steps * r["seconds_per_step"])):
+            (line,) = ax.plot(x, mean, "-", label=label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    finite = [r["mean"] for r in results if math.isfinite(r["mean"])]
+    for ax, xlabel in zip(axes, ("step", "seconds (training only, one run alone)")):
         ax.axhline(target, color="gray", linestyle=":", label="target")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("eval loss (nats / byte)")
-    axes[0].legend()
+        if finite:
+            ax.set_ylim(min(finite) - 0.2, max(finite) + 1.0)
+    axes[0].set_ylabel("eval loss (nats / byte), mean ± 1 std")
+    axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
-def race(base, optimizers, workdir, lrs=(), points=3, spacing=math.sqrt(10), target=None,
-         muon_adam_lr=3e-3, evals=10):
-    """Runs the race; returns (best run per optimizer, every run, target, its source)."""
-    everything, best = [], []
-    for name in optimizers:
-        results = sweep(base, name, lr_grid(name, points, spacing, lrs), workdir, muon_adam_lr,
-                        evals)
-        everything += results
-        best.append(best_of(results))
-    source = "given"
-    if target is None:
-        target, source = best[0]["final_eval_loss"], f"best final eval loss of {optimizers[0]}"
-    return best, everything, target, source
+def plot_sensitivity(results, path):
+    """Final eval loss against lr for each optimizer: mean ± 1 std over every seed at that
+    lr (selection and report seeds); diverged lrs marked x on the top edge."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max((run["final_eval_loss"] for r in results
+               for run in {**r["selection"], **r["reported"]}.values()
+               if math.isfinite(run["final_eval_loss"])), default=1.0)
+    for r in results:
+        by_lr = {}
+        for run, record in {**r["selection"], **r["reported"]}.items():
+            by_lr.setdefault(run.lr, []).append(record)
+        lrs = sorted(by_lr)
+        means, stds, bad = [], [], []
+        for lr in lrs:
+            losses = race_stats.finite([rec["final_eval_loss"] for rec in by_lr[lr]])
+            means.append(statistics.fmean(losses) if losses else math.nan)
+            stds.append(statistics.stdev(losses) if len(losses) > 1 else 0.0)
+            if not losses:
+                bad.append(lr)
+        bars = ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=r["optimizer"])
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=bars[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final eval loss (mean ± 1 std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv):
@@ -251,28 +530,34 @@ def main(argv):
     if not workdir:
         cli.fail("--workdir is required")
     with cli.usage_errors():
-        lrs = validate_flags(_OPTIMIZERS.value, _LRS.value, _LR_POINTS.value,
-                             _LR_SPACING.value, _TARGET.value, _EVALS.value,
-                             _MUON_ADAM_LR.value)
-        # Every run's config and optimizer is checked before the first run starts; the
-        # corpus, mesh and model once.
-        configs = [run_config(base, name, lr, _MUON_ADAM_LR.value, _EVALS.value)
-                   for name in _OPTIMIZERS.value
-                   for lr in lr_grid(name, _LR_POINTS.value, _LR_SPACING.value, lrs)]
+        lrs, max_points, baseline = validate_flags(
+            _OPTIMIZERS.value, _LRS.value, _LR_POINTS.value, _LR_SPACING.value, _TARGET.value,
+            _EVALS.value, _MUON_ADAM_LR.value, _MAX_LR_POINTS.value, _SEEDS.value,
+            _SEEDS_AT_BEST.value, _BASELINE.value, _RUNS_PER_PROGRAM.value)
+        # Every optimizer's config is checked before the first run starts; the corpus,
+        # mesh and model once.
+        configs = [run_config(base, name, CENTRE_LR.get(name, 1e-3), _MUON_ADAM_LR.value,
+                              _EVALS.value) for name in _OPTIMIZERS.value]
         for config in configs:
-            train.validate(config)
-            train.build_optimizer(config, train.build_schedule(config))
+            builders.validate(config)
+            sweep.optimizer_at(config, 1.0)
         train.setup(configs[0])
-    best, everything, target, source = race(
-        base, _OPTIMIZERS.value, workdir, lrs, _LR_POINTS.value, _LR_SPACING.value,
-        _TARGET.value, _MUON_ADAM_LR.value, _EVALS.value)
-    text = report(best, everything, target, source, base, max(1, base.steps // _EVALS.value))
-    with open(os.path.join(workdir, REPORT_FILE), "w") as f:
-        f.write(text)
-    plot_curves(best, target, os.path.join(workdir, CURVES_FILE))
+        check_same_race(workdir, base, _EVALS.value, _MUON_ADAM_LR.value)
+    mode = _SWEEP.value or default_sweep_mode()
+    results, target, source = race(
+        base, _OPTIMIZERS.value, workdir, lrs=lrs, points=_LR_POINTS.value,
+        spacing=_LR_SPACING.value, max_points=max_points, seeds=_SEEDS.value,
+        seeds_at_best=_SEEDS_AT_BEST.value, baseline=baseline, target=_TARGET.value,
+        mode=mode, runs_per_program=_RUNS_PER_PROGRAM.value, muon_adam_lr=_MUON_ADAM_LR.value,
+        evals=_EVALS.value)
+    text = report(results, target, source, base, baseline, _SEEDS.value, _SEEDS_AT_BEST.value)
+    _write_atomic(os.path.join(workdir, REPORT_FILE), text)
+    plot_curves(results, target, os.path.join(workdir, CURVES_FILE))
+    plot_sensitivity(results, os.path.join(workdir, SENSITIVITY_FILE))
     print(text)
-    print(f"race: report in {os.path.join(workdir, REPORT_FILE)}, "
-          f"curves in {os.path.join(workdir, CURVES_FILE)}")
+    print(f"race: report in {os.path.join(workdir, REPORT_FILE)}, curves in "
+          f"{os.path.join(workdir, CURVES_FILE)} and "
+          f"{os.path.join(workdir, SENSITIVITY_FILE)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""Learning-rate / seed sweeps that share their work: one compiled step per optimizer.
+
+    engine = Engine(config)        # the workload and the optimizer (its lr is ignored)
+    runs = [SweepRun(lr, seed) for lr in (1e-3, 3e-3) for seed in (0, 1)]
+    rows = engine.train_group(runs, "runs/ckpt", vectorized=True)  # {run: metrics rows}
+
+The peak learning rate is an argument of the compiled step (the config's schedule at peak 1,
+times lr) and the seed is data (initial params from `init(key(seed))`, batches and the eval
+batch from the seekable sampler of `experiments.data`), so one compilation serves every run
+of a sweep. Two ways to train a group of runs:
+
+- `vectorized=False` ("loop"): one run after another, with the step laid out on the
+  config's mesh exactly as `experiments.train` lays out a single run.
+- `vectorized=True` ("vmap"): the runs side by side in one program, `jax.vmap` over params,
+  optimizer state, batches and learning rates; the run axis is split over the devices
+  (as many as divide the number of runs).
+
+Either way a run reproduces `experiments.train` on the same (lr, seed): the same losses at
+every logged step. Under vmap the integer scalars of the state (the step and the
+optimizer's step counters) stay unbatched, shared by the runs: a `lax.cond` on a batched
+predicate would become a select running both branches, so Shampoo and SOAP would refresh
+their roots / eigenbases at every step. A run whose gradients turn non-finite is skipped by
+the step (`train_lib`) and so falls behind the shared counters; the race counts such runs as
+diverged anyway (`rows[-1]["skipped_steps"] > 0`).
+
+Metrics rows follow `experiments.train`'s metrics.jsonl: `step`, `loss`, `lr`,
+`skipped_steps` at every logged step, `eval_loss` at eval steps, plus a row at step 0 with
+the initial eval loss (so steps to a target can be interpolated from the start). A group
+checkpoints (Orbax, `config.checkpoint_every`) its state together with the rows so far, so a
+killed sweep resumes to the same numbers.
+"""
+import copy
+import math
+import statistics
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+import models
+import sharding
+from experiments import builders, checkpointing, data, train, train_lib
+from optim import _validate
+
+# Optimizers that cannot share a vmapped program: not an Optax transform, extra update
+# arguments, or evaluated at another point than their params (Schedule-Free's x). They are
+# trained in loop mode.
+NO_VMAP = frozenset({"kfac", "sophia", "schedule_free_adamw"})
+RUN_AXIS = "runs"
+
+
+class SweepRun(NamedTuple):
+    """One point of a sweep: a peak learning rate and a seed."""
+    lr: float
+    seed: int
+
+    @property
+    def key(self):
+        """A file-name-safe id, e.g. `lr0.003_seed1`."""
+        return f"lr{self.lr:.6g}_seed{self.seed}"
+
+
+def can_vectorize(name):
+    """Whether optimizer `name` can train several runs in one vmapped program."""
+    return name not in NO_VMAP
+
+
+def shared_leaves(state):
+    """A tree of bools: True for the leaves the runs of a vmapped group share, the integer
+    scalars of `step` and `opt_state` (step counters; they decide the refresh conds)."""
+    def shared(path, leaf):
+        top = getattr(path[0], "key", None)
+        return (top in ("step", "opt_state") and leaf.ndim == 0
+                and jnp.issubdtype(leaf.dtype, jnp.integer))
+
+    return jax.tree.map_with_path(shared, state)
+
+
+def optimizer_at(config, lr):
+    """`(tx, schedule)` of `config`'s optimizer at peak learning rate `lr`, which may be a
+    traced scalar: the config's schedule with `peak_value = lr`, so the arithmetic is the
+    solo run's (`lr x` a schedule at peak 1 rounds differently, and Shampoo's roots amplify
+    one-ulp learning-rate differences to 1e-3 in the loss within 30 steps).
+
+    Muon's AdamW leaves keep their own peak (`optimizer.adam_learning_rate`) on the same
+    schedule shape, as in `builders.build_optimizer`.
+    """
+    if config.schedule.get("peak_value") is not None:
+        raise ValueError("config.schedule.peak_value must be None in a sweep (the peak is "
+                         f"each run's learning rate), got {config.schedule.peak_value!r}")
+    cfg = copy.deepcopy(config)
+    cfg.schedule.peak_value = lr
+    schedule = builders.build_schedule(cfg)
+    adam_peak = cfg.optimizer.get("adam_learning_rate")
+    # build_optimizer derives Muon's AdamW schedule as (adam peak / learning_rate) x schedule;
+    # with learning_rate 0 it takes the given schedule as is, so a traced lr never enters it.
+    cfg.optimizer.learning_rate = 0.0
+    if adam_peak is not None:
+        _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
+        cfg.schedule.peak_value = adam_peak
+        cfg.optimizer.adam_learning_rate = builders.build_schedule(cfg)
+    return builders.build_optimizer(cfg, schedule), schedule
+
+
+class Engine:
+    """The compiled pieces shared by every run of one optimizer's sweep on one workload.
+
+    Args:
+      config: an `experiments.configs.lm` config naming the optimizer; its
+        `optimizer.learning_rate` and `seed` are ignored (each run brings its own).
+
+    Raises:
+      ValueError: naming the bad value, for anything wrong with the config.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.setup = setup = train.setup(config)
+        optimizer_at(config, 1.0)  # checks Muon's adam_learning_rate eagerly
+        self.name = config.optimizer.name
+        model = models.Transformer(setup.model_config)
+        self.loss_fn = train_lib.lm_loss(model)
+        self._eval_fn = train_lib.make_eval_step(self.loss_fn)
+        mesh = setup.mesh
+        self.state_shardings = jax.tree.map(lambda leaf: leaf.sharding, setup.abstract_state)
+        self.batch_sharding = sharding.batch_sharding(mesh, batch_dim=1)
+        replicated = sharding.replicated(mesh)
+        self._step = jax.jit(self._step_fn,
+                             in_shardings=(self.state_shardings, self.batch_sharding,
+                                           replicated),
+                             out_shardings=(self.state_shardings, replicated),
+                             donate_argnums=(0,))
+        self._vmapped = {}  # number of runs -> (jitted step, jitted eval, shardings)
+        self._eval_batches = {}
+
+    # -- the step
+
+    def _step_fn(self, state, batch, lr):
+        cfg = self.config
+        tx, schedule = optimizer_at(cfg, lr)
+        step = train_lib.make_train_step(self.loss_fn, tx, schedule, cfg.ema_decay,
+                                         cfg.average_from_step)
+        state, metrics = step(state, batch)
+        return state, {key: metrics[key] for key in ("loss", "lr", "finite")}
+
+    def step(self, state, batch, lr):
+        """One update of a single run (the loop mode's compiled step)."""
+        with self.setup.in_mesh():
+            return self._step(state, batch, jnp.asarray(lr, jnp.float32))
+
+    def _vectorized(self, n_runs):
+        """(step, eval, run-axis sharding, replicated) for a group of `n_runs` runs."""
+        if n_runs in self._vmapped:
+            return self._vmapped[n_runs]
+        n_devices = math.gcd(n_runs, jax.device_count())
+        mesh = jax.make_mesh((n_devices,), (RUN_AXIS,), devices=jax.devices()[:n_devices])
+        split = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
+        whole = NamedSharding(mesh, PartitionSpec())
+        mask = shared_leaves(self.setup.abstract_state)
+        axes = jax.tree.map(lambda shared: None if shared else 0, mask)
+        state_sh = jax.tree.map(lambda shared: whole if shared else split, mask)
+
+        def step_fn(state, batch, lr):
+            new, metrics = jax.vmap(self._step_fn, in_axes=(axes, 0, 0))(state, batch, lr)
+            # Every healthy run advanced the shared counters alike; a run that skipped a
+            # non-finite step fell behind (and counts as diverged).
+            new = jax.tree.map(lambda leaf, shared: leaf.max(0) if shared else leaf,
+                               new, mask)
+            return new, metrics
+
+        step = jax.jit(step_fn, in_shardings=(state_sh, split, split),
+                       out_shardings=(state_sh, split), donate_argnums=(0,))
+        evaluate = jax.jit(jax.vmap(self._eval_fn), in_shardings=(split, split),
+                           out_shardings=split)
+        self._vmapped[n_runs] = (step, evaluate, state_sh, split)
+        return self._vmapped[n_runs]
+
+    # -- data
+
+    def _rows(self, seed, position):
+        cfg = self.config
+        return data.sample_batch(self.setup.corpus.train, seed, position, cfg.batch_size,
+                                 cfg.seq_len, micro_batches=cfg.grad_accum)
+
+    def _eval_rows(self, seed):
+        cfg = self.config
+        return data.sample_batch(self.setup.corpus.valid, seed, 0, cfg.batch_size,
+                                 cfg.seq_len, micro_batches=cfg.eval_batches,
+                                 stream=data.EVAL_STREAM)
+
+    def _eval_batch(self, seed):
+        if seed not in self._eval_batches:
+            self._eval_batches[seed] = sharding.shard_batch(self._eval_rows(seed),
+                                                            self.setup.mesh, batch_dim=1)
+        return self._eval_batches[seed]
+
+    def init(self, seed):
+        """A single run's initial state (as `experiments.train` makes it)."""
+        return self.setup.init(jax.random.key(seed))
+
+    # -- training a group of runs
+
+    def _group(self, runs, vectorized):
+        """Callables (init, step, evaluate, metrics-as-lists) for `runs`."""
+        if not vectorized:
+            (run,) = runs
+
+            def evaluate(state):
+                with self.setup.in_mesh():
+                    return [float(self.setup.eval_step(state["params"],
+                                                       self._eval_batch(run.seed)))]
+
+            return (lambda: self.init(run.seed),
+                    lambda state, position: self.step(
+                        state, sharding.shard_batch(self._rows(run.seed, position),
+                                                    self.setup.mesh, batch_dim=1), run.lr),
+                    evaluate, lambda value: [value.item()])
+        step, vmapped_eval, state_sh, split = self._vectorized(len(runs))
+        mask = shared_leaves(self.setup.abstract_state)
+        lrs = jax.device_put(np.array([run.lr for run in runs], np.float32), split)
+        eval_batch = jax.device_put(np.stack([self._eval_rows(run.seed) for run in runs]),
+                                    split)
+
+        def init():
+            states = [jax.device_get(self.init(run.seed)) for run in runs]
+            stacked = jax.tree.map(lambda shared, *leaves: leaves[0] if shared
+                                   else np.stack(leaves), mask, *states)
+            return jax.device_put(stacked, state_sh)
+
+        def one_step(state, position):
+            batch = np.stack([self._rows(run.seed, position) for run in runs])
+            return step(state, jax.device_put(batch, split), lrs)
+
+        def evaluate(state):
+            return [float(x) for x in jax.device_get(vmapped_eval(state["params"], eval_batch))]
+
+        return init, one_step, evaluate, lambda value: [x.item() for x in value]
+
+    def train_group(self, runs, checkpoint_dir, vectorized=False):
+        """Trains `runs` together (vmap) or the single run in `runs` (loop), resuming from
+        `checkpoint_dir` if it holds a checkpoint; returns `{run: metrics rows}`.
+
+        A loop run stops early once its loss is non-finite (diverged); a vmapped group
+        stops when every run has.
+        """
+        cfg = self.config
+        init, one_step, evaluate, as_list = self._group(runs, vectorized)
+        state = init()
+        checkpoints = checkpointing.Checkpoints(checkpoint_dir, keep=1)
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+            state)
+        restored = checkpoints.restore_newest(abstract)
+        if restored is not None:
+            state, meta = restored
+            step, rows = int(meta["step"]), meta["rows"]
+        else:
+            step, rows = 0, [[{"step": 0, "eval_loss": loss}] for loss in evaluate(state)]
+        alive = [all(math.isfinite(row.get("loss", 0.0)) for row in run_rows)
+                 for run_rows in rows]
+        while step < cfg.steps and any(alive):
+            state, metrics = one_step(state, step)
+            step += 1
+            is_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if step % cfg.log_every == 0 or step == cfg.steps or is_eval:
+                metrics = jax.device_get(metrics)
+                losses, lrs = as_list(metrics["loss"]), as_list(metrics["lr"])
+                skipped = np.broadcast_to(jax.device_get(state["skipped"]), len(runs))
+                evals = evaluate(state) if is_eval else None
+                for i, run_rows in enumerate(rows):
+                    row = {"step": step, "loss": losses[i], "lr": lrs[i],
+                           "skipped_steps": int(skipped[i])}
+                    if evals is not None:
+                        row["eval_loss"] = evals[i]
+                    run_rows.append(row)
+                    alive[i] = alive[i] and math.isfinite(losses[i])
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoints.save(step, state, {"step": step, "rows": rows,
+                                               "runs": [run.key for run in runs]})
+        checkpoints.close()
+        return dict(zip(runs, rows))
+
+    def seconds_per_step(self, lr, steps=10, warmup=2):
+        """Median seconds of one update of a single run (loop step), compile excluded."""
+        state = self.init(0)
+        times = []
+        for position in range(warmup + steps):
+            batch = sharding.shard_batch(self._rows(0, position), self.setup.mesh,
+                                         batch_dim=1)
+            start = time.perf_counter()
+            state, _ = self.step(state, batch, lr)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[warmup:])
+
+    def state_bytes(self):
+        """Bytes of one run's optimizer state."""
+        return sum(leaf.size * leaf.dtype.itemsize
+                   for leaf in jax.tree.leaves(self.setup.abstract_state["opt_state"]))
+
