@@ -49,7 +49,7 @@ import sharding
 from experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
                          train_lib)
 from experiments import workdir as workdir_lib
-from experiments import profiling, token_files, writers  # issue 21: TensorBoard / W&B, profiler traces
+from experiments import profiling, token_files, user_modules, writers  # issue 21: TensorBoard / W&B, profiler traces
 # The builders and the metrics log, also reachable from here (older callers use these).
 from experiments.builders import (  # noqa: F401
     LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,
@@ -67,6 +67,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12,
 def define_flags(default_config=DEFAULT_CONFIG):
     """Defines --config (a config file, `path[:variant]`), --workdir and --multihost; the
     scripts built on the train job (experiments.race) call it with their own default."""
+    # --optimizer_module: a user's optim.register(...) runs before the config gets its fields
+    user_modules.define_and_import()
     config = cli.define_config_flag(
         config_flags.DEFINE_config_file, "config", default_config,
         "Config file, `path[:variant]`.", lock_config=True)

@@ -17,6 +17,7 @@ metrics.jsonl row (a dict with `step`). Only process 0 writes: the others get `W
 import json
 import math
 import numbers
+import uuid
 
 from experiments import workdir as workdir_lib
 
@@ -110,7 +111,7 @@ class WandbWriter:
     def __init__(self, project, run_id=None, mode="offline", directory=None, config=None,
                  entity="", name=""):
         import wandb  # optional dependency: pip install ravine[wandb]
-        self.run = wandb.init(project=project, id=run_id or wandb.util.generate_id(),
+        self.run = wandb.init(project=project, id=run_id or uuid.uuid4().hex[:8],
                               resume="allow", mode=mode, dir=directory, config=config,
                               entity=entity or None, name=name or None, reinit=True)
 
