@@ -322,9 +322,9 @@ def test_scripts_on_token_files(tmp_path):
                           f"--workdir={tmp_path / 'w'}", f"--config.corpus={out}",
                           "--config.vocab_size=100"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
+    assert bad.returncode == 2  # the largest id in the sample: "x" (120)
     assert bad.stderr.strip().splitlines() == [
-        f"error: token file {out!r} holds token id 116, outside [0, config.vocab_size=100) "
+        f"error: token file {out!r} holds token id 120, outside [0, config.vocab_size=100) "
         "(wrong vocab_size or token_dtype?)"]
     assert not os.path.exists(tmp_path / "w")
 
