@@ -382,3 +382,24 @@ def test_train_script_with_optimizer_module(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         "error: --optimizer_module=no_such_module: ModuleNotFoundError: No module named "
         "'no_such_module'"]
+
+
+@needs_register
+def test_readme_user_file_registers_an_optimizer_that_trains(tmp_path):
+    """The README's my_opt.py, as a user saves it, through --optimizer_module's import."""
+    import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (source,) = [block for block in re.findall(r"```py\n(.*?)```", readme, re.S)
+                 if block.startswith("# my_opt.py")]
+    (tmp_path / "my_opt.py").write_text(source)
+    if "my_signum" not in optim.available():
+        user_modules.import_user_module(str(tmp_path / "my_opt.py"))
+    assert "momentum" in lm.get_config("tiny").optimizer
+    tx = optim.create("my_signum", learning_rate=0.1, momentum=0.5)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(params)
+    m = np.zeros(2)
+    for g in ([1.0, -3.0], [-4.0, 1.0]):  # numpy transcription of the update
+        m = 0.5 * m + 0.5 * np.array(g)
+        updates, state = tx.update({"w": jnp.array(g)}, state, params)
+        np.testing.assert_allclose(updates["w"], -0.1 * np.sign(m), rtol=1e-6)
