@@ -248,6 +248,25 @@ class TrainFunctions(NamedTuple):
     loss_scale: Any
 
 
+# optimizer.name -> `make(config) -> TrainFunctions`, for optimizers that are not Optax
+# transforms (their step is their own); see `register_train_step`.
+_STEP_MAKERS = {}
+
+
+def register_train_step(name, make):
+    """Makes `config.optimizer.name == name` build its step functions with `make(config)`.
+
+    The seam for an optimizer that is not an `optax.GradientTransformation` (e.g. one whose
+    update needs the loss function or the batch): `make` returns a `TrainFunctions` whose
+    `train_step(state, batch) -> (state, metrics)` does the whole update, with the same
+    state keys and metrics as `train_lib.make_train_step`'s (its `tx` needs only `init`, for
+    the optimizer state's shardings). The train job, its checkpoints and the race then use
+    it like any other optimizer. Start from `make_train_step(config, tx=...)`'s pieces
+    (`loss_fn`, `init_params`, `schedule`, `loss_scale`) and replace what differs.
+    """
+    _STEP_MAKERS[name] = make
+
+
 def make_train_step(config, tx=None, schedule=None):
     """The model, optimizer and step functions of `config` (validated first).
 
@@ -262,6 +281,8 @@ def make_train_step(config, tx=None, schedule=None):
       A `TrainFunctions`.
     """
     validate(config)
+    if tx is None and config.optimizer.name in _STEP_MAKERS:
+        return _STEP_MAKERS[config.optimizer.name](config)
     model_config = build_model_config(config)
     model = models.Transformer(model_config)
     schedule = build_schedule(config) if schedule is None else schedule

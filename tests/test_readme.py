@@ -91,3 +91,22 @@ def test_sharding_usage_example_runs():
     namespace = {"data": [tokens]}
     exec(compile(code, "sharding/__init__.py example", "exec"), namespace)
     assert 5.0 < float(namespace["metrics"]["loss"]) < 6.0  # about ln(256) at init
+
+
+@pytest.mark.slow
+def test_readme_race_command_shapes_take_config_fields(tmp_path):
+    """`--config.<field>` works with and without `--config` (the README's and `make demo`'s
+    shapes): a bad field value reaches the config and exits 2 naming it."""
+    import subprocess
+    import sys
+    shapes = [names for module, names in readme_commands() if module == "experiments.race"]
+    assert shapes
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for prefix in ([], ["--config=experiments/configs/lm.py:tiny"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "experiments.race", *prefix, "--optimizers=adamw,lion",
+             f"--workdir={tmp_path}/race", "--config.steps=0"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+        assert "config.steps must be a positive integer, got 0" in lines[0]

@@ -21,7 +21,7 @@ from flax import linen as nn
 import models
 import optim
 import sharding
-from experiments import builders, cli, data, spikes, train, train_lib
+from experiments import builders, cli, data, preemption, spikes, train, train_lib
 from experiments import workdir as workdir_lib
 from experiments.configs import lm
 
@@ -800,3 +800,44 @@ def test_sigterm_saves_stops_with_one_line_and_resumes_exactly(reference, corpus
     run(workdir, corpus)
     assert losses(workdir) == losses(reference)
     assert losses(workdir, "eval_loss_avg") == losses(reference, "eval_loss_avg")
+
+
+def test_stop_signal_finishes_the_step_then_a_second_one_interrupts():
+    stop = preemption.StopSignal()
+    before = signal.getsignal(signal.SIGINT)
+    with stop.installed():
+        assert not stop.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.reached(2) and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not preemption.NoStop().reached(3)
+
+
+def test_register_train_step_is_the_seam_for_other_optimizers(monkeypatch):
+    """An optimizer that brings its own step (here plain SGD written as a whole step)."""
+    lr = 0.5
+
+    def make(config):
+        fns = builders.make_train_step(config, tx=optax.sgd(lr))
+
+        def train_step(state, batch):
+            loss, grads = train_lib.mean_loss_and_grad(fns.loss_fn, state["params"], batch,
+                                                       fns.loss_scale)
+            params = jax.tree.map(lambda p, g: p - lr * g, state["params"], grads)
+            return {**state, "params": params, "step": state["step"] + 1}, {"loss": loss}
+
+        return fns._replace(train_step=train_step)
+
+    monkeypatch.setattr(builders, "_STEP_MAKERS", {})  # registrations end with the test
+    builders.register_train_step("whole_step_sgd", make)
+    config = tiny_config(**{"optimizer.name": "whole_step_sgd", "model.n_layers": 1})
+    fns = builders.make_train_step(config)
+    state = fns.init(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 65)).astype(np.uint8)
+    new, out = jax.jit(fns.train_step)(state, tokens)
+    loss, grads = jax.value_and_grad(fns.loss_fn)(state["params"], tokens[0])
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
+    leaves_close(new["params"], jax.tree.map(lambda p, g: p - lr * g, state["params"], grads),
+                 rtol=1e-5, atol=1e-7)
