@@ -49,7 +49,8 @@ import sharding
 from experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
                          train_lib)
 from experiments import workdir as workdir_lib
-from experiments import profiling, token_files, user_modules, writers  # issue 21: TensorBoard / W&B, profiler traces
+# issue 21: profiler traces, token files, --optimizer_module, TensorBoard / W&B writers
+from experiments import profiling, token_files, user_modules, writers
 # The builders and the metrics log, also reachable from here (older callers use these).
 from experiments.builders import (  # noqa: F401
     LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,

@@ -403,3 +403,15 @@ def test_readme_user_file_registers_an_optimizer_that_trains(tmp_path):
         m = 0.5 * m + 0.5 * np.array(g)
         updates, state = tx.update({"w": jnp.array(g)}, state, params)
         np.testing.assert_allclose(updates["w"], -0.1 * np.sign(m), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_layer_norms_times_both_settings():
+    from experiments import bench_layer_norms
+    times = bench_layer_norms.measure("tiny", "adamw", rounds=2, steps=1)
+    assert sorted(times) == ["with", "without"]
+    assert all(len(values) == 2 and all(v > 0 for v in values) for values in times.values())
+    step, state, batch = bench_layer_norms.build("tiny", "adamw", layer_norms=True)
+    assert "layers" in step(state, batch)[1]
+    step, state, batch = bench_layer_norms.build("tiny", "adamw", layer_norms=False)
+    assert "layers" not in step(state, batch)[1]
