@@ -31,7 +31,7 @@ from flax import linen as nn
 import models
 import optim
 import sharding
-from experiments import train_lib
+from experiments import profiling, token_files, train_lib, writers
 from experiments.configs import lm
 from optim import _validate, schedules
 
@@ -61,6 +61,8 @@ def validate(config):
     if not isinstance(config.init_from, str):
         raise ValueError(f"config.init_from must be DIR or DIR:STEP, got {config.init_from!r}")
     check_precision(config)
+    profiling.parse_steps(config.get("profile_steps", ""))
+    writers.validate(config)
 
 
 # The smallest positive normal float16: an epsilon below it is lost in float16 arithmetic.
@@ -211,7 +213,8 @@ def build_loss_scale(config, policy):
 
 
 def build_model_config(config):
-    """The TransformerConfig: config.model, vocab 256 (bytes), policy from precision."""
+    """The TransformerConfig: config.model, config.vocab_size (default 256, bytes), policy
+    from precision."""
     fields = dict(config.model.items())
     known = {f.name for f in dataclasses.fields(models.TransformerConfig)}
     unknown = sorted(set(fields) - known)
@@ -220,7 +223,8 @@ def build_model_config(config):
     if fields["max_len"] < config.seq_len:
         raise ValueError(f"config.model.max_len ({fields['max_len']}) must be >= "
                          f"config.seq_len ({config.seq_len})")
-    return models.TransformerConfig(vocab_size=256, policy=config.precision, **fields)
+    return models.TransformerConfig(vocab_size=token_files.vocab_size(config),
+                                    policy=config.precision, **fields)
 
 
 class TrainFunctions(NamedTuple):
@@ -298,7 +302,8 @@ def make_train_step(config, tx=None, schedule=None):
     return TrainFunctions(
         init=init,
         train_step=train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,
-                                             config.average_from_step),
+                                             config.average_from_step,
+                                             config.get("layer_norms", False)),
         eval_step=train_lib.make_eval_step(loss_fn), init_params=init_params,
         loss_fn=loss_fn, model_config=model_config, schedule=schedule, tx=tx,
         loss_scale=loss_scale)

@@ -111,7 +111,9 @@ def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flop
             "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": rate, "mfu": mfu,
             "loss_scale": float(metrics["loss_scale"]),
             "skipped_steps": int(state["skipped"]), "rollbacks": rollbacks,
-            "wall_time": clock.elapsed()}
+            "wall_time": clock.elapsed(),
+            # per-group norms (experiments/layer_norms.py), when the step computes them
+            **{key: float(value) for key, value in metrics.get("layers", {}).items()}}
 
 
 def summarize(rows, workdir, steps, n_params, rollbacks, seconds, diverged=False):

@@ -49,6 +49,8 @@ import sharding
 from experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
                          train_lib)
 from experiments import workdir as workdir_lib
+# issue 21: profiler traces, token files, --optimizer_module, TensorBoard / W&B writers
+from experiments import profiling, token_files, user_modules, writers
 # The builders and the metrics log, also reachable from here (older callers use these).
 from experiments.builders import (  # noqa: F401
     LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,
@@ -66,6 +68,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12,
 def define_flags(default_config=DEFAULT_CONFIG):
     """Defines --config (a config file, `path[:variant]`), --workdir and --multihost; the
     scripts built on the train job (experiments.race) call it with their own default."""
+    # --optimizer_module: a user's optim.register(...) runs before the config gets its fields
+    user_modules.define_and_import()
     config = cli.define_config_flag(
         config_flags.DEFINE_config_file, "config", default_config,
         "Config file, `path[:variant]`.", lock_config=True)
@@ -160,7 +164,7 @@ def setup(config):
     if config.batch_size % jax.process_count():
         raise ValueError(f"config.batch_size {config.batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
-    corpus = data.load_corpus(config.corpus, config.valid_fraction)
+    corpus = token_files.corpus_for_config(config)  # text, or a .bin / .npy token file
     data.check_length(corpus, config.seq_len)
     abstract_state, state_sh = state_layout(fns, mesh, config.zero)
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
@@ -404,6 +408,10 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
         monitor.load(meta["spike"])
         same_run = {"init_from": meta.get("init_from"), "signature": s.signature,
                     "corpus_sha256": s.corpus.sha256, "config": config_record(config)}
+        board = cleanup.enter_context(writers.for_run(config, workdir, meta, is_main))
+        same_run.update(board.checkpoint_meta())  # the W&B run id: a resume continues it
+        profiler = cleanup.enter_context(
+            profiling.Profiler(config.profile_steps, workdir, is_main))
         bar = cleanup.enter_context(tqdm.tqdm(
             total=config.steps, initial=step, unit="step", dynamic_ncols=True,
             disable=not (progress and is_main)))
@@ -413,7 +421,8 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
         # -- the loop
         try:
             while step < config.steps:
-                state, out = s.train_step(state, batch_at(s, step + data_offset))
+                state, out = profiler.run(step + 1, s.train_step, state,
+                                          batch_at(s, step + data_offset))
                 step += 1
                 bar.update(1)
                 checkpoints.poll()  # a failed background save surfaces here
@@ -438,6 +447,7 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
                     if is_eval:
                         row.update(evaluate(s, state))
                     log.write(row)
+                    board.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
                                     tok_s=f"{row['tokens_per_sec'] or 0:.3g}")
                     check_finite(s, row, saved)

@@ -23,6 +23,7 @@ import optax
 
 import models
 import optim
+from experiments import layer_norms as layer_norms_lib
 
 
 def lm_loss(model):
@@ -96,7 +97,8 @@ def init_state(params, tx, loss_scale, ema_decay=0.0, average_from_step=-1):
     return state
 
 
-def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1):
+def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
+                    layer_norms=False):
     """`train_step(state, batch) -> (state, metrics)`, pure (see the module docstring).
 
     Args:
@@ -105,9 +107,11 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1):
       schedule: `count -> lr`, the optimizer's learning rate, only to report `lr`.
       ema_decay: EMA decay of `state["ema"]` (0 = no EMA in the state).
       average_from_step: the tail average takes params from this step on (-1 = none).
+      layer_norms: also return `metrics["layers"]`, the per-group gradient, update and
+        param norms of `experiments.layer_norms`.
 
     Metrics (scalars): loss, grad_norm (global norm before clipping), lr (of this update),
-    finite (whether the update was applied), loss_scale.
+    finite (whether the update was applied), loss_scale; with `layer_norms`, "layers".
     """
     def train_step(state, batch):
         params, loss_scale = state["params"], state["loss_scale"]
@@ -125,6 +129,8 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1):
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(applied), jnp.float32), "finite": finite,
                    "loss_scale": loss_scale.loss_scale}
+        if layer_norms:
+            metrics["layers"] = layer_norms_lib.layer_norms(grads, updates, params)
         old = {key: state[key] for key in new}
         state = {**state, **optim.select_tree(finite, new, old),
                  "step": state["step"] + 1,

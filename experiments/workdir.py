@@ -25,7 +25,7 @@ RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
     "mesh", "zero", "peak_flops", "corpus", "preempt_exit_code", "init_from",
     "init_from_optimizer", "profile_steps", "offload_optimizer_state", "microbatches",
-    "wandb", "tensorboard"})
+    "wandb", "tensorboard", "layer_norms"})
 
 
 class WorkdirBusy(cli.UsageError):

@@ -48,7 +48,7 @@ def defined_flags(module):
     if "define_output_flags" in source:
         names |= {"outdir", "dpi"}
     if "define_flags(" in source:
-        names |= {"config", "workdir", "multihost"}
+        names |= {"config", "workdir", "multihost", "optimizer_module"}
     return names
 
 

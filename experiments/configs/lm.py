@@ -161,6 +161,21 @@ def get_config(variant="small"):
     # 143 = 128 + SIGTERM, what schedulers that retry failed jobs expect.
     config.preempt_exit_code = 143
 
+    # Workflow (issue 21). Token files: `corpus` may be a .bin (headerless, token_dtype,
+    # default uint16) or .npy file of token ids < vocab_size (experiments/token_files.py);
+    # vocab_size None = 256 (bytes), required for token files. Metrics also go to
+    # TensorBoard event files in the workdir and, when wandb.project is set, to W&B
+    # (experiments/writers.py). layer_norms: per-group gradient / update / param norms in
+    # each logged row (experiments/layer_norms.py). profile_steps "START,COUNT": a
+    # jax.profiler trace of those steps under workdir/plugins/profile.
+    config.vocab_size = config_dict.placeholder(int)
+    config.token_dtype = config_dict.placeholder(str)  # None: uint16 for .bin (nanoGPT's)
+    config.tensorboard = True
+    config.layer_norms = True
+    config.profile_steps = ""
+    config.wandb = ml_collections.ConfigDict(
+        {"project": "", "mode": "offline", "entity": "", "name": ""})
+
     for key, value in VARIANTS[variant].items():
         if isinstance(value, dict):
             config[key].update(value)
