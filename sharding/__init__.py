@@ -41,7 +41,7 @@ Multi-host: call `jax.distributed.initialize()` before any other JAX call; every
 is unchanged (each process feeds its own rows to `shard_batch`).
 """
 from sharding.batch import BATCH_AXES, batch_sharding, shard_batch
-from sharding.mesh import AXES, DATA, FSDP, TENSOR, make_mesh, parse_mesh_spec
+from sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
 from sharding.partition import (
     bytes_per_device,
     follow_param_shardings,
@@ -53,7 +53,7 @@ from sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
 from sharding.step import jit_train_step
 
 __all__ = [
-    "AXES", "BATCH_AXES", "DATA", "FSDP", "RULES", "TENSOR",
+    "AXES", "BATCH_AXES", "DATA", "FSDP", "RULES", "STAGE", "TENSOR",
     "batch_sharding", "bytes_per_device", "fit_spec", "follow_param_shardings",
     "jit_train_step", "logical_to_shardings", "make_mesh", "optimizer_state_shardings",
     "override_rules", "parse_mesh_spec", "replicated", "shard_batch", "zero1_spec",
