@@ -42,7 +42,9 @@ is unchanged (each process feeds its own rows to `shard_batch`).
 """
 from sharding.batch import BATCH_AXES, batch_sharding, shard_batch
 from sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
+from sharding.offload import HOST, check_host_memory, host_offload
 from sharding.partition import (
+    ZERO_STAGES,
     bytes_per_device,
     follow_param_shardings,
     optimizer_state_shardings,
@@ -51,10 +53,13 @@ from sharding.partition import (
 )
 from sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
 from sharding.step import jit_train_step
+from sharding.zero import gradient_shardings, param_shardings_for_zero, with_sharded_gradients
 
 __all__ = [
-    "AXES", "BATCH_AXES", "DATA", "FSDP", "RULES", "STAGE", "TENSOR",
-    "batch_sharding", "bytes_per_device", "fit_spec", "follow_param_shardings",
-    "jit_train_step", "logical_to_shardings", "make_mesh", "optimizer_state_shardings",
-    "override_rules", "parse_mesh_spec", "replicated", "shard_batch", "zero1_spec",
+    "AXES", "BATCH_AXES", "DATA", "FSDP", "HOST", "RULES", "STAGE", "TENSOR", "ZERO_STAGES",
+    "batch_sharding", "bytes_per_device", "check_host_memory", "fit_spec",
+    "follow_param_shardings", "gradient_shardings", "host_offload", "jit_train_step",
+    "logical_to_shardings", "make_mesh", "optimizer_state_shardings", "override_rules",
+    "param_shardings_for_zero", "parse_mesh_spec", "replicated", "shard_batch",
+    "with_sharded_gradients", "zero1_spec",
 ]
