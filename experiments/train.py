@@ -259,8 +259,9 @@ def setup(config):
     key = jax.random.key(config.seed)
     boxed = jax.eval_shape(model.init, key, dummy)["params"]
     abstract = jax.eval_shape(init, key)
-    param_sh = sharding.logical_to_shardings(boxed, mesh)
     params = abstract["params"]
+    param_sh = sharding.param_shardings_for_zero(
+        params, sharding.logical_to_shardings(boxed, mesh), config.zero)
     replicated = sharding.replicated(mesh)
     state_sh = {
         "step": replicated, "skipped": replicated, "params": param_sh,
@@ -274,7 +275,8 @@ def setup(config):
         lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
         abstract, state_sh)
 
-    loss_fn = train_lib.lm_loss(model)
+    loss_fn = sharding.with_sharded_gradients(  # ZeRO-2/3: reduce-scattered gradients
+        train_lib.lm_loss(model), sharding.gradient_shardings(params, param_sh, config.zero))
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     train_step = sharding.jit_train_step(
         train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,

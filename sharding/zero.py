@@ -140,7 +140,8 @@ def with_sharded_gradients(loss_fn, grad_shardings):
             return jax.lax.pmean(loss, DATA)
 
         params = jax.lax.with_sharding_constraint(params, grad_shardings)
-        return jax.shard_map(per_shard, in_specs=(in_specs,) + (PartitionSpec(DATA),) * len(batch),
+        return jax.shard_map(per_shard, mesh=mesh,
+                             in_specs=(in_specs,) + (PartitionSpec(DATA),) * len(batch),
                              out_specs=PartitionSpec(), axis_names={DATA})(params, *batch)
 
     return wrapped
