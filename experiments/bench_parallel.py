@@ -100,7 +100,7 @@ def _compiled_bytes(model, tx, mesh, params, param_sh, grad_sh, opt_sh, config):
     state = jax.eval_shape(lambda p: train_lib.init_state(p, tx, optim.NoOpLossScale()), params)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, state_sh)
-    loss_fn = sharding.with_sharded_gradients(train_lib.lm_loss(model), grad_sh)
+    loss_fn = sharding.with_sharded_gradients(train_lib.lm_loss(model), param_sh, grad_sh)
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     batch = jax.ShapeDtypeStruct((1, _ROWS.value, config.seq_len + 1), jnp.int32,
                                  sharding=batch_sh)

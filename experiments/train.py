@@ -276,7 +276,8 @@ def setup(config):
         abstract, state_sh)
 
     loss_fn = sharding.with_sharded_gradients(  # ZeRO-2/3: reduce-scattered gradients
-        train_lib.lm_loss(model), sharding.gradient_shardings(params, param_sh, config.zero))
+        train_lib.lm_loss(model), param_sh,
+        sharding.gradient_shardings(params, param_sh, config.zero))
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     train_step = sharding.jit_train_step(
         train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,

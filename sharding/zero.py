@@ -26,9 +26,11 @@ Wiring (what a train job adds)::
     param_sh = sharding.param_shardings_for_zero(
         params, sharding.logical_to_shardings(boxed, mesh), zero)
     grad_sh = sharding.gradient_shardings(params, param_sh, zero)
-    loss_fn = sharding.with_sharded_gradients(loss_fn, grad_sh)    # a no-op below zero=2
+    loss_fn = sharding.with_sharded_gradients(loss_fn, param_sh, grad_sh)  # no-op below 2
     opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero)
 """
+import functools
+
 import jax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
@@ -94,55 +96,101 @@ def _partial_manual_supported(mesh):
     return sum(size > 1 for name, size in mesh.shape.items() if name != DATA) <= 1
 
 
-def with_sharded_gradients(loss_fn, grad_shardings):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _reduce_scatter_gradient(dim, full, shard):
+    """`full` (a param replicated over "data") as used per device; its gradient goes to
+    `shard` (the same param's "data" shard, split along `dim`), reduce-scattered."""
+    return jax.lax.pcast(full, DATA, to="varying")
+
+
+def _reduce_scatter_forward(dim, full, shard):
+    return _reduce_scatter_gradient(dim, full, shard), None
+
+
+def _reduce_scatter_backward(dim, _, cotangent):
+    return None, jax.lax.psum_scatter(cotangent, DATA, scatter_dimension=dim, tiled=True)
+
+
+_reduce_scatter_gradient.defvjp(_reduce_scatter_forward, _reduce_scatter_backward)
+
+
+def with_sharded_gradients(loss_fn, param_shardings, grad_shardings):
     """`loss_fn(params, *batch)` whose gradient w.r.t. params comes out as `grad_shardings`.
 
-    Where some leaf is split over "data" (zero >= 2), the loss runs per data shard inside
-    `jax.shard_map` (manual over "data" only; other axes stay automatic): each device
-    all-gathers the params' "data" shards, computes the loss of its own rows, and the loss
-    is averaged over "data". The derivative of the all-gather is a reduce-scatter, so each
-    device receives only its shard of the summed gradient (a gradient accumulator summing
-    them is split too). Below zero=2 (no leaf split over "data") `loss_fn` is returned
-    unchanged. On meshes where the partitioner cannot compile that program (see
+    Where some gradient leaf is split over "data" (zero >= 2), the loss runs per data shard
+    inside `jax.shard_map` (manual over "data" only; the other mesh axes stay automatic)
+    and the loss is averaged over "data". Per leaf:
+
+    - param split over "data" (zero=3): all-gathered where used; the derivative of the
+      all-gather is a reduce-scatter of the gradient;
+    - param replicated, gradient split (zero=2): used as it is, and its per-device gradient
+      is reduce-scattered onto the param's "data" shard (no gathered copy is made);
+    - neither (zero < 2, or a leaf no dimension of which "data" divides): all-reduced.
+
+    So each device receives only its shard of the summed gradient, and a gradient
+    accumulator summing such gradients is split too. Below zero=2 `loss_fn` is returned
+    unchanged. On meshes the partitioner cannot compile this program for (see
     `_partial_manual_supported`) the gradient is constrained to `grad_shardings` instead:
-    same values and layout, and XLA:GPU/TPU form the reduce-scatter themselves (XLA:CPU
-    leaves it as an all-reduce followed by a slice).
+    same values and layout; XLA:GPU/TPU form the reduce-scatter themselves, XLA:CPU leaves
+    an all-reduce followed by a slice.
 
     Args:
       loss_fn: `loss_fn(params, *batch) -> scalar`, the mean over rows of `batch` arrays
         whose dimension 0 is split over "data" (as `batch_sharding` does); every data shard
         must hold the same number of rows.
-      grad_shardings: a tree of `NamedSharding` matching params (`gradient_shardings`).
+      param_shardings: the params' shardings (`param_shardings_for_zero`).
+      grad_shardings: the gradients' (`gradient_shardings`), a tree of the same structure.
 
     Returns:
       A function with `loss_fn`'s signature and values.
     """
-    specs = [s.spec for s in jax.tree.leaves(grad_shardings)]
-    if not any(_data_dim(spec) is not None for spec in specs):
+    grad_leaves, treedef = jax.tree.flatten(grad_shardings)
+    param_leaves = treedef.flatten_up_to(param_shardings)
+    modes = []   # per leaf: ("plain", None), ("scatter", dim) or ("gather", dim)
+    for param_sh, grad_sh in zip(param_leaves, grad_leaves):
+        param_dim, grad_dim = _data_dim(param_sh.spec), _data_dim(grad_sh.spec)
+        if param_dim is not None:
+            if grad_dim != param_dim:
+                raise ValueError(f"a param split over 'data' ({param_sh.spec}) needs its "
+                                 f"gradient split the same way, got {grad_sh.spec}")
+            modes.append(("gather", param_dim))
+        else:
+            modes.append(("plain", None) if grad_dim is None else ("scatter", grad_dim))
+    if all(mode == "plain" for mode, _ in modes):
         return loss_fn
-    mesh = jax.tree.leaves(grad_shardings)[0].mesh
+    mesh = grad_leaves[0].mesh
     if not _partial_manual_supported(mesh):
         return _constrained_gradients(loss_fn, grad_shardings)
-    dims = jax.tree.map(lambda s: _data_dim(s.spec), grad_shardings)
-    in_specs = jax.tree.map(
-        lambda s, d: PartitionSpec(*[DATA if i == d else None for i in range(len(s.spec))]),
-        grad_shardings, dims)
 
-    def gather(x, dim):
-        return x if dim is None else jax.lax.all_gather(x, DATA, axis=dim, tiled=True)
+    def data_spec(ndim, dim):
+        return PartitionSpec(*[DATA if i == dim else None for i in range(ndim)])
 
     def wrapped(params, *batch):
+        leaves = treedef.flatten_up_to(params)
+        full = [jax.lax.stop_gradient(x) if mode == "scatter" else x
+                for x, (mode, _) in zip(leaves, modes) if mode != "gather"]
+        shards = [jax.lax.with_sharding_constraint(x, g)
+                  for x, g, (mode, _) in zip(leaves, grad_leaves, modes) if mode != "plain"]
+        shard_specs = [data_spec(x.ndim, dim)
+                       for x, (mode, dim) in zip(leaves, modes) if mode != "plain"]
         rules = _rules_without_data(nn.get_logical_axis_rules())
 
-        def per_shard(shards, *rows):
+        def per_shard(full, shards, *rows):
+            full, shards, used = iter(full), iter(shards), []
+            for mode, dim in modes:
+                if mode == "plain":
+                    used.append(next(full))
+                elif mode == "scatter":
+                    used.append(_reduce_scatter_gradient(dim, next(full), next(shards)))
+                else:
+                    used.append(jax.lax.all_gather(next(shards), DATA, axis=dim, tiled=True))
             with nn.logical_axis_rules(rules):
-                loss = loss_fn(jax.tree.map(gather, shards, dims), *rows)
+                loss = loss_fn(treedef.unflatten(used), *rows)
             return jax.lax.pmean(loss, DATA)
 
-        params = jax.lax.with_sharding_constraint(params, grad_shardings)
-        return jax.shard_map(per_shard, mesh=mesh,
-                             in_specs=(in_specs,) + (PartitionSpec(DATA),) * len(batch),
-                             out_specs=PartitionSpec(), axis_names={DATA})(params, *batch)
+        in_specs = ([PartitionSpec()] * len(full), shard_specs) + (PartitionSpec(DATA),) * len(batch)
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
+                             axis_names={DATA})(full, shards, *batch)
 
     return wrapped
 
