@@ -7,7 +7,8 @@ devices give the same numbers a GPU host would (timing them would measure nothin
   0-3 on `--mesh` (default data=8) for an `experiments/configs/lm.py` variant (default
   124m), from the shard shapes of the shardings `sharding` gives them (nothing is
   allocated). With `--compile`, also XLA's memory analysis of the compiled train step
-  (arguments + outputs + temporaries, per device) at `--rows` x seq_len tokens.
+  (per device: arguments + outputs less the donated aliases, and temporaries) at
+  `--rows` x seq_len tokens.
 - `--what=bubble`: compiles a pipelined train step (tiny model, `--stages` stages on as
   many devices) for each `--microbatches` M and reads the number of ticks of its schedule
   loop from the compiled HLO; each stage is busy in M of them, so the bubble fraction is
@@ -74,7 +75,7 @@ def zero_table():
           f"(N = data = {data}); MiB per device")
     header = "| zero | params | grads | AdamW state | total | paper (4+4+8)Psi split |"
     if _COMPILE.value:
-        header += " compiled step |"
+        header += " compiled: state in+out | compiled: temporaries |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for zero in sharding.ZERO_STAGES:
@@ -89,7 +90,9 @@ def zero_table():
         row = (f"| {zero} | {sizes[0] / MB:.0f} | {sizes[1] / MB:.0f} | {sizes[2] / MB:.0f} "
                f"| {sum(sizes) / MB:.0f} | {paper / MB:.0f} |")
         if _COMPILE.value:
-            row += f" {_compiled_bytes(model, tx, mesh, params, param_sh, grad_sh, opt_sh, config) / MB:.0f} |"
+            resident, temporary = _compiled_bytes(model, tx, mesh, params, param_sh, grad_sh,
+                                                  opt_sh, config)
+            row += f" {resident / MB:.0f} | {temporary / MB:.0f} |"
         print(row, flush=True)
 
 
@@ -107,8 +110,9 @@ def _compiled_bytes(model, tx, mesh, params, param_sh, grad_sh, opt_sh, config):
     step = sharding.jit_train_step(train_lib.make_train_step(loss_fn, tx, lambda c: 0.0),
                                    mesh, state_sh, batch_sh)
     memory = step.lower(state, batch).compile().memory_analysis()
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    resident = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes)       # the donated state is counted once
+    return resident, memory.temp_size_in_bytes
 
 
 def bubble_table():

@@ -89,10 +89,14 @@ def unstack_blocks(params):
                        for i in range(n_layers)}}
 
 
-def check_divisible(n_layers, stages, batch_size, microbatches):
-    """Raises ValueError (naming both numbers) unless S | n_layers and M | batch_size."""
+def _check_microbatches(microbatches):
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+
+
+def check_divisible(n_layers, stages, batch_size, microbatches):
+    """Raises ValueError (naming both numbers) unless S | n_layers and M | batch_size."""
+    _check_microbatches(microbatches)
     if n_layers % stages:
         raise ValueError(f"n_layers={n_layers} is not divisible by the {stages} pipeline "
                          f"stages (mesh axis stage={stages})")
@@ -198,6 +202,32 @@ def apply(config, params, tokens, microbatches=1):
 
     with nn.intercept_methods(interceptor):
         return Transformer(config).apply({"params": rest}, tokens)
+
+
+class Pipelined:
+    """`Transformer(config)` with stacked, pipelined blocks, behind flax's `init` / `apply`.
+
+    A drop-in for the model object of a train job: `init(rngs, tokens)` gives the
+    Transformer's variables with the blocks stacked (boxed, the stacking axis named
+    "layers", so `sharding.logical_to_shardings` puts it on "stage") and
+    `apply(variables, tokens)` runs `apply(config, params, tokens, microbatches)`.
+
+    Example::
+
+        model = pipeline.Pipelined(config, microbatches=8)
+        boxed = jax.eval_shape(model.init, key, tokens)["params"]   # {"blocks": ..., ...}
+    """
+
+    def __init__(self, config, microbatches):
+        _check_microbatches(microbatches)
+        self.config, self.microbatches = config, microbatches
+
+    def init(self, rngs, tokens):
+        variables = Transformer(self.config).init(rngs, tokens)
+        return {**variables, "params": stack_blocks(variables["params"])}
+
+    def apply(self, variables, tokens):
+        return apply(self.config, nn.unbox(variables["params"]), tokens, self.microbatches)
 
 
 # Optimizers that cannot take the pipeline's stacked params through `per_layer`, and why.

@@ -124,9 +124,13 @@ def test_stack_and_unstack_round_trip_and_name_the_layer_axis():
 def test_apply_without_a_stage_axis_is_the_plain_model():
     params, tokens = host_params(), batch(0)[0, :, :-1]
     expected = jax.jit(models.Transformer(CONFIG).apply)({"params": params}, tokens)
-    got = jax.jit(lambda p, t: pipeline.apply(CONFIG, p, t, microbatches=2))(
-        pipeline.stack_blocks(params), tokens)
+    model = pipeline.Pipelined(CONFIG, microbatches=2)
+    got = jax.jit(model.apply)({"params": pipeline.stack_blocks(params)}, tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    assert jax.tree.map(lambda b: b.value.shape, pipeline.stack_blocks(boxed_params()),
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned)) == jax.tree.map(
+        lambda b: b.value.shape, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @pytest.mark.parametrize("mesh_spec, n_layers, rows, micro, numbers", [
