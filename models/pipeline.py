@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from models.transformer import REMAT_POLICIES, Block, Transformer
 
@@ -161,6 +161,13 @@ def run_blocks(config, stacked, x, microbatches):
     """
     mesh = jax.sharding.get_abstract_mesh()
     num_stages = 1 if mesh.empty or STAGE not in mesh.axis_names else mesh.shape[STAGE]
+    manual = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind == AxisType.Manual] if not mesh.empty else []
+    if num_stages > 1 and manual:
+        # jax 0.10's Shardy rejects a shard_map over "stage" nested in one over "data".
+        raise ValueError(f"the pipeline cannot run inside a shard_map manual over {manual} "
+                         f"(e.g. sharding.with_sharded_gradients at zero >= 2); with "
+                         f"stage={num_stages} use zero <= 1")
     batch = x.shape[0]
     check_divisible(config.n_layers, num_stages, batch, microbatches)
     layers_fn = _layers_fn(config)

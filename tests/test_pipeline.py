@@ -49,17 +49,18 @@ def pipelined_loss(params, tokens):
     return models.cross_entropy(logits, tokens[:, 1:])
 
 
-def setup(mesh_spec, tx, devices=None):
+def setup(mesh_spec, tx, zero=0):
     """(compiled step, state, mesh) for the pipelined model (stacked params) on `mesh_spec`."""
-    mesh = sharding.make_mesh(mesh_spec, devices)
-    param_sh = sharding.logical_to_shardings(pipeline.stack_blocks(boxed_params()), mesh)
+    mesh = sharding.make_mesh(mesh_spec)
+    params = pipeline.stack_blocks(host_params())
+    param_sh = sharding.param_shardings_for_zero(
+        params, sharding.logical_to_shardings(pipeline.stack_blocks(boxed_params()), mesh), zero)
     replicated = sharding.replicated(mesh)
     state_sh = {"step": replicated, "skipped": replicated, "params": param_sh,
                 "loss_scale": optim.NoOpLossScale(),
-                "opt_state": sharding.optimizer_state_shardings(
-                    tx, pipeline.stack_blocks(host_params()), param_sh)}
+                "opt_state": sharding.optimizer_state_shardings(tx, params, param_sh, zero)}
     state = jax.jit(lambda p: train_lib.init_state(p, tx, optim.NoOpLossScale()),
-                    out_shardings=state_sh)(pipeline.stack_blocks(host_params()))
+                    out_shardings=state_sh)(params)
     step = sharding.jit_train_step(train_lib.make_train_step(pipelined_loss, tx, lambda c: LR),
                                    mesh, state_sh, sharding.batch_sharding(mesh, batch_dim=1))
     first = sharding.shard_batch(batch(0), mesh, batch_dim=1)
@@ -89,10 +90,12 @@ def one_device_losses():
     return losses
 
 
-@pytest.mark.parametrize("mesh_spec, stages", [
-    ("stage=4,data=2", 4), ("stage=2,tensor=2,data=2", 2), ("stage=8", 8)])
-def test_pipeline_trains_like_one_device_and_runs_m_plus_s_minus_1_ticks(mesh_spec, stages):
-    compiled, state, mesh = setup(mesh_spec, pipeline.per_layer(optim.adamw(LR)))
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_spec, stages, zero", [
+    ("stage=4,data=2", 4, 1), ("stage=2,tensor=2,data=2", 2, 0), ("stage=8", 8, 0)])
+def test_pipeline_trains_like_one_device_and_runs_m_plus_s_minus_1_ticks(mesh_spec, stages,
+                                                                         zero):
+    compiled, state, mesh = setup(mesh_spec, pipeline.per_layer(optim.adamw(LR)), zero)
     stacked = jax.tree.leaves(state["params"][pipeline.BLOCKS])
     assert all(x.sharding.spec[0] == "stage" for x in stacked)     # one slice per stage
     assert {s.data.shape[0] for x in stacked for s in x.addressable_shards} == {8 // stages}
@@ -198,6 +201,17 @@ def test_per_layer_makes_the_unstacked_updates(name):
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=atol),
                      pipeline.unstack_blocks(jax.tree.map(lambda x: x[i], stacked)),
                      jax.tree.map(lambda x: x[i], plain))
+
+
+def test_zero2_around_the_pipeline_is_refused():
+    mesh = sharding.make_mesh("stage=4,data=2")
+    params = pipeline.stack_blocks(host_params())
+    param_sh = sharding.logical_to_shardings(pipeline.stack_blocks(boxed_params()), mesh)
+    loss_fn = sharding.with_sharded_gradients(
+        pipelined_loss, param_sh, sharding.gradient_shardings(params, param_sh, 2))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        with pytest.raises(ValueError, match="zero <= 1"):
+            jax.eval_shape(jax.grad(loss_fn), params, batch(0)[0])
 
 
 def test_unsupported_optimizers_are_refused_in_one_line():

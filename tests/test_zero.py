@@ -105,6 +105,7 @@ def over_data(named_sharding):
     return "data" in jax.tree.leaves(tuple(named_sharding.spec))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_stage_trains_like_zero0_with_the_papers_memory(zero):
     run = Run("data=8", zero)
@@ -139,6 +140,7 @@ def test_zero_stage_trains_like_zero0_with_the_papers_memory(zero):
     np.testing.assert_allclose(run.train(), reference_losses(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero2_on_a_three_axis_mesh_trains_alike():
     """data=2,fsdp=2,tensor=2: the gradients are laid out by a constraint (see
     sharding.zero._partial_manual_supported) and still split over "data"."""
@@ -200,6 +202,7 @@ def test_with_sharded_gradients_keeps_the_loss_and_its_gradient():
 
 # --- host offload -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_offloaded_optimizer_state_stays_on_the_host_and_trains_alike():
     run = Run("data=8", zero=1, offload=True)
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(run.state["opt_state"])}
