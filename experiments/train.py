@@ -40,6 +40,7 @@ import optim
 import sharding
 from experiments import checkpointing, cli, data, spikes, train_lib
 from experiments.configs import lm
+from models import pipeline
 from optim import _validate, schedules
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,6 +62,7 @@ METRICS_FILE, CONFIG_FILE, PLOT_FILE, CHECKPOINT_DIR = (
 def validate(config):
     """Checks the scalar fields; ValueError naming the field and its value."""
     for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum", "eval_batches",
+                 "microbatches",
                  "keep_checkpoints", "spike_window", "spike_patience"):
         _validate.positive_int(f"config.{name}", config[name])
     for name in ("seed", "eval_every", "checkpoint_every", "spike_skip"):
@@ -161,7 +163,11 @@ def build_optimizer(config, schedule):
     if "muon_mask" in accepted:
         exclude = tuple(key.strip() for key in cfg.muon_exclude.split(",") if key.strip())
         hparams["muon_mask"] = optim.hidden_matrices(exclude=exclude)
-    return train_lib.with_clipping(optim.create(name, **hparams), config.clip_norm)
+    tx = optim.create(name, **hparams)
+    if sharding.parse_mesh_spec(config.mesh)[sharding.STAGE] > 1:
+        pipeline.check_optimizer(name)
+        tx = pipeline.per_layer(tx)   # stacked blocks: the layer axis is a batch axis
+    return train_lib.with_clipping(tx, config.clip_norm)
 
 
 def build_loss_scale(config, policy):
@@ -244,6 +250,10 @@ def setup(config):
     data.check_length(corpus, config.seq_len)
     model_config = build_model_config(config)
     model = models.Transformer(model_config)
+    if mesh.shape[sharding.STAGE] > 1:   # pipeline: microbatches per batch_size rows
+        pipeline.check_divisible(model_config.n_layers, mesh.shape[sharding.STAGE],
+                                 config.batch_size, config.microbatches)
+        model = pipeline.Pipelined(model_config, config.microbatches)
     policy = models.get_policy(config.precision)
     schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)
@@ -267,6 +277,8 @@ def setup(config):
         "step": replicated, "skipped": replicated, "params": param_sh,
         "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
         "opt_state": sharding.optimizer_state_shardings(tx, params, param_sh, config.zero)}
+    if config.offload_optimizer_state:
+        state_sh["opt_state"] = sharding.host_offload(state_sh["opt_state"])
     for key_name in ("ema", "average"):
         if key_name in abstract:
             state_sh[key_name] = sharding.follow_param_shardings(abstract[key_name], params,

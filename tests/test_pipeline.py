@@ -220,3 +220,25 @@ def test_unsupported_optimizers_are_refused_in_one_line():
             pipeline.check_optimizer(name)
         assert "\n" not in str(err.value)
     pipeline.check_optimizer("shampoo")
+
+
+@pytest.mark.parametrize("flags, numbers", [
+    (["--config.mesh=stage=4,data=2", "--config.model.n_layers=6"], ["n_layers=6", "4"]),
+    (["--config.mesh=stage=2,data=4", "--config.microbatches=3"], ["16", "microbatches=3"]),
+])
+def test_train_job_exits_2_naming_both_numbers(tmp_path, flags, numbers):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = 1\n" * 1000)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm.py:tiny",
+         f"--config.corpus={corpus}", f"--workdir={tmp_path / 'run'}", *flags],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line, = result.stderr.strip().splitlines()
+    for number in numbers:
+        assert number in line

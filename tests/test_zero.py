@@ -230,3 +230,29 @@ def test_offload_without_a_host_memory_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="pinned_host.*only \\['device'\\]"):
         sharding.check_host_memory([_DeviceWithoutHostMemory()])
     sharding.check_host_memory(jax.devices())   # CPU devices do have pinned_host
+
+
+# --- the train job's config path ----------------------------------------------------------
+
+def train_setup(tmp_path, **fields):
+    from experiments import train
+    from experiments.configs import lm as lm_config
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    config = lm_config.get_config("tiny")
+    config.corpus, config.steps = str(corpus), 4
+    config.schedule.warmup_steps = 1
+    for key, value in fields.items():
+        config[key] = value
+    return train.setup(config)
+
+
+@pytest.mark.parametrize("zero, offload", [(3, True), (2, False)])
+def test_train_config_lays_out_zero_and_offload(tmp_path, zero, offload):
+    s = train_setup(tmp_path, mesh="data=8", zero=zero, offload_optimizer_state=offload)
+    state = s.abstract_state
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state["opt_state"])}
+    assert kinds == ({sharding.HOST} if offload else {"device"})
+    params = jax.tree.leaves(state["params"])
+    split = [over_data(x.sharding) for x in params]
+    assert all(split) if zero == 3 else not any(split)
