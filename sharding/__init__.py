@@ -1,7 +1,7 @@
 """ravine.sharding: meshes, logical-axis rules, shardings for params / optimizer state / batches.
 
 One code path from 1 CPU to a multi-host pod: params are laid out by logical axis names
-(`RULES`), optimizer state follows the params (optionally ZeRO-1 over "data"), the batch is
+(`RULES`), optimizer state follows the params (ZeRO stages 0-3 over "data"), the batch is
 split over ("data", "fsdp"), and `jit` (GSPMD) inserts the collectives.
 
 Usage (what experiments/train.py does)::
@@ -33,6 +33,11 @@ Usage (what experiments/train.py does)::
     step = sharding.jit_train_step(train_step, mesh, state_sh, sharding.batch_sharding(mesh))
     for local_batch in data:                                   # this process's rows only
         state, metrics = step(state, sharding.shard_batch(local_batch, mesh))
+
+ZeRO stages 2 and 3 (`sharding.zero`): `param_shardings_for_zero`, `gradient_shardings`
+and `with_sharded_gradients(loss_fn, param_sh, grad_sh)`; host offload of a tree
+(`sharding.offload`): `state_sh["opt_state"] = sharding.host_offload(opt_sh)`. Pipeline
+stages live on the "stage" axis: see `models.pipeline`.
 
 Other trees that mirror params (EMA copies, gradient accumulators) get shardings from
 `follow_param_shardings(tree, params, param_sh)`. With grad accumulation, a batch shaped
