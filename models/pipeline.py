@@ -33,6 +33,7 @@ Example::
 Optimizers see the stacked leaves (layers, ...); `per_layer(tx)` makes any per-leaf
 optimizer treat the layer axis as a batch axis, so the updates equal the unstacked ones.
 """
+import dataclasses
 import re
 from typing import Any, NamedTuple
 
@@ -207,8 +208,11 @@ def apply(config, params, tokens, microbatches=1):
             return run_blocks(config, stacked, x, microbatches) if module.name == "block_0" else x
         return next_fun(*args, **kwargs)
 
+    # Remat is applied to the stacked layers (`_layers_fn`); the outer model's blocks are
+    # never run, and a remat-wrapped block would be called under another scope.
+    outer = Transformer(dataclasses.replace(config, remat="none"))
     with nn.intercept_methods(interceptor):
-        return Transformer(config).apply({"params": rest}, tokens)
+        return outer.apply({"params": rest}, tokens)
 
 
 class Pipelined:
