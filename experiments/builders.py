@@ -6,6 +6,7 @@ pieces here, so a flag means the same thing everywhere.
 
     from experiments import builders
     from experiments.configs import lm
+from models import pipeline
 
     config = lm.get_config("tiny")
     builders.validate(config)                       # ValueError naming a bad field
@@ -41,6 +42,7 @@ LOSS_SCALES = ("auto", "none", "dynamic")
 def validate(config):
     """Checks the scalar fields; ValueError naming the field and its value."""
     for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum", "eval_batches",
+                 "microbatches",
                  "keep_checkpoints", "spike_window", "spike_patience"):
         _validate.positive_int(f"config.{name}", config[name])
     for name in ("seed", "eval_every", "checkpoint_every", "spike_skip"):
@@ -200,7 +202,15 @@ def build_optimizer(config, schedule):
             raise ValueError(f"{error} (unset with --config.optimizer.{unknown[0]}=None)"
                              ) from None
         raise
+    if pipeline_stages(config) > 1:
+        pipeline.check_optimizer(name)
+        tx = pipeline.per_layer(tx)  # stacked blocks: the layer axis is a batch axis
     return train_lib.with_clipping(tx, config.clip_norm)
+
+
+def pipeline_stages(config):
+    """The size of the mesh's `stage` axis (1: no pipeline)."""
+    return sharding.parse_mesh_spec(config.mesh).get(sharding.STAGE, 1)
 
 
 def build_loss_scale(config, policy):
@@ -286,6 +296,10 @@ def make_train_step(config, tx=None, schedule=None):
         return _STEP_MAKERS[config.optimizer.name](config)
     model_config = build_model_config(config)
     model = models.Transformer(model_config)
+    if pipeline_stages(config) > 1:  # GPipe over the stage axis: config.microbatches per batch
+        pipeline.check_divisible(model_config.n_layers, pipeline_stages(config),
+                                 config.batch_size, config.microbatches)
+        model = pipeline.Pipelined(model_config, config.microbatches)
     schedule = build_schedule(config) if schedule is None else schedule
     tx = build_optimizer(config, schedule) if tx is None else tx
     loss_scale = build_loss_scale(config, models.get_policy(config.precision))

@@ -250,6 +250,9 @@ def make_train_functions(config):
         if config[field] != off:
             raise ValueError(f"optimizer 'kfac' does not support config.{field}="
                              f"{config[field]!r}; set it to {off!r}")
+    if config.zero >= 2 or builders.pipeline_stages(config) > 1:
+        raise ValueError(f"optimizer 'kfac' runs with config.zero <= 1 and no stage axis, got "
+                         f"zero={config.zero!r}, mesh={config.mesh!r}")
     fns = builders.make_train_step(config, tx=optax.identity())
     if not isinstance(fns.loss_scale, optim.NoOpLossScale):
         raise ValueError(f"optimizer 'kfac' does not support loss scaling (precision "

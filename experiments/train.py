@@ -103,18 +103,22 @@ def _peak_flops(config):
     return next((peak for key, peak in PEAK_FLOPS.items() if key in kind), None)
 
 
-def state_layout(fns, mesh, zero):
+def state_layout(fns, mesh, zero, offload=False):
     """`(abstract_state, state_shardings)` of `builders.make_train_step`'s state on `mesh`:
-    params by their logical axes, optimizer state following them (ZeRO stage `zero`)."""
+    params by their logical axes (also split over `data` at ZeRO-3), optimizer state
+    following them (split over `data` from ZeRO-1 on; in host memory when `offload`)."""
     key = jax.random.key(0)
     abstract = jax.eval_shape(fns.init, key)
-    param_sh = sharding.logical_to_shardings(jax.eval_shape(fns.init_params, key), mesh)
     params = abstract["params"]
+    param_sh = sharding.param_shardings_for_zero(
+        params, sharding.logical_to_shardings(jax.eval_shape(fns.init_params, key), mesh), zero)
     replicated = sharding.replicated(mesh)
     state_sh = {
         "step": replicated, "skipped": replicated, "params": param_sh,
         "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
         "opt_state": sharding.optimizer_state_shardings(fns.tx, params, param_sh, zero)}
+    if offload:
+        state_sh["opt_state"] = sharding.host_offload(state_sh["opt_state"])
     for name in ("ema", "average"):
         if name in abstract:
             state_sh[name] = sharding.follow_param_shardings(abstract[name], params, param_sh)
@@ -166,7 +170,15 @@ def setup(config):
                          f"{jax.process_count()} processes")
     corpus = token_files.corpus_for_config(config)  # text, or a .bin / .npy token file
     data.check_length(corpus, config.seq_len)
-    abstract_state, state_sh = state_layout(fns, mesh, config.zero)
+    abstract_state, state_sh = state_layout(fns, mesh, config.zero,
+                                            config.offload_optimizer_state)
+    if config.zero >= 2:  # ZeRO-2/3: gradients reduce-scattered onto each device's shard
+        params = abstract_state["params"]
+        loss_fn = sharding.with_sharded_gradients(
+            fns.loss_fn, state_sh["params"],
+            sharding.gradient_shardings(params, state_sh["params"], config.zero))
+        fns = fns._replace(train_step=train_lib.make_train_step(
+            loss_fn, fns.tx, fns.schedule, config.ema_decay, config.average_from_step))
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     eval_rows = data.sample_batch(
         corpus.valid, config.seed, 0, config.batch_size, config.seq_len,

@@ -1,7 +1,7 @@
 """ravine.sharding: meshes, logical-axis rules, shardings for params / optimizer state / batches.
 
 One code path from 1 CPU to a multi-host pod: params are laid out by logical axis names
-(`RULES`), optimizer state follows the params (optionally ZeRO-1 over "data"), the batch is
+(`RULES`), optimizer state follows the params (ZeRO stages 0-3 over "data"), the batch is
 split over ("data", "fsdp"), and `jit` (GSPMD) inserts the collectives.
 
 Usage (what experiments/train.py does)::
@@ -37,6 +37,11 @@ Usage (what experiments/train.py does)::
     for local_batch in data:                      # uint8 [B, T + 1]: this process's rows only
         state, metrics = step(state, sharding.shard_batch(local_batch, mesh))
 
+ZeRO stages 2 and 3 (`sharding.zero`): `param_shardings_for_zero`, `gradient_shardings`
+and `with_sharded_gradients(loss_fn, param_sh, grad_sh)`; host offload of a tree
+(`sharding.offload`): `state_sh["opt_state"] = sharding.host_offload(opt_sh)`. Pipeline
+stages live on the "stage" axis: see `models.pipeline`.
+
 Other trees that mirror params (EMA copies, gradient accumulators) get shardings from
 `follow_param_shardings(tree, params, param_sh)`. With grad accumulation, a batch shaped
 [accum, micro, ...] uses `batch_sharding(mesh, batch_dim=1)` / `shard_batch(..., batch_dim=1)`.
@@ -44,8 +49,10 @@ Multi-host: call `jax.distributed.initialize()` before any other JAX call; every
 is unchanged (each process feeds its own rows to `shard_batch`).
 """
 from sharding.batch import BATCH_AXES, batch_sharding, shard_batch
-from sharding.mesh import AXES, DATA, FSDP, TENSOR, make_mesh, parse_mesh_spec
+from sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
+from sharding.offload import HOST, check_host_memory, host_offload
 from sharding.partition import (
+    ZERO_STAGES,
     bytes_per_device,
     follow_param_shardings,
     optimizer_state_shardings,
@@ -54,10 +61,13 @@ from sharding.partition import (
 )
 from sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
 from sharding.step import jit_train_step
+from sharding.zero import gradient_shardings, param_shardings_for_zero, with_sharded_gradients
 
 __all__ = [
-    "AXES", "BATCH_AXES", "DATA", "FSDP", "RULES", "TENSOR",
-    "batch_sharding", "bytes_per_device", "fit_spec", "follow_param_shardings",
-    "jit_train_step", "logical_to_shardings", "make_mesh", "optimizer_state_shardings",
-    "override_rules", "parse_mesh_spec", "replicated", "shard_batch", "zero1_spec",
+    "AXES", "BATCH_AXES", "DATA", "FSDP", "HOST", "RULES", "STAGE", "TENSOR", "ZERO_STAGES",
+    "batch_sharding", "bytes_per_device", "check_host_memory", "fit_spec",
+    "follow_param_shardings", "gradient_shardings", "host_offload", "jit_train_step",
+    "logical_to_shardings", "make_mesh", "optimizer_state_shardings", "override_rules",
+    "param_shardings_for_zero", "parse_mesh_spec", "replicated", "shard_batch",
+    "with_sharded_gradients", "zero1_spec",
 ]

@@ -4,10 +4,11 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import AxisType
 
-DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+DATA, STAGE, FSDP, TENSOR = "data", "stage", "fsdp", "tensor"
 # Outermost first: data-parallel replicas talk least, tensor-parallel shards talk most, so
 # tensor is the fastest-varying axis and lands on neighbouring devices (same host / ICI ring).
-AXES = (DATA, FSDP, TENSOR)
+# Pipeline stages only pass one activation per tick to a neighbour: next to data.
+AXES = (DATA, STAGE, FSDP, TENSOR)
 
 
 def parse_mesh_spec(spec):
@@ -51,10 +52,10 @@ def parse_mesh_spec(spec):
 
 
 def make_mesh(spec, devices=None):
-    """Builds a `jax.sharding.Mesh` with axes ("data", "fsdp", "tensor"), all `AxisType.Auto`.
+    """Builds a `jax.sharding.Mesh` with axes ("data", "stage", "fsdp", "tensor"), all Auto.
 
     Args:
-      spec: `"data=2,fsdp=1,tensor=4"` or a mapping `{"data": 2, "tensor": 4}`. Missing axes
+      spec: `"data=2,fsdp=1,tensor=4"` (`"stage=4,data=2"` for a pipeline) or a mapping `{"data": 2, "tensor": 4}`. Missing axes
         have size 1; one axis may be -1 and takes all remaining devices.
       devices: the devices to lay out (default: `jax.devices()`, every process's devices).
 

@@ -1,4 +1,4 @@
-"""Shardings for trees that mirror params (optimizer state, EMA) and ZeRO-1.
+"""Shardings for trees that mirror params (optimizer state, EMA) and the ZeRO stages.
 
 Optimizer states are pytrees that embed copies of the params tree (Adam's `mu`/`nu`),
 per-param pieces of other shapes (Adafactor's factored rows/cols, Shampoo statistics)
@@ -12,6 +12,8 @@ Parameter Models") additionally splits every non-scalar state leaf over the "dat
 so data-parallel replicas each hold 1/data of the optimizer state while params stay
 replicated over "data"; GSPMD then turns the update into reduce-scatter + sharded update
 + all-gather of the new params.
+
+ZeRO stages 2 and 3 (gradients, params) build on the same split: see `sharding.zero`.
 """
 import jax
 import numpy as np
@@ -21,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sharding.mesh import DATA
 from sharding.rules import fit_spec
 
-ZERO_STAGES = (0, 1)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def replicated(mesh):
@@ -38,7 +40,7 @@ def _entry(axes):
 
 
 def zero1_spec(spec, shape, mesh):
-    """Adds the "data" axis to the largest dimension of `shape` it evenly divides.
+    """Adds the "data" axis to the largest dimension of `shape` it evenly divides (in front).
 
     The dimension with the largest per-device extent is chosen so that the split is even;
     an array already sharded over "data", a scalar, or one no dimension of which divides
@@ -54,7 +56,9 @@ def zero1_spec(spec, shape, mesh):
         if dim % (split * data) == 0 and dim // split > best_extent:
             best, best_extent = i, dim // split
     if best is not None:
-        entries[best] = _entry(_axes(entries[best]) + (DATA,))
+        # "data" goes first: it is the outermost mesh axis, so (data, tensor) keeps each data
+        # shard's tensor pieces on neighbouring devices.
+        entries[best] = _entry((DATA,) + _axes(entries[best]))
     return PartitionSpec(*entries)
 
 
@@ -100,7 +104,8 @@ def follow_param_shardings(tree, params, param_shardings, zero=0):
         `jax.eval_shape(tx.init, params)`).
       params: the (unboxed) params or their shapes.
       param_shardings: the matching tree of `NamedSharding`s (from `logical_to_shardings`).
-      zero: 0, or 1 for ZeRO-1 (split non-scalar leaves over "data" too, see `zero1_spec`).
+      zero: a ZeRO stage; any stage >= 1 splits non-scalar leaves over "data" too (see
+        `zero1_spec`).
 
     Returns:
       A tree of `NamedSharding` with the structure of `tree`. Rule per leaf: scalars are
@@ -109,8 +114,7 @@ def follow_param_shardings(tree, params, param_shardings, zero=0):
       the param; with more, e.g. stacked Shampoo blocks, unsharded); otherwise the
       sharding of same-shaped params if they all agree; otherwise replicated.
     """
-    if zero not in ZERO_STAGES:
-        raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+    check_zero(zero)
     params = nn.unbox(params)
     param_leaves = jax.tree.leaves_with_path(params)
     sharding_leaves = jax.tree.leaves(param_shardings)
@@ -149,12 +153,19 @@ def follow_param_shardings(tree, params, param_shardings, zero=0):
     return jax.tree.map_with_path(one, tree)
 
 
+def check_zero(zero):
+    if isinstance(zero, bool) or zero not in ZERO_STAGES:
+        raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+
+
 def optimizer_state_shardings(tx, params, param_shardings, zero=0):
     """Shardings for `tx.init(params)`, following the params' (see `follow_param_shardings`).
 
     Works for any Optax `GradientTransformation`: the state's shapes come from
     `jax.eval_shape(tx.init, params)`, so nothing is allocated. Use the result as
     `out_shardings` of a jitted `tx.init` and in the train step's state shardings.
+    `zero` >= 1 splits the state over "data" (ZeRO-1; stages 2 and 3 keep it split).
+    Pass the params' shardings as `param_shardings_for_zero` returns them.
     """
     state_shapes = jax.eval_shape(tx.init, nn.unbox(params))
     return follow_param_shardings(state_shapes, params, param_shardings, zero=zero)

@@ -5,12 +5,13 @@ import jax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA, FSDP, TENSOR
+from sharding.mesh import DATA, FSDP, STAGE, TENSOR
 
 # Megatron-style tensor parallelism falls out of these: a matrix ("embed", "mlp") is
 # column-parallel and ("mlp", "embed") row-parallel, so a block needs one all-reduce per
 # matmul pair. FSDP shards "embed"; activations ("batch", "length", "embed") keep embed
 # unsharded because flax gives each mesh axis to the first logical name that claims it.
+# "layers" is the stacking axis of pipelined blocks (models.pipeline): one slice per stage.
 RULES = (
     ("batch", (DATA, FSDP)),
     ("embed", FSDP),
@@ -19,6 +20,7 @@ RULES = (
     ("vocab", TENSOR),
     ("kv", None),
     ("length", None),
+    ("layers", STAGE),
 )
 
 

@@ -4,6 +4,7 @@ import functools
 import jax
 from flax import linen as nn
 
+from sharding.offload import is_offloaded, to_device
 from sharding.partition import replicated
 from sharding.rules import RULES
 
@@ -18,6 +19,8 @@ def jit_train_step(step_fn, mesh, state_shardings, batch_sharding, rules=RULES, 
       mesh: the mesh from `make_mesh`.
       state_shardings: a tree of `NamedSharding` matching `state` (e.g. a dict of
         `logical_to_shardings(...)`, `optimizer_state_shardings(...)`, `replicated(mesh)`).
+        Leaves in host memory (`host_offload`) are copied to device memory before
+        `step_fn` sees them, and their new values back to host memory.
       batch_sharding: `batch_sharding(mesh)` (or a tree of shardings matching `batch`).
       rules: logical axis rules used while tracing (default `RULES`).
       donate: donate the input state's buffers to the output (halves peak state memory; the
@@ -28,6 +31,13 @@ def jit_train_step(step_fn, mesh, state_shardings, batch_sharding, rules=RULES, 
       the metrics replicated. `step.lower(state, batch)` gives the lowered computation
       (e.g. `.compile().as_text()` to inspect its collectives).
     """
+    if any(is_offloaded(s) for s in jax.tree.leaves(state_shardings)):
+        inner = step_fn
+
+        @functools.wraps(inner)
+        def step_fn(state, batch):
+            return inner(to_device(state, state_shardings), batch)
+
     jitted = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_sharding),

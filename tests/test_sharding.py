@@ -33,17 +33,19 @@ def down(params):
 # --- make_mesh -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, shape", [
-    ("data=2,fsdp=1,tensor=4", (2, 1, 4)),
-    ("tensor=2, data=4", (4, 1, 2)),
-    ({"fsdp": 8}, (1, 8, 1)),
-    ("data=-1", (8, 1, 1)),
-    ({"data": 2, "tensor": -1}, (2, 1, 4)),
+    ("data=2,fsdp=1,tensor=4", (2, 1, 1, 4)),
+    ("tensor=2, data=4", (4, 1, 1, 2)),
+    ({"fsdp": 8}, (1, 1, 8, 1)),
+    ("data=-1", (8, 1, 1, 1)),
+    ({"data": 2, "tensor": -1}, (2, 1, 1, 4)),
+    ("stage=4,data=2", (2, 4, 1, 1)),
+    ("data=2,stage=2,tensor=2", (2, 2, 1, 2)),
 ])
-def test_make_mesh_builds_all_three_auto_axes(spec, shape):
+def test_make_mesh_builds_all_four_auto_axes(spec, shape):
     mesh = sharding.make_mesh(spec)
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.axis_names == ("data", "stage", "fsdp", "tensor")
     assert tuple(mesh.shape.values()) == shape
-    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert mesh.axis_types == (AxisType.Auto,) * 4
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
@@ -194,15 +196,15 @@ def test_zero1_splits_every_state_leaf_over_data():
     zero = sharding.optimizer_state_shardings(tx, params, param_sh, zero=1)[0]
     assert zero.count.spec == P()
     # (embed=32, mlp=80) kernel sharded (fsdp, tensor): per-device extents 16 and 40, so
-    # "data" goes to the mlp dim, next to "tensor".
+    # "data" goes to the mlp dim, before "tensor" (the outer mesh axis first).
     assert up(plain.mu).spec == P("fsdp", "tensor")
-    assert up(zero.mu).spec == P("fsdp", ("tensor", "data"))
+    assert up(zero.mu).spec == P("fsdp", ("data", "tensor"))
     for leaf, spec in zip(jax.tree.leaves(jax.eval_shape(tx.init, params)[0].mu),
                           jax.tree.leaves(specs(zero.nu))):
         assert any("data" in (e if isinstance(e, tuple) else (e,)) for e in spec), spec
     assert jax.tree.leaves(specs(zero)) != jax.tree.leaves(specs(plain))
     with pytest.raises(ValueError, match="zero"):
-        sharding.optimizer_state_shardings(tx, params, param_sh, zero=2)
+        sharding.optimizer_state_shardings(tx, params, param_sh, zero=4)
 
 
 def test_zero1_spec_leaves_arrays_it_cannot_split():
@@ -274,7 +276,7 @@ def test_jit_train_step_donates_lays_out_state_and_sets_mesh_and_rules():
     np.testing.assert_allclose(np.asarray(new_state["w"]), np.arange(4.0) + 1)
     np.testing.assert_allclose(float(metrics["mean"]), 1.5)
     assert seen["rules"] == rules
-    assert dict(seen["mesh"].shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(seen["mesh"].shape) == {"data": 4, "stage": 1, "fsdp": 1, "tensor": 2}
     hlo = step.lower(new_state, batch).as_text()
     assert "sharding_constraint" in hlo
 

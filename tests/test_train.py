@@ -258,7 +258,7 @@ def test_bad_optimizer_config(overrides, message):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("steps", 0), ("batch_size", -4), ("grad_accum", 0), ("zero", 2), ("ema_decay", 1.0),
+    ("steps", 0), ("batch_size", -4), ("grad_accum", 0), ("zero", 4), ("ema_decay", 1.0),
     ("average_from_step", -3), ("loss_scale", "static"), ("spike_factor", 0.5),
 ])
 def test_validate_names_the_field_and_value(field, value):

@@ -108,7 +108,9 @@ def get_config(variant="small"):
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
     config.mesh = "data=-1"             # sharding.make_mesh spec
-    config.zero = 0                     # 1: ZeRO-1, optimizer state split over "data"
+    config.zero = 0                     # ZeRO over "data": 1 state, 2 + grads, 3 + params
+    config.microbatches = 1             # pipeline micro-batches per row batch (mesh stage > 1)
+    config.offload_optimizer_state = False  # keep optimizer state in host memory
     config.precision = "params=float32,compute=float32,output=float32"  # models.get_policy
     config.loss_scale = "auto"          # auto (dynamic iff float16 anywhere) | none | dynamic
     config.corpus = ""                  # file or folder; "" = the Python stdlib's source
