@@ -6,7 +6,6 @@ pieces here, so a flag means the same thing everywhere.
 
     from experiments import builders
     from experiments.configs import lm
-from models import pipeline
 
     config = lm.get_config("tiny")
     builders.validate(config)                       # ValueError naming a bad field
@@ -34,6 +33,7 @@ import optim
 import sharding
 from experiments import profiling, token_files, train_lib, writers
 from experiments.configs import lm
+from models import pipeline
 from optim import _validate, schedules
 
 LOSS_SCALES = ("auto", "none", "dynamic")

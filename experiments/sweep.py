@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import models
 import sharding
@@ -156,7 +156,8 @@ class Engine:
         if n_runs in self._vmapped:
             return self._vmapped[n_runs]
         n_devices = math.gcd(n_runs, jax.device_count())
-        mesh = jax.make_mesh((n_devices,), (RUN_AXIS,), devices=jax.devices()[:n_devices])
+        mesh = jax.make_mesh((n_devices,), (RUN_AXIS,), devices=jax.devices()[:n_devices],
+                             axis_types=(AxisType.Auto,))  # GSPMD decides, as in train
         split = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
         whole = NamedSharding(mesh, PartitionSpec())
         mask = shared_leaves(self.setup.abstract_state)

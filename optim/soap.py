@@ -242,7 +242,7 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
         (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
 
     Returns:
-      An `optax.GradientTransformation`.
+      An `optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> tx = soap(3e-3, weight_decay=0.01, mask=optim.decay_mask)
@@ -254,7 +254,8 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
     def init_fn(params):
         return SoapWithDecayState(direction.init(params), step.init(params), decay.init(params))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted and ignored, as optax's chains do
         directions, soap_state = direction.update(updates, state.soap, params)
         steps, step_state = step.update(directions, state.step, params)
         if params is not None:  # -lr * (D + wd * (W - lr * D)): the decay of the moved W
@@ -264,4 +265,4 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
         updates = jax.tree.map(lambda u: jnp.where(first, jnp.zeros_like(u), u), updates)
         return updates, SoapWithDecayState(soap_state, step_state, decay_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -85,7 +85,7 @@ def test_sharding_usage_example_runs():
     import numpy as np
 
     import sharding
-    block = sharding.__doc__.split("::\n\n", 1)[1].split("\n\nOther trees")[0]
+    block = sharding.__doc__.split("::\n\n", 1)[1].split("\n\nZeRO stages")[0]
     code = "\n".join(line[4:] for line in block.splitlines())
     tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
     namespace = {"data": [tokens]}
