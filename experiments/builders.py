@@ -34,7 +34,7 @@ import sharding
 from experiments import profiling, token_files, train_lib, writers
 from experiments.configs import lm
 from models import pipeline
-from optim import _validate, schedules
+from optim import _validate, schedules, sophia_estimates
 
 LOSS_SCALES = ("auto", "none", "dynamic")
 
@@ -60,6 +60,7 @@ def validate(config):
     _validate.non_negative_int("config.spike_max_rollbacks", config.spike_max_rollbacks)
     _validate.one_of("config.preempt_exit_code", config.preempt_exit_code, range(256))
     _validate.one_of("config.init_from_optimizer", config.init_from_optimizer, (True, False))
+    check_schedule_free(config)
     if not isinstance(config.init_from, str):
         raise ValueError(f"config.init_from must be DIR or DIR:STEP, got {config.init_from!r}")
     check_precision(config)
@@ -93,6 +94,19 @@ def check_precision(config):
             f"{FLOAT16_TINY:.3g}); use float32 params (master weights) with float16 compute: "
             "--config.precision=params=float32,compute=float16,output=float32, or set "
             f"--config.optimizer.eps >= {FLOAT16_TINY:.3g}")
+
+
+def check_schedule_free(config):
+    """Schedule-Free AdamW replaces the schedule: it takes a constant learning rate (its own
+    `optimizer.warmup_steps` warm it up), so any other schedule is refused."""
+    if config.optimizer.name != "schedule_free_adamw":
+        return
+    if config.schedule.name != "constant":
+        raise ValueError(
+            f"config.schedule.name={config.schedule.name!r}: schedule_free_adamw takes a "
+            "constant learning rate (--config.schedule.name=constant "
+            "--config.schedule.warmup_steps=None; warm up with "
+            "--config.optimizer.warmup_steps=N)")
 
 
 def build_schedule(config):
@@ -188,7 +202,12 @@ def build_optimizer(config, schedule):
         _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
         if cfg.learning_rate:
             ratio = adam_peak / cfg.learning_rate
-            hparams["adam_learning_rate"] = lambda step: ratio * schedule(step)
+
+            def adam_schedule(step):
+                return ratio * schedule(step)
+
+            adam_schedule.peak_value = adam_peak  # for weight_decay_mode="independent"
+            hparams["adam_learning_rate"] = adam_schedule
     if "mask" in accepted and cfg.no_decay:
         hparams["mask"] = no_decay_mask(cfg.no_decay)
     if "muon_mask" in accepted:
@@ -247,6 +266,11 @@ class TrainFunctions(NamedTuple):
       init_params: `key -> boxed params` (flax logical-axis boxes, for shardings).
       loss_fn: `(params, tokens[B, T + 1]) -> loss`.
       model_config, schedule, tx, loss_scale: what they were built from.
+      eval_params: `(params, opt_state) -> params` to evaluate at (Schedule-Free's x).
+      step_for_loss: `loss_fn -> train_step`, the same step around another loss function
+        (the train job's ZeRO-2/3 one, whose gradients are reduce-scattered); None for a
+        registered step (`register_train_step`), which the train job then runs with ZeRO
+        0 or 1 only.
     """
     init: Callable[[Any], Any]
     train_step: Callable[[Any, Any], Any]
@@ -257,6 +281,8 @@ class TrainFunctions(NamedTuple):
     schedule: Callable[[Any], Any]
     tx: Any
     loss_scale: Any
+    eval_params: Callable[[Any, Any], Any] = train_lib.params_of
+    step_for_loss: Callable[[Any], Any] | None = None
 
 
 # optimizer.name -> `make(config) -> TrainFunctions`, for optimizers that are not Optax
@@ -293,7 +319,8 @@ def make_train_step(config, tx=None, schedule=None):
     """
     validate(config)
     if tx is None and config.optimizer.name in _STEP_MAKERS:
-        return _STEP_MAKERS[config.optimizer.name](config)
+        # A registered step is its own: no ZeRO-2/3 variant around another loss function.
+        return _STEP_MAKERS[config.optimizer.name](config)._replace(step_for_loss=None)
     model_config = build_model_config(config)
     model = models.Transformer(model_config)
     if pipeline_stages(config) > 1:  # GPipe over the stage axis: config.microbatches per batch
@@ -313,14 +340,77 @@ def make_train_step(config, tx=None, schedule=None):
                                     config.ema_decay, config.average_from_step)
 
     loss_fn = train_lib.lm_loss(model)
+    step_kwargs = optimizer_step_kwargs(config, model)
+
+    def step_for_loss(loss):
+        return train_lib.make_train_step(loss, tx, schedule, config.ema_decay,
+                                         config.average_from_step,
+                                         config.get("layer_norms", False), **step_kwargs)
+
     return TrainFunctions(
-        init=init,
-        train_step=train_lib.make_train_step(loss_fn, tx, schedule, config.ema_decay,
-                                             config.average_from_step,
-                                             config.get("layer_norms", False)),
+        init=init, train_step=step_for_loss(loss_fn),
         eval_step=train_lib.make_eval_step(loss_fn), init_params=init_params,
         loss_fn=loss_fn, model_config=model_config, schedule=schedule, tx=tx,
-        loss_scale=loss_scale)
+        loss_scale=loss_scale,
+        eval_params=step_kwargs.get("eval_params", train_lib.params_of),
+        step_for_loss=step_for_loss)
+
+
+# Folded into the seed for Sophia's sampled labels / Rademacher signs, so they are a stream
+# of their own (not the init's or the data's keys).
+SOPHIA_STREAM = 0x50F1A
+
+
+def sophia_update_args(config, model, seed=None):
+    """`update_args(params, batch, step)` for Sophia: `{"hessian_fn": fn}`, the estimator of
+    `config.optimizer.estimator` (GNB by default) on the step's first micro-batch.
+
+    Sophia calls `fn` only on refresh steps (inside its `lax.cond`). GNB's estimate is
+    scaled by the tokens of the whole optimizer step (grad_accum x batch_size x seq_len),
+    as the official code's `bs = total_bs * block_size`; it is taken on the step's own
+    first micro-batch rather than a separate one (the official loop draws a fresh batch).
+    The labels / signs come from `fold_in(fold_in(key(seed), SOPHIA_STREAM), step)`, so a
+    resumed run draws the same ones; `seed` (default config.seed) may be traced (a sweep's).
+    """
+    estimator = config.optimizer.get("estimator") or "gnb"
+    seed = config.seed if seed is None else seed
+    base_key = jax.random.fold_in(jax.random.key(seed), SOPHIA_STREAM)
+    step_tokens = config.grad_accum * config.batch_size * config.seq_len
+    loss_fn = train_lib.lm_loss(model)
+
+    def logits_fn(params, inputs):
+        return model.apply({"params": params}, inputs)
+
+    def update_args(params, batch, step):
+        del params  # Sophia passes the params it is at to hessian_fn
+        key = jax.random.fold_in(base_key, step)
+        tokens = batch[0].astype(jnp.int32)  # [B, T + 1]
+
+        def hessian_fn(params):
+            if estimator == "hutchinson":
+                return sophia_estimates.hutchinson(lambda p: loss_fn(p, tokens), params, key)
+            grads, _ = sophia_estimates.gnb_gradient(logits_fn, params, tokens[:, :-1], key)
+            return sophia_estimates.gnb_from_gradient(grads, step_tokens)
+
+        return {"hessian_fn": hessian_fn}
+
+    return update_args
+
+
+def _schedule_free_eval_params(params, opt_state):
+    return optim.schedule_free_eval_params(opt_state, params)
+
+
+def optimizer_step_kwargs(config, model, seed=None):
+    """What `train_lib.make_train_step` needs beyond the loss and the optimizer: Sophia's
+    `update_args` (keys from `seed`, default config.seed) and Schedule-Free's `eval_params`
+    (x); `{}` for the others."""
+    name = config.optimizer.name
+    if name == "sophia":
+        return {"update_args": sophia_update_args(config, model, seed)}
+    if name == "schedule_free_adamw":
+        return {"eval_params": _schedule_free_eval_params}
+    return {}
 
 
 def _register_kfac():

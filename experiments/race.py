@@ -53,7 +53,8 @@ from experiments import builders, cli, race_stats, sweep, train
 # A good learning rate for each optimizer on the tiny LM (warmup-cosine), the middle of the
 # default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
 CENTRE_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3,
-             "lion": 1e-3, "adafactor": 1e-2, "shampoo": 3e-3, "soap": 1e-2, "muon": 0.03}
+             "lion": 1e-3, "adafactor": 1e-2, "shampoo": 3e-3, "soap": 1e-2, "muon": 0.03,
+             "radam": 3e-3, "adamw_8bit": 3e-3, "sophia": 1e-3, "schedule_free_adamw": 3e-3}
 
 # --config and --workdir as in experiments.train; the race's default workload is tiny. (The
 # default is given when the flag is defined: ml_collections applies `--config.<field>`
@@ -195,7 +196,11 @@ def validate_flags(optimizers, lrs=(), points=5, spacing=2.0, target=None, evals
 
 def run_config(base, name, lr, muon_adam_lr, evals=20):
     """`base` with optimizer `name` at peak learning rate `lr` (other hparams at their
-    defaults, the schedule's peak = lr), evaluated `evals` times."""
+    defaults, the schedule's peak = lr), evaluated `evals` times.
+
+    Schedule-Free AdamW gets its natural schedule: a constant lr, warmed up over the base
+    schedule's warmup_steps by its own `warmup_steps`.
+    """
     config = copy.deepcopy(base)
     config.eval_every = max(1, config.steps // evals)
     with config.unlocked():
@@ -207,6 +212,11 @@ def run_config(base, name, lr, muon_adam_lr, evals=20):
         config.schedule.peak_value = None
         if name == "muon":
             config.optimizer.adam_learning_rate = muon_adam_lr
+        if name == "schedule_free_adamw":
+            config.optimizer.warmup_steps = config.schedule.get("warmup_steps") or None
+            for key in config.schedule:
+                config.schedule[key] = None
+            config.schedule.name = "constant"
     return config
 
 

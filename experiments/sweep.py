@@ -121,8 +121,8 @@ class Engine:
         self.setup = setup = train.setup(config)
         optimizer_at(config, 1.0)  # checks Muon's adam_learning_rate eagerly
         self.name = config.optimizer.name
-        model = models.Transformer(setup.model_config)
-        self.loss_fn = train_lib.lm_loss(model)
+        self.model = models.Transformer(setup.model_config)
+        self.loss_fn = train_lib.lm_loss(self.model)
         self._eval_fn = train_lib.make_eval_step(self.loss_fn)
         mesh = setup.mesh
         self.state_shardings = jax.tree.map(lambda leaf: leaf.sharding, setup.abstract_state)
@@ -130,7 +130,7 @@ class Engine:
         replicated = sharding.replicated(mesh)
         self._step = jax.jit(self._step_fn,
                              in_shardings=(self.state_shardings, self.batch_sharding,
-                                           replicated),
+                                           replicated, replicated),
                              out_shardings=(self.state_shardings, replicated),
                              donate_argnums=(0,))
         self._vmapped = {}  # number of runs -> (jitted step, jitted eval, shardings)
@@ -138,18 +138,22 @@ class Engine:
 
     # -- the step
 
-    def _step_fn(self, state, batch, lr):
+    def _step_fn(self, state, batch, lr, seed):
         cfg = self.config
         tx, schedule = optimizer_at(cfg, lr)
+        # Sophia's Hessian estimator (its keys from the run's seed), Schedule-Free's eval
+        # params: as in the train job.
+        step_kwargs = builders.optimizer_step_kwargs(cfg, self.model, seed)
         step = train_lib.make_train_step(self.loss_fn, tx, schedule, cfg.ema_decay,
-                                         cfg.average_from_step)
+                                         cfg.average_from_step, **step_kwargs)
         state, metrics = step(state, batch)
         return state, {key: metrics[key] for key in ("loss", "lr", "finite")}
 
-    def step(self, state, batch, lr):
+    def step(self, state, batch, lr, seed):
         """One update of a single run (the loop mode's compiled step)."""
         with self.setup.in_mesh():
-            return self._step(state, batch, jnp.asarray(lr, jnp.float32))
+            return self._step(state, batch, jnp.asarray(lr, jnp.float32),
+                              jnp.asarray(seed, jnp.int32))
 
     def _vectorized(self, n_runs):
         """(step, eval, run-axis sharding, replicated) for a group of `n_runs` runs."""
@@ -164,15 +168,16 @@ class Engine:
         axes = jax.tree.map(lambda shared: None if shared else 0, mask)
         state_sh = jax.tree.map(lambda shared: whole if shared else split, mask)
 
-        def step_fn(state, batch, lr):
-            new, metrics = jax.vmap(self._step_fn, in_axes=(axes, 0, 0))(state, batch, lr)
+        def step_fn(state, batch, lr, seed):
+            new, metrics = jax.vmap(self._step_fn, in_axes=(axes, 0, 0, 0))(
+                state, batch, lr, seed)
             # Every healthy run advanced the shared counters alike; a run that skipped a
             # non-finite step fell behind (and counts as diverged).
             new = jax.tree.map(lambda leaf, shared: leaf.max(0) if shared else leaf,
                                new, mask)
             return new, metrics
 
-        step = jax.jit(step_fn, in_shardings=(state_sh, split, split),
+        step = jax.jit(step_fn, in_shardings=(state_sh, split, split, split),
                        out_shardings=(state_sh, split), donate_argnums=(0,))
         evaluate = jax.jit(jax.vmap(self._eval_fn), in_shardings=(split, split),
                            out_shardings=split)
@@ -211,17 +216,19 @@ class Engine:
 
             def evaluate(state):
                 with self.setup.in_mesh():
-                    return [float(self.setup.eval_step(state["params"],
-                                                       self._eval_batch(run.seed)))]
+                    params = self.setup.eval_params(state["params"], state["opt_state"])
+                    return [float(self.setup.eval_step(params, self._eval_batch(run.seed)))]
 
             return (lambda: self.init(run.seed),
                     lambda state, position: self.step(
                         state, sharding.shard_batch(self._rows(run.seed, position),
-                                                    self.setup.mesh, batch_dim=1), run.lr),
+                                                    self.setup.mesh, batch_dim=1),
+                        run.lr, run.seed),
                     evaluate, lambda value: [value.item()])
         step, vmapped_eval, state_sh, split = self._vectorized(len(runs))
         mask = shared_leaves(self.setup.abstract_state)
         lrs = jax.device_put(np.array([run.lr for run in runs], np.float32), split)
+        seeds = jax.device_put(np.array([run.seed for run in runs], np.int32), split)
         eval_batch = jax.device_put(np.stack([self._eval_rows(run.seed) for run in runs]),
                                     split)
 
@@ -233,7 +240,7 @@ class Engine:
 
         def one_step(state, position):
             batch = np.stack([self._rows(run.seed, position) for run in runs])
-            return step(state, jax.device_put(batch, split), lrs)
+            return step(state, jax.device_put(batch, split), lrs, seeds)
 
         def evaluate(state):
             return [float(x) for x in jax.device_get(vmapped_eval(state["params"], eval_batch))]
@@ -292,7 +299,7 @@ class Engine:
             batch = sharding.shard_batch(self._rows(0, position), self.setup.mesh,
                                          batch_dim=1)
             start = time.perf_counter()
-            state, _ = self.step(state, batch, lr)
+            state, _ = self.step(state, batch, lr, 0)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - start)
         return statistics.median(times[warmup:])

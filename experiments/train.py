@@ -141,6 +141,8 @@ class Setup:
     abstract_state: Any    # ShapeDtypeStructs with the state's shardings
     train_step: Any        # sharding.jit_train_step(...)
     eval_step: Any         # jitted (params, batch) -> loss
+    eval_params: Any       # (params, opt_state) -> the params to evaluate (jitted if not
+                           # the params themselves: Schedule-Free's x)
     eval_batch: Any        # global uint8 [eval_batches, batch_size, seq_len + 1] array
     signature: str
     flops_per_token: float
@@ -173,12 +175,14 @@ def setup(config):
     abstract_state, state_sh = state_layout(fns, mesh, config.zero,
                                             config.offload_optimizer_state)
     if config.zero >= 2:  # ZeRO-2/3: gradients reduce-scattered onto each device's shard
+        if fns.step_for_loss is None:
+            raise ValueError(f"config.zero={config.zero}: optimizer "
+                             f"{config.optimizer.name!r} takes ZeRO 0 or 1 only")
         params = abstract_state["params"]
         loss_fn = sharding.with_sharded_gradients(
             fns.loss_fn, state_sh["params"],
             sharding.gradient_shardings(params, state_sh["params"], config.zero))
-        fns = fns._replace(train_step=train_lib.make_train_step(
-            loss_fn, fns.tx, fns.schedule, config.ema_decay, config.average_from_step))
+        fns = fns._replace(train_step=fns.step_for_loss(loss_fn))
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     eval_rows = data.sample_batch(
         corpus.valid, config.seed, 0, config.batch_size, config.seq_len,
@@ -195,6 +199,8 @@ def setup(config):
         train_step=sharding.jit_train_step(fns.train_step, mesh, state_sh, batch_sh),
         eval_step=jax.jit(fns.eval_step, in_shardings=(state_sh["params"], batch_sh),
                           out_shardings=sharding.replicated(mesh)),
+        eval_params=(fns.eval_params if fns.eval_params is train_lib.params_of else
+                     jax.jit(fns.eval_params, out_shardings=state_sh["params"])),
         eval_batch=sharding.shard_batch(eval_rows, mesh, batch_dim=1),
         signature=state_signature(abstract_state),
         flops_per_token=models.flops_per_token(fns.model_config, config.seq_len),
@@ -221,9 +227,11 @@ def batch_at(s, position):
 
 
 def evaluate(s, state):
-    """Eval losses of the params (and of the EMA / tail average, when the state has them)."""
+    """Eval losses of the params (the optimizer's eval params: Schedule-Free's x) and of the
+    EMA / tail average, when the state has them."""
     with s.in_mesh():
-        row = {"eval_loss": float(s.eval_step(state["params"], s.eval_batch))}
+        params = s.eval_params(state["params"], state["opt_state"])
+        row = {"eval_loss": float(s.eval_step(params, s.eval_batch))}
         if "ema" in state:
             row["eval_loss_ema"] = float(s.eval_step(state["ema"], s.eval_batch))
         if "average" in state and int(state["average"].count) > 0:

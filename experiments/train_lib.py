@@ -97,8 +97,15 @@ def init_state(params, tx, loss_scale, ema_decay=0.0, average_from_step=-1):
     return state
 
 
+def params_of(params, opt_state):
+    """The point to evaluate (and average) a model at: its params. (Schedule-Free's is
+    another, see `optim.schedule_free_eval_params`.)"""
+    del opt_state
+    return params
+
+
 def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
-                    layer_norms=False):
+                    layer_norms=False, update_args=None, eval_params=params_of):
     """`train_step(state, batch) -> (state, metrics)`, pure (see the module docstring).
 
     Args:
@@ -109,6 +116,11 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
       average_from_step: the tail average takes params from this step on (-1 = none).
       layer_norms: also return `metrics["layers"]`, the per-group gradient, update and
         param norms of `experiments.layer_norms`.
+      update_args: `(params, batch, step) -> dict` of extra keyword arguments for
+        `tx.update` (an `optax.GradientTransformationExtraArgs`, e.g. Sophia's
+        `hessian_fn`); None: none.
+      eval_params: `(params, opt_state) -> params` the EMA and tail average follow (and
+        the train job evaluates); default the params themselves.
 
     Metrics (scalars): loss, grad_norm (global norm before clipping), lr (of this update),
     finite (whether the update was applied), loss_scale; with `layer_norms`, "layers".
@@ -117,13 +129,16 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
         params, loss_scale = state["params"], state["loss_scale"]
         loss, grads = mean_loss_and_grad(loss_fn, params, batch, loss_scale)
         finite = optim.all_finite(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        extra = update_args(params, batch, state["step"]) if update_args else {}
+        updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        if ema_decay or average_from_step >= 0:
+            eval_point = eval_params(new["params"], opt_state)  # Schedule-Free: x
         if ema_decay:
-            new["ema"] = optim.ema_params(state["ema"], new["params"], ema_decay)
+            new["ema"] = optim.ema_params(state["ema"], eval_point, ema_decay)
         if average_from_step >= 0:
             new["average"] = optim.update_tail_average(
-                state["average"], new["params"], active=state["step"] + 1 >= average_from_step)
+                state["average"], eval_point, active=state["step"] + 1 >= average_from_step)
         # Updates applied before this one: the count the optimizer's schedule sees.
         applied = state["step"] - state["skipped"]
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),

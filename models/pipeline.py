@@ -246,6 +246,8 @@ UNSUPPORTED_OPTIMIZERS = {
     "kfac": "K-FAC registers the model's layers itself and is no Optax transform",
     "sophia": "its update takes a Hessian estimate as an extra argument, which per_layer "
               "does not split",
+    "schedule_free_adamw": "its eval params come from one ScheduleFreeState, which "
+                           "per_layer splits in two",
 }
 
 

@@ -125,11 +125,15 @@ def _warmup_constant(learning_rate, warmup_steps):
         # peak - peak * remaining, rounded as optax.warmup_constant_schedule rounds it.
         return -peak * remaining + peak
 
+    peak = getattr(learning_rate, "peak_value", learning_rate)
+    if not callable(peak):
+        schedule.peak_value = peak  # for weight_decay_mode="independent"
     return schedule
 
 
 def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.0, weight_lr_power=2.0, mask=None, weight_decay_mode="lr_scaled"):
+                        weight_decay=0.0, weight_lr_power=2.0, mask=None,
+                        weight_decay_mode="lr_scaled"):
     """Schedule-Free AdamW (Defazio et al., 2024): AdamW without momentum, made schedule-free.
 
     Same numbers as `optax.contrib.schedule_free_adamw` (which has no `mask`). Use a constant

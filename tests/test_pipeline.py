@@ -215,7 +215,7 @@ def test_zero2_around_the_pipeline_is_refused():
 
 
 def test_unsupported_optimizers_are_refused_in_one_line():
-    for name in ("kfac", "sophia"):
+    for name in ("kfac", "sophia", "schedule_free_adamw"):
         with pytest.raises(ValueError, match=name) as err:
             pipeline.check_optimizer(name)
         assert "\n" not in str(err.value)

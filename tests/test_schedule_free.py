@@ -35,7 +35,11 @@ def _optax_with_mask(mask, **kwargs):
                                        weight_decay=0.05, mask=MASK_TREE),
      lambda: _optax_with_mask(MASK_TREE, learning_rate=LR, warmup_steps=10, b1=0.9, b2=0.95,
                               weight_decay=0.05)),
-], ids=["defaults", "warmup_args", "mask"])
+    # Independent decay is lr-scaled decay with the coefficient over the (warmed-up) peak.
+    (lambda: optim.schedule_free_adamw(LR, warmup_steps=10, weight_decay=0.5,
+                                       weight_decay_mode="independent"),
+     lambda: optax.contrib.schedule_free_adamw(LR, warmup_steps=10, weight_decay=0.5 / LR)),
+], ids=["defaults", "warmup_args", "mask", "independent_decay"])
 def test_schedule_free_adamw_equals_optax(ours, theirs):
     assert_same_updates(ours(), theirs(), steps=100)
 

@@ -284,6 +284,13 @@ def test_muon_adam_learning_rate_follows_the_schedule_shape():
     np.testing.assert_allclose(
         b_updates(**{"optimizer.learning_rate": 0.03, "optimizer.adam_learning_rate": 3e-3}),
         b_updates(**{"optimizer.learning_rate": 3e-3}), rtol=1e-5)
+    # Independent weight decay needs the AdamW schedule's peak: it is adam_learning_rate.
+    independent = {"optimizer.weight_decay": 0.5, "optimizer.weight_decay_mode": "independent",
+                   "optimizer.no_decay": ""}
+    np.testing.assert_allclose(
+        b_updates(**{"optimizer.learning_rate": 0.03, "optimizer.adam_learning_rate": 3e-3,
+                     **independent}),
+        b_updates(**{"optimizer.learning_rate": 3e-3, **independent}), rtol=1e-5)
 
 
 def test_dtype_hyperparameters_are_given_by_name():

@@ -1,0 +1,131 @@
+"""Sophia and Schedule-Free AdamW in the train job: the estimate on refresh steps only, the
+evaluation at Schedule-Free's x, its schedule, and an end-to-end Sophia run under a kill."""
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import optim
+from experiments import builders, train
+from experiments.configs import lm
+from optim import sophia_estimates
+from optim.sophia import SophiaState
+# The train script's helpers and its small corpus (a module fixture).
+from tests.test_train import corpus, losses, run  # noqa: F401
+
+B, T, K = 8, 16, 2  # rows (one per emulated device), sequence length, micro-batches
+
+
+def small_config(name, **overrides):
+    config = lm.get_config("tiny")
+    config.steps, config.batch_size, config.seq_len, config.grad_accum = 10, B, T, K
+    config.model.n_layers, config.clip_norm = 1, 0.0
+    config.optimizer.name, config.optimizer.learning_rate = name, 1e-3
+    config.schedule.warmup_steps = 2
+    for key, value in overrides.items():
+        target = config
+        *parents, field = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[field] = value
+    return config
+
+
+def batches(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (K, B, T + 1)).astype(np.uint8) for _ in range(count)]
+
+
+def sophia_state(opt_state):
+    (found,) = [node for node in jax.tree.leaves(
+        opt_state, is_leaf=lambda n: isinstance(n, SophiaState)) if isinstance(node, SophiaState)]
+    return found
+
+
+def assert_trees_close(a, b, rtol, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
+    """Steps 0 and 3 (hessian_every=3) fold in the estimator's value at the step's params on
+    its first micro-batch, with the key of (seed, step); steps 1 and 2 keep h."""
+    config = small_config("sophia", **{"optimizer.hessian_every": 3,
+                                       "optimizer.estimator": estimator, "seed": 5})
+    fns = builders.make_train_step(config)
+    apply = models.Transformer(fns.model_config).apply
+    step = jax.jit(fns.train_step)
+    state, b2 = fns.init(jax.random.key(5)), 0.99
+
+    def estimate(params, batch, at):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5),
+                                                    builders.SOPHIA_STREAM), at)
+        tokens = jnp.asarray(batch[0], jnp.int32)
+        if estimator == "gnb":
+            grads, _ = sophia_estimates.gnb_gradient(
+                lambda p, x: apply({"params": p}, x), params, tokens[:, :-1], key)
+            return sophia_estimates.gnb_from_gradient(grads, K * B * T)
+        return sophia_estimates.hutchinson(lambda p: fns.loss_fn(p, tokens), params, key)
+
+    want = jax.tree.map(jnp.zeros_like, state["params"])
+    for at, batch in enumerate(batches(4)):
+        if at % 3 == 0:
+            new = estimate(state["params"], batch, at)
+            want = jax.tree.map(lambda h, e: b2 * h + (1 - b2) * e, want, new)
+        state, _ = step(state, batch)
+        # Hutchinson's H u (forward over reverse) rounds differently inside the step's jit:
+        # up to 2e-9 on entries whose sum cancels to ~1e-6 (the typical entry is ~1e-3).
+        assert_trees_close(sophia_state(state["opt_state"]).hessian, want, rtol=2e-3,
+                           atol=1e-8)
+    assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(want))
+
+
+def test_schedule_free_is_evaluated_and_averaged_at_x(corpus):  # noqa: F811
+    config = small_config("schedule_free_adamw", corpus=corpus, ema_decay=0.5,
+                          **{"schedule.name": "constant", "schedule.warmup_steps": None,
+                             "optimizer.warmup_steps": 2, "optimizer.learning_rate": 3e-2})
+    s = train.setup(config)
+    state = s.init(jax.random.key(0))
+    ema = jax.tree.map(np.asarray, state["params"])  # x = y = z at the start
+    for position in range(3):
+        state, _ = s.train_step(state, train.batch_at(s, position))
+        x = optim.schedule_free_eval_params(state["opt_state"], state["params"])
+        ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, x)
+    assert_trees_close(state["ema"], ema, rtol=1e-5, atol=1e-7)
+    row = train.evaluate(s, state)
+    with s.in_mesh():
+        at_x = float(s.eval_step(x, s.eval_batch))
+        at_y = float(s.eval_step(state["params"], s.eval_batch))
+    # x computed here (eagerly) and in the train job (jitted) may differ in the last bit.
+    assert row["eval_loss"] == pytest.approx(at_x, rel=1e-6)
+    assert row["eval_loss"] != pytest.approx(at_y, rel=1e-4)
+
+
+def test_schedule_free_refuses_another_schedule():
+    config = small_config("schedule_free_adamw")
+    with pytest.raises(ValueError, match="config.schedule.name='warmup_cosine': "
+                                         "schedule_free_adamw takes a constant"):
+        builders.validate(config)
+
+
+SOPHIA_RUN = ["--config.optimizer.name=sophia", "--config.optimizer.hessian_every=3",
+              "--config.optimizer.learning_rate=1e-2", "--config.mesh=data=4,tensor=2",
+              "--config.zero=1"]
+
+
+@pytest.mark.slow
+def test_sophia_train_job_learns_and_resumes_exactly_after_sigkill(corpus, tmp_path):  # noqa: F811
+    """grad_accum=2 (the run flags of tests/test_train.py), data x tensor sharding, ZeRO-1:
+    killed mid-save at step 8, the resumed run's losses equal the uninterrupted run's."""
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    run(reference, corpus, *SOPHIA_RUN)
+    want = losses(reference)
+    assert want[12] < want[1] - 0.3
+    run(killed, corpus, *SOPHIA_RUN, "--fault=kill_after_save:8", returncode=-signal.SIGKILL)
+    assert "resuming" in run(killed, corpus, *SOPHIA_RUN)
+    assert losses(killed) == want
+    assert losses(killed, "eval_loss") == losses(reference, "eval_loss")
