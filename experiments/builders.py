@@ -191,7 +191,7 @@ def build_optimizer(config, schedule):
     name = cfg.name
     if name not in optim.available() or not hasattr(optim, name):
         known = [n for n in optim.available() if hasattr(optim, n)]
-        known += sorted(_STEP_MAKERS)
+        known += registered_train_steps()
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
     accepted = inspect.signature(getattr(optim, name)).parameters
     hparams = optimizer_hparams(config)
@@ -302,6 +302,11 @@ def register_train_step(name, make):
     (`loss_fn`, `init_params`, `schedule`, `loss_scale`) and replace what differs.
     """
     _STEP_MAKERS[name] = make
+
+
+def registered_train_steps():
+    """The optimizer names whose step is their own (`register_train_step`), e.g. "kfac"."""
+    return sorted(_STEP_MAKERS)
 
 
 def make_train_step(config, tx=None, schedule=None):

@@ -33,7 +33,9 @@ vmapped program (optimizers in `sweep.NO_VMAP` fall back to loop). Each run equa
 `DIR/runs/<optimizer>/lr<lr>_seed<seed>.jsonl` and the report is computed from them; a
 killed race resumes: finished runs are read back and an interrupted group of runs restarts
 from its own checkpoint (`DIR/groups/`) to the same numbers. For Muon, `--muon_adam_lr`
-sets the peak lr of its AdamW leaves (embeddings, head, gains).
+sets the peak lr of its AdamW leaves (embeddings, head, gains). Beside `optim.available()`,
+the train job's own-step optimizers race too (`--optimizers=adamw,kfac`: K-FAC, one
+compiled step per run); Schedule-Free AdamW gets a constant lr with its own warmup.
 """
 import copy
 import hashlib
@@ -54,7 +56,8 @@ from experiments import builders, cli, race_stats, sweep, train
 # default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
 CENTRE_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3,
              "lion": 1e-3, "adafactor": 1e-2, "shampoo": 3e-3, "soap": 1e-2, "muon": 0.03,
-             "radam": 3e-3, "adamw_8bit": 3e-3, "sophia": 1e-3, "schedule_free_adamw": 3e-3}
+             "radam": 3e-3, "adamw_8bit": 3e-3, "sophia": 1e-3, "schedule_free_adamw": 3e-3,
+             "kfac": 3e-3}
 
 # --config and --workdir as in experiments.train; the race's default workload is tiny. (The
 # default is given when the flag is defined: ml_collections applies `--config.<field>`
@@ -151,10 +154,11 @@ def validate_flags(optimizers, lrs=(), points=5, spacing=2.0, target=None, evals
     baseline)."""
     if not optimizers:
         raise ValueError("--optimizers is empty")
+    known = list(optim.available()) + builders.registered_train_steps()
     for name in optimizers:
-        if name not in optim.available():
+        if name not in known:
             raise ValueError(f"unknown optimizer {name!r} in --optimizers; known: "
-                             f"{', '.join(optim.available())}")
+                             f"{', '.join(known)}")
     if len(set(optimizers)) != len(optimizers):
         raise ValueError(f"--optimizers lists an optimizer twice: {','.join(optimizers)}")
     parsed = []
@@ -199,7 +203,9 @@ def run_config(base, name, lr, muon_adam_lr, evals=20):
     defaults, the schedule's peak = lr), evaluated `evals` times.
 
     Schedule-Free AdamW gets its natural schedule: a constant lr, warmed up over the base
-    schedule's warmup_steps by its own `warmup_steps`.
+    schedule's warmup_steps by its own `warmup_steps`. K-FAC runs without global-norm
+    clipping (its train step takes none), with its adaptive lr off (its default), so the
+    lr grid means what it means for the others.
     """
     config = copy.deepcopy(base)
     config.eval_every = max(1, config.steps // evals)
@@ -212,6 +218,8 @@ def run_config(base, name, lr, muon_adam_lr, evals=20):
         config.schedule.peak_value = None
         if name == "muon":
             config.optimizer.adam_learning_rate = muon_adam_lr
+        if name == "kfac":
+            config.clip_norm = 0.0
         if name == "schedule_free_adamw":
             config.optimizer.warmup_steps = config.schedule.get("warmup_steps") or None
             for key in config.schedule:

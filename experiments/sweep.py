@@ -119,8 +119,11 @@ class Engine:
     def __init__(self, config):
         self.config = config
         self.setup = setup = train.setup(config)
-        optimizer_at(config, 1.0)  # checks Muon's adam_learning_rate eagerly
         self.name = config.optimizer.name
+        # K-FAC: a step of its own (builders.register_train_step), with no lr to inject
+        self.own_step = self.name in builders.registered_train_steps()
+        if not self.own_step:
+            optimizer_at(config, 1.0)  # checks Muon's adam_learning_rate eagerly
         self.model = models.Transformer(setup.model_config)
         self.loss_fn = train_lib.lm_loss(self.model)
         self._eval_fn = train_lib.make_eval_step(self.loss_fn)
@@ -135,6 +138,7 @@ class Engine:
                              donate_argnums=(0,))
         self._vmapped = {}  # number of runs -> (jitted step, jitted eval, shardings)
         self._eval_batches = {}
+        self._own_steps = {}  # (lr, seed) -> the solo job's jitted step (own_step only)
 
     # -- the step
 
@@ -151,9 +155,20 @@ class Engine:
 
     def step(self, state, batch, lr, seed):
         """One update of a single run (the loop mode's compiled step)."""
+        if self.own_step:
+            return self._solo_step(lr, seed)(state, batch)
         with self.setup.in_mesh():
             return self._step(state, batch, jnp.asarray(lr, jnp.float32),
                               jnp.asarray(seed, jnp.int32))
+
+    def _solo_step(self, lr, seed):
+        """A registered step takes its lr and seed from the config, not as data: each run
+        gets the solo train job's jitted step (one compilation per run; the latest kept)."""
+        if (lr, seed) not in self._own_steps:
+            config = copy.deepcopy(self.config)
+            config.optimizer.learning_rate, config.seed = float(lr), int(seed)
+            self._own_steps = {(lr, seed): train.setup(config).train_step}
+        return self._own_steps[(lr, seed)]
 
     def _vectorized(self, n_runs):
         """(step, eval, run-axis sharding, replicated) for a group of `n_runs` runs."""

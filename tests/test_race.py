@@ -220,12 +220,13 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
 # Shampoo's default eps (1e-6 x the largest eigenvalue) lets the -1/4 root amplify the
 # 1e-7 rounding differences of vmapped (batched) matmuls to 3e-4 in the loss by step 35;
 # eps 1e-4 keeps its vmapped run within 1e-5. The loop mode is bitwise the solo run even
-# at the default. Sophia (its estimate's keys from the run's seed) and Schedule-Free (its
-# eval at x) train in loop mode only.
+# at the default. Sophia (its estimate's keys from the run's seed), Schedule-Free (its
+# eval at x) and K-FAC (its own step, compiled per run) train in loop mode only.
 @pytest.mark.slow
 @pytest.mark.parametrize("name, hparams", [("adamw", {}), ("shampoo", {"eps": 1e-4}),
                                            ("muon", {}), ("sophia", {"hessian_every": 3}),
-                                           ("schedule_free_adamw", {})])
+                                           ("schedule_free_adamw", {}),
+                                           ("kfac", {"inverse_update_period": 3})])
 def test_sweep_runs_equal_solo_train_runs(name, hparams, tmp_path):
     from experiments import train
     lr = race.CENTRE_LR[name]
