@@ -29,6 +29,7 @@ import importlib.metadata
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 import models
 import optim
@@ -233,6 +234,22 @@ def kfac(learning_rate, momentum=0.9, damping=1e-2, curvature_ema=0.95,
                 inverse_update_period=inverse_update_period, l2_reg=l2_reg, adaptive=adaptive)
 
 
+# Curvature blocks that are not a layer's Kronecker factors but a plain diagonal of squared
+# gradients: kfac-jax's scanner found no layer for the leaf.
+UNRECOGNISED_BLOCKS = ("NaiveDiagonal", "NaiveFull")
+
+
+def report_unfactored(registrations):
+    """Logs (a warning) the param leaves kfac-jax's scanner left without a layer block, so a
+    run does not silently precondition them differently; returns their paths."""
+    paths = [path for path, block in registrations.items() if block in UNRECOGNISED_BLOCKS]
+    if paths:
+        logging.warning("K-FAC: no layer found for %s; preconditioned by kfac-jax's naive "
+                        "diagonal (squared gradients) instead of Kronecker factors",
+                        ", ".join(paths))
+    return paths
+
+
 def make_train_functions(config):
     """`builders.TrainFunctions` for `optimizer.name=kfac`: the train job's state and metrics,
     with kfac-jax's update in place of an Optax transform (registered with
@@ -274,10 +291,14 @@ def make_train_functions(config):
         def init(params):
             return optimizer.init(params, jax.random.key(0), dummy)
 
+    reported = []
+
     def init(key):
         params = nn.unbox(fns.init_params(key))
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": optimizer.init(params, jax.random.fold_in(key, 1), dummy),
+        opt_state = optimizer.init(params, jax.random.fold_in(key, 1), dummy)
+        if not reported:  # once, when init is first traced: kfac-jax has scanned the layers
+            reported.append(report_unfactored(optimizer.registrations()))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
                 "loss_scale": fns.loss_scale, "skipped": jnp.zeros((), jnp.int32)}
 
     def train_step(state, batch):

@@ -10,28 +10,19 @@ import pytest
 import models
 import optim
 from experiments import builders, train
-from experiments.configs import lm
 from optim import sophia_estimates
 from optim.sophia import SophiaState
 # The train script's helpers and its small corpus (a module fixture).
-from tests.test_train import corpus, losses, run  # noqa: F401
+from tests.test_train import corpus, losses, run, tiny_config  # noqa: F401
 
 B, T, K = 8, 16, 2  # rows (one per emulated device), sequence length, micro-batches
 
 
 def small_config(name, **overrides):
-    config = lm.get_config("tiny")
-    config.steps, config.batch_size, config.seq_len, config.grad_accum = 10, B, T, K
-    config.model.n_layers, config.clip_norm = 1, 0.0
-    config.optimizer.name, config.optimizer.learning_rate = name, 1e-3
-    config.schedule.warmup_steps = 2
-    for key, value in overrides.items():
-        target = config
-        *parents, field = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[field] = value
-    return config
+    return tiny_config(**{"steps": 10, "batch_size": B, "seq_len": T, "grad_accum": K,
+                          "model.n_layers": 1, "clip_norm": 0.0, "optimizer.name": name,
+                          "optimizer.learning_rate": 1e-3, "schedule.warmup_steps": 2,
+                          **overrides})
 
 
 def batches(count, seed=0):
@@ -61,6 +52,7 @@ def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
     step = jax.jit(fns.train_step)
     state, b2 = fns.init(jax.random.key(5)), 0.99
 
+    @jax.jit
     def estimate(params, batch, at):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5),
                                                     builders.SOPHIA_STREAM), at)
