@@ -557,8 +557,7 @@ def main(argv):
         configs = [run_config(base, name, CENTRE_LR.get(name, 1e-3), _MUON_ADAM_LR.value,
                               _EVALS.value) for name in _OPTIMIZERS.value]
         for config in configs:
-            builders.validate(config)
-            sweep.optimizer_at(config, 1.0)
+            sweep.check_config(config)
         train.setup(configs[0])
         check_same_race(workdir, base, _EVALS.value, _MUON_ADAM_LR.value)
     mode = _SWEEP.value or default_sweep_mode()

@@ -105,6 +105,16 @@ def optimizer_at(config, lr):
     return builders.build_optimizer(cfg, schedule), schedule
 
 
+def check_config(config):
+    """ValueError naming the bad value for anything wrong with `config`'s optimizer, before
+    any compilation (an optimizer with its own step builds it, which checks it)."""
+    if config.optimizer.name in builders.registered_train_steps():
+        builders.make_train_step(config)
+    else:
+        builders.validate(config)
+        optimizer_at(config, 1.0)
+
+
 class Engine:
     """The compiled pieces shared by every run of one optimizer's sweep on one workload.
 

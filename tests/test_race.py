@@ -124,6 +124,19 @@ def test_every_available_optimizer_can_be_raced():
     assert sweep.can_vectorize("adamw") and not sweep.can_vectorize("schedule_free_adamw")
 
 
+def test_kfac_is_raced_without_clipping_and_checked_up_front():
+    pytest.importorskip("kfac_jax", reason="kfac-jax is the extra ravine[kfac]")
+    from experiments.configs import lm
+    base = lm.get_config("tiny")
+    config = race.run_config(base, "kfac", 3e-3, 3e-3)
+    assert config.clip_norm == 0.0 and base.clip_norm == 1.0
+    sweep.check_config(config)
+    config.optimizer.damping = -1.0
+    with pytest.raises(ValueError, match="kfac damping must be a positive number, got -1.0"):
+        sweep.check_config(config)
+    assert race.validate_flags(["adamw", "kfac"])[2] == "adamw"
+
+
 def test_summarize_flags_divergence():
     rows = [{"step": 0, "eval_loss": 5.0}, {"step": 5, "loss": 4.0, "skipped_steps": 0},
             {"step": 10, "loss": 3.0, "eval_loss": 3.1, "skipped_steps": 0}]
