@@ -103,3 +103,34 @@ def test_bad_flags_exit_2_with_one_line_naming_them(module, flags, bad):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and bad in lines[0], done.stderr
+
+
+@pytest.mark.slow
+def test_bench_race_times_the_grid_three_ways_with_ratios():
+    done = run_script("bench_race", "--steps=3", "--grid_lrs=2", "--grid_seeds=1",
+                      "--run_evals=1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "2 runs x 3 steps" in out, out
+    rows = {}
+    for line in out.splitlines():
+        match = re.match(rf"(train per point \(before\)|sweep loop|sweep vmap)\s+({NUMBER})\s+"
+                         rf"({NUMBER})\s+({NUMBER})x\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})x",
+                         line)
+        if match:
+            rows[match.group(1)] = [float(x) for x in match.groups()[1:]]
+    assert sorted(rows) == ["sweep loop", "sweep vmap", "train per point (before)"], out
+    before = rows["train per point (before)"]
+    before_wall, before_cpu = before[0], before[3]
+    for wall, throughput, vs_wall, cpu, cpu_throughput, vs_cpu in rows.values():
+        assert printed_ratio_is(throughput, 2 * 3, wall, 0.1, 0.1)
+        assert printed_ratio_is(vs_wall, before_wall, wall, 0.1, 0.01)
+        assert printed_ratio_is(vs_cpu, before_cpu, cpu, 0.1, 0.01)
+    for clock in ("wall", "cpu"):
+        shampoo = re.search(rf"{clock}: shampoo sweep loop ({NUMBER}) s, vmap ({NUMBER}) s; "
+                            rf"vmap / loop: adamw ({NUMBER}), shampoo ({NUMBER}); shampoo / "
+                            rf"adamw ({NUMBER})", out)
+        assert shampoo, out
+        loop, vmap, adamw_ratio, shampoo_ratio, printed = map(float, shampoo.groups())
+        assert printed_ratio_is(shampoo_ratio, vmap, loop, 0.1, 0.01)
+        assert printed_ratio_is(printed, shampoo_ratio, adamw_ratio, 0.01, 0.01)
