@@ -239,11 +239,16 @@ def kfac(learning_rate, momentum=0.9, damping=1e-2, curvature_ema=0.95,
 UNRECOGNISED_BLOCKS = ("NaiveDiagonal", "NaiveFull")
 
 
+_REPORTED = set()  # the warnings given in this process (a race builds one step per run)
+
+
 def report_unfactored(registrations):
-    """Logs (a warning) the param leaves kfac-jax's scanner left without a layer block, so a
-    run does not silently precondition them differently; returns their paths."""
+    """Logs (a warning, once per process) the param leaves kfac-jax's scanner left without a
+    layer block, so a run does not silently precondition them differently; returns their
+    paths."""
     paths = [path for path, block in registrations.items() if block in UNRECOGNISED_BLOCKS]
-    if paths:
+    if paths and tuple(paths) not in _REPORTED:
+        _REPORTED.add(tuple(paths))
         logging.warning("K-FAC: no layer found for %s; preconditioned by kfac-jax's naive "
                         "diagonal (squared gradients) instead of Kronecker factors",
                         ", ".join(paths))
@@ -291,13 +296,10 @@ def make_train_functions(config):
         def init(params):
             return optimizer.init(params, jax.random.key(0), dummy)
 
-    reported = []
-
     def init(key):
         params = nn.unbox(fns.init_params(key))
         opt_state = optimizer.init(params, jax.random.fold_in(key, 1), dummy)
-        if not reported:  # once, when init is first traced: kfac-jax has scanned the layers
-            reported.append(report_unfactored(optimizer.registrations()))
+        report_unfactored(optimizer.registrations())  # kfac-jax has scanned the layers
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
                 "loss_scale": fns.loss_scale, "skipped": jnp.zeros((), jnp.int32)}
 
