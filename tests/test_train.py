@@ -848,3 +848,9 @@ def test_register_train_step_is_the_seam_for_other_optimizers(monkeypatch):
     np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
     leaves_close(new["params"], jax.tree.map(lambda p, g: p - lr * g, state["params"], grads),
                  rtol=1e-5, atol=1e-7)
+    # ZeRO-2/3 rebuild an Optax step around a reduce-scattering loss: not this step.
+    assert fns.step_for_loss is None
+    config.zero = 2
+    with pytest.raises(ValueError, match="config.zero=2: optimizer 'whole_step_sgd' takes "
+                                         "ZeRO 0 or 1 only"):
+        train.setup(config)
