@@ -107,11 +107,13 @@ def test_bad_flags_exit_2_with_one_line_naming_them(module, flags, bad):
 
 @pytest.mark.slow
 def test_bench_race_times_the_grid_three_ways_with_ratios():
+    # --noshampoo: Shampoo's two sweeps would double the time; its line is the same
+    # arithmetic on the same clocks.
     done = run_script("bench_race", "--steps=3", "--grid_lrs=2", "--grid_seeds=1",
-                      "--run_evals=1")
+                      "--run_evals=1", "--noshampoo")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "2 runs x 3 steps" in out, out
+    assert "2 runs x 3 steps" in out and "shampoo" not in out, out
     rows = {}
     for line in out.splitlines():
         match = re.match(rf"(train per point \(before\)|sweep loop|sweep vmap)\s+({NUMBER})\s+"
@@ -124,13 +126,6 @@ def test_bench_race_times_the_grid_three_ways_with_ratios():
     before_wall, before_cpu = before[0], before[3]
     for wall, throughput, vs_wall, cpu, cpu_throughput, vs_cpu in rows.values():
         assert printed_ratio_is(throughput, 2 * 3, wall, 0.1, 0.1)
+        assert printed_ratio_is(cpu_throughput, 2 * 3, cpu, 0.1, 0.1)
         assert printed_ratio_is(vs_wall, before_wall, wall, 0.1, 0.01)
         assert printed_ratio_is(vs_cpu, before_cpu, cpu, 0.1, 0.01)
-    for clock in ("wall", "cpu"):
-        shampoo = re.search(rf"{clock}: shampoo sweep loop ({NUMBER}) s, vmap ({NUMBER}) s; "
-                            rf"vmap / loop: adamw ({NUMBER}), shampoo ({NUMBER}); shampoo / "
-                            rf"adamw ({NUMBER})", out)
-        assert shampoo, out
-        loop, vmap, adamw_ratio, shampoo_ratio, printed = map(float, shampoo.groups())
-        assert printed_ratio_is(shampoo_ratio, vmap, loop, 0.1, 0.01)
-        assert printed_ratio_is(printed, shampoo_ratio, adamw_ratio, 0.01, 0.01)
