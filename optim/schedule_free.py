@@ -125,9 +125,9 @@ def _warmup_constant(learning_rate, warmup_steps):
         # peak - peak * remaining, rounded as optax.warmup_constant_schedule rounds it.
         return -peak * remaining + peak
 
-    peak = getattr(learning_rate, "peak_value", learning_rate)
-    if not callable(peak):
-        schedule.peak_value = peak  # for weight_decay_mode="independent"
+    peak_value = getattr(learning_rate, "peak_value", learning_rate)
+    if not callable(peak_value):
+        schedule.peak_value = peak_value  # for weight_decay_mode="independent"
     return schedule
 
 
