@@ -11,10 +11,10 @@ The same grid is trained
 and each prints runs x steps / s (wall clock, compilation and evals included: the cost of
 the sweep) and its ratio to the first, and the same from the process's CPU time (all
 threads; on a machine shared with other jobs the wall clock inflates, the CPU time much
-less). With Shampoo (default on) the loop and vmap sweeps are repeated for Shampoo (Newton
-roots): its vmap / loop time ratio against AdamW's shows whether the vmapped program keeps
-Shampoo's root refreshes amortized (a batched refresh predicate would run them every step).
-Every run evaluates `--run_evals` times (+ once at step 0 in the sweeps).
+less). With Shampoo (default on) the loop and vmap sweeps are repeated for Shampoo
+(default eigh roots): its vmap / loop time ratio against AdamW's shows whether the vmapped
+program keeps Shampoo's root refreshes amortized (a batched refresh predicate would run
+them every step). Every run evaluates `--run_evals` times (+ once at step 0 in the sweeps).
 """
 import os
 import tempfile
@@ -68,11 +68,11 @@ def time_solo_runs(name, runs, steps, evals, folder):
     return since(start)
 
 
-def time_sweep(name, runs, steps, evals, folder, vectorized, **hparams):
+def time_sweep(name, runs, steps, evals, folder, vectorized):
     """(wall, cpu) seconds to train every run with one shared compiled step (loop, or one
     vmap group)."""
     start = clocks()
-    engine = sweep.Engine(config_for(name, race.CENTRE_LR[name], steps, evals, **hparams))
+    engine = sweep.Engine(config_for(name, race.CENTRE_LR[name], steps, evals))
     mode = "vmap" if vectorized else "loop"
     groups = [runs] if vectorized else [[run] for run in runs]
     for i, group in enumerate(groups):
@@ -107,11 +107,7 @@ def main(argv):
         print(f"default mode on this backend: {race.default_sweep_mode()}")
         if _SHAMPOO.value:
             runs = grid("shampoo", _LR_POINTS.value, _SEEDS.value)
-            # Newton roots: with eigh roots, a vmapped program holding more than one run
-            # per CPU device hangs in XLA:CPU (found 2026-12-02, not yet understood). The
-            # refresh sits in the same lax.cond either way, which is what this measures.
-            shampoo = {mode: time_sweep("shampoo", runs, steps, evals, folder, mode == "vmap",
-                                        inverse_root="newton")
+            shampoo = {mode: time_sweep("shampoo", runs, steps, evals, folder, mode == "vmap")
                        for mode in ("loop", "vmap")}
             for clock, i in (("wall", 0), ("cpu", 1)):
                 adamw_ratio = seconds["sweep vmap"][i] / seconds["sweep loop"][i]

@@ -138,19 +138,42 @@ def map_stacked(fn, args, keys):
 def per_matrix(fn, matrices):
     """`fn` (a LAPACK-backed decomposition such as `jnp.linalg.eigh`) of `matrices[..., n, n]`.
 
-    On CPU it is called once per matrix: jaxlib 0.10's batched CPU LAPACK kernels occupy a
-    thread of XLA's pool while they wait for their batch to run on that same pool, so inside
-    a larger program they can deadlock (seen with a 1-device mesh and with 8 emulated
-    devices; fixed in jaxlib 0.11.1). Separate one-matrix calls run side by side on every
-    core. On CPU a sharded batch dim is gathered for this, which costs only host copies.
-    Elsewhere one batched call keeps the batch dims' shardings.
+    On CPU it is called once per matrix, under `jax.vmap` too: jaxlib 0.10's batched CPU
+    LAPACK kernels occupy a thread of XLA's intra-op pool while they wait for their batch to
+    run on that same pool, so as soon as every thread of the pool holds one batched call
+    (two on a 2-core machine) they deadlock: the program waits forever with every thread
+    idle (seen with a 1-device mesh, with 8 emulated devices, and in a vmapped sweep of
+    Shampoo runs; fixed in jaxlib 0.11.1). Separate one-matrix calls run side by side on
+    every core. On CPU a sharded batch dim is gathered for this, which costs only host
+    copies. Elsewhere one batched call keeps the batch dims' shardings.
     """
-    batch = matrices.shape[:-2]
-    if jax.default_backend() != "cpu" or not batch:
+    if jax.default_backend() != "cpu":
         return fn(matrices)
+    one_matrix = _one_matrix_per_call(fn)
+    batch = matrices.shape[:-2]
+    if not batch:
+        return one_matrix(matrices)
     flat = matrices.reshape((-1,) + matrices.shape[-2:])
-    outs = [fn(flat[i]) for i in range(flat.shape[0])]
+    outs = [one_matrix(flat[i]) for i in range(flat.shape[0])]
     return jax.tree.map(lambda *parts: jnp.stack(parts).reshape(batch + parts[0].shape), *outs)
+
+
+def _one_matrix_per_call(fn):
+    """`fn` of one matrix that stays one call per matrix under `jax.vmap`: the vmap rule
+    calls it on each slice of the mapped axis (unrolled, so the calls can run side by side)
+    instead of letting `fn` batch."""
+    @jax.custom_batching.custom_vmap
+    def call(matrix):
+        return fn(matrix)
+
+    @call.def_vmap
+    def vmap_rule(axis_size, in_batched, matrix):
+        del in_batched  # the only argument, so it is the batched one; its axis is 0
+        outs = [call(matrix[i]) for i in range(axis_size)]
+        stacked = jax.tree.map(lambda *parts: jnp.stack(parts), *outs)
+        return stacked, jax.tree.map(lambda _: True, stacked)
+
+    return call
 
 
 def static_value(name, value):

@@ -131,3 +131,26 @@ def test_newton_roots_from_bfloat16_products_are_as_accurate_as_float32(p):
     bfloat16, steps16 = newton(jax.numpy.asarray(a), p, 1e-6, True, 100, 1e-6, "bfloat16_6x")
     assert abs(int(steps16) - int(steps32)) <= 1
     assert np.max(relative_errors(bfloat16, want)) < 1.2 * np.max(relative_errors(float32, want))
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_per_matrix_is_one_lapack_call_per_matrix_on_cpu_even_under_vmap(vmapped):
+    """jaxlib 0.10's batched CPU eigh can deadlock XLA's thread pool (`per_matrix`); a vmap
+    over the runs of a sweep must not batch it either. The numbers: numpy's, per matrix."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))
+    matrices = x @ jnp.swapaxes(x, -1, -2)
+    fn = lambda m: _blocks.per_matrix(jnp.linalg.eigh, m)  # noqa: E731
+    fn = jax.jit(jax.vmap(fn) if vmapped else fn)
+    values, vectors = fn(matrices)
+    expected_values, expected_vectors = np.linalg.eigh(np.asarray(matrices, np.float64))
+    np.testing.assert_allclose(values, expected_values, rtol=1e-4, atol=1e-4)
+    # eigenvectors up to sign: compare the projections V V^T column by column
+    np.testing.assert_allclose(np.abs(np.einsum("...ij,...ij->...j", vectors,
+                                                expected_vectors)), 1.0, atol=1e-3)
+    if jax.default_backend() == "cpu":
+        hlo = fn.lower(matrices).compile().as_text()
+        calls = [line for line in hlo.splitlines() if "syevd" in line and "custom-call(" in line]
+        assert len(calls) == 6, calls
+        for call in calls:  # each returns one 8x8 matrix: no batch dims
+            assert call.split("=", 1)[1].lstrip().startswith("(f32[8,8]"), call

@@ -228,6 +228,48 @@ def test_state_of_a_sharded_leaf_stays_on_its_devices(inverse_root):
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+# Two runs of Shampoo side by side under jax.vmap, as a vmapped sweep trains them, in a
+# child process (a regression hangs instead of failing: the timeout turns it into a
+# failure). Before optim._blocks.per_matrix kept eigh one matrix per LAPACK call under
+# vmap, this program deadlocked XLA:CPU's thread pool on a 2-core machine.
+VMAPPED_RUNS = """
+import jax, jax.numpy as jnp, numpy as np, optax, optim
+params = {f"w{i}": jnp.full((256, 256), 0.01 * (i + 1)) for i in range(2)}
+tx = optim.shampoo(1e-3, block_size=128, precondition_every=2, start_preconditioning_step=0)
+
+def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+def grads(t, run):
+    key = jax.random.fold_in(jax.random.key(t), run)
+    return jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+
+runs = [(params, tx.init(params)) for _ in range(2)]
+stacked = jax.tree.map(lambda *x: jnp.stack(x), *runs)
+one, both = jax.jit(step), jax.jit(jax.vmap(step))
+for t in range(4):
+    stacked = both(*stacked, jax.tree.map(lambda *g: jnp.stack(g), grads(t, 0), grads(t, 1)))
+    runs = [one(*state, grads(t, run)) for run, state in enumerate(runs)]
+for run, (alone, _) in enumerate(runs):
+    for name in alone:
+        np.testing.assert_allclose(stacked[0][name][run], alone[name], rtol=1e-4, atol=1e-7)
+print("same")
+"""
+
+
+@pytest.mark.slow
+def test_vmapped_runs_with_eigh_roots_finish_and_equal_single_runs():
+    import os, subprocess, sys  # noqa: E401, PLC0415
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        done = subprocess.run([sys.executable, "-c", VMAPPED_RUNS], cwd=root,
+                              capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("two vmapped Shampoo runs with eigh roots hung (batched CPU eigh)")
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-3000:]
+
+
 def test_resumes_exactly_from_a_restored_state():
     tx = optim.shampoo(0.1, block_size=4, precondition_every=3, start_preconditioning_step=4)
     assert_resumes_exactly(tx, random_tree(jax.random.key(0), SMALL), steps=10, split=5)

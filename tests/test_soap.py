@@ -145,9 +145,13 @@ def test_state_follows_a_sharded_param():
         assert moment.sharding.spec == P(None, "tensor")
     stats = state[0].bases["w"].stats + state[0].bases["w"].bases
     assert not all(s.sharding.is_fully_replicated for s in stats)
+    # Sharded and local matmuls round differently; Adam in the rotated basis divides by
+    # small second moments, so a few of the smallest updates differ by up to ~1.5e-6
+    # (relative 2e-3; seen on an AMD EPYC, not on a Xeon): atol is 1e-3 of the largest.
     for a, b in zip(sharded, local):
         for name in a:
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4,
+                                       atol=1e-3 * np.abs(b[name]).max())
 
 
 def test_resumes_exactly_from_a_restored_state():
