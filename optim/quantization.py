@@ -84,13 +84,14 @@ def _magnitude(rank, signed):
     return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
-def encode(normalized, signed):
+def encode(normalized, signed, keep_nonzero=False):
     """Index of the nearest code value for each float32 in [-1, 1] (uint8).
 
     O(1) arithmetic, no search and no table: six comparisons give the exponent group, the
     place in the group gives the nearest code of that group, and at the group's two ends
     the midpoint to the neighbouring group's code settles it. (Exact ties may round either
-    way.)
+    way.) With `keep_nonzero`, a nonzero value gets the nearest nonzero code (the smallest
+    one of its sign where the nearest is 0).
     """
     y = normalized.astype(jnp.float32)
     a = jnp.abs(y)
@@ -115,6 +116,8 @@ def encode(normalized, signed):
     step_down = (place == 0) & (a < (below + here) / 2)
     step_up = (place == size - 1) & (a >= (here + above) / 2)
     rank = (size - shift + place).astype(jnp.int32) - step_down + step_up
+    if keep_nonzero:
+        rank = jnp.where(a > 0, jnp.maximum(rank, 1), rank)
     if signed:  # among the non-negative codes; the signed map has no -1
         return jnp.where(y >= 0, 127 + rank, 127 - jnp.minimum(rank, 127)).astype(jnp.uint8)
     return rank.astype(jnp.uint8)
@@ -152,14 +155,18 @@ def num_blocks(size, block_size):
     return -(-size // block_size)
 
 
-def quantize(x, block_size, signed):
-    """Block-wise dynamic quantization of `x` (any shape) -> `QuantizedArray`."""
+def quantize(x, block_size, signed, keep_nonzero=False):
+    """Block-wise dynamic quantization of `x` (any shape) -> `QuantizedArray`.
+
+    Each value gets the nearest code of its block; with `keep_nonzero` a nonzero value gets
+    the nearest nonzero code, so that only zeros dequantize to zero (see `encode`).
+    """
     blocks = _blocks(x.astype(jnp.float32), block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     usable = absmax >= _TINY
     scales = jnp.where(usable, absmax, 0.0)
     inverse = jnp.where(usable, 1.0 / jnp.where(usable, absmax, 1.0), 0.0)
-    indices = encode(blocks * inverse[:, None], signed).reshape(-1)[:x.size].reshape(x.shape)
+    indices = encode(blocks * inverse[:, None], signed, keep_nonzero).reshape(-1)[:x.size].reshape(x.shape)
     if signed:  # int8 codes: index 128 (the smallest positive value) is code 0
         codes = (indices.astype(jnp.int32) - 128).astype(jnp.int8)
     else:

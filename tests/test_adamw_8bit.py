@@ -39,14 +39,18 @@ def reference_code_map(signed):
     return np.sort(np.asarray(values, np.float64))
 
 
-def reference_round_trip(x, block_size, signed):
-    """Nearest-code block-wise quantization in float64 numpy (brute force over 256 codes)."""
+def reference_round_trip(x, block_size, signed, keep_nonzero=False):
+    """Nearest-code block-wise quantization in float64 numpy (brute force over 256 codes);
+    with `keep_nonzero`, the nearest nonzero code for a nonzero value."""
     codes = reference_code_map(signed)
     flat = np.pad(x.ravel().astype(np.float64), (0, -x.size % block_size))
     blocks = flat.reshape(-1, block_size)
     absmax = np.abs(blocks).max(axis=1, keepdims=True)
     normalized = blocks / np.where(absmax > 0, absmax, 1)
-    nearest = np.abs(normalized[..., None] - codes).argmin(axis=-1)
+    distance = np.abs(normalized[..., None] - codes)
+    if keep_nonzero:
+        distance[..., codes == 0] = np.where(normalized == 0, 0.0, np.inf)[..., None]
+    nearest = distance.argmin(axis=-1)
     return (codes[nearest] * absmax).ravel()[:x.size].reshape(x.shape), nearest
 
 
@@ -86,6 +90,54 @@ def test_round_trip_matches_numpy_and_its_error_bound(signed):
     # (float32 rounding of code * absmax adds up to ~1e-7 of the value itself)
     assert np.all(error <= half_gap * absmax + 1e-6 * np.abs(flat))
     assert np.all(ours.ravel()[512:1024] == 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_keep_nonzero_gives_the_nearest_nonzero_code_and_zero_only_to_zeros(signed):
+    """How 8-bit AdamW stores `v` (unsigned) by default: only a zero decodes to zero."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(2, size=(4 * 256,)).astype(np.float32)
+    x[::7] *= 1e-9  # far below the smallest code (~3e-7 of the block's absmax)
+    x[::11] = 0.0
+    if not signed:
+        x = np.square(x)
+    quantize = jax.jit(quantization.quantize, static_argnums=(1, 2, 3))
+    ours = np.asarray(quantization.dequantize(quantize(jnp.asarray(x), 256, signed, True),
+                                              256, signed))
+    expected, _ = reference_round_trip(x, 256, signed, keep_nonzero=True)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=0)
+    assert np.all((ours == 0) == (x == 0))
+    assert np.all(np.sign(ours) == np.sign(x))
+    # and nearest rounding (the default of `quantize`) does send the tiny ones to 0
+    nearest = np.asarray(quantization.dequantize(quantize(jnp.asarray(x), 256, signed, False),
+                                                 256, signed))
+    assert np.all(nearest[::7] == 0)
+
+
+@pytest.mark.parametrize("nu_rounds_to_zero", [False, True])
+def test_second_moment_zero_point(nu_rounds_to_zero):
+    """A block where one gradient is 3000x the others: their v is 1.1e-7 of the block's
+    largest, below the smallest code's midpoint. Rounded to the nearest code (the paper),
+    it is stored as 0 and the next direction `m / sqrt(v)` comes out 5x float32 Adam's
+    after 20 steps (and growing); rounded up (the default) it stays below Adam's (v stored
+    as at least the smallest code, 3.25e-7 of the largest) and within 2x of it."""
+    grads = jnp.full((1024,), 1 / 3000).at[0].set(1.0)
+    ours = optim.scale_by_adam_8bit(block_size=256, min_8bit_size=0,
+                                    nu_rounds_to_zero=nu_rounds_to_zero)
+    adam = optax.scale_by_adam()
+    states = [ours.init(grads), adam.init(grads)]
+    steps = [jax.jit(ours.update), jax.jit(adam.update)]
+    for _ in range(20):
+        (direction, states[0]), (expected, states[1]) = [
+            step(grads, state) for step, state in zip(steps, states)]
+    ratio = np.asarray(direction / expected)
+    np.testing.assert_allclose(ratio[0], 1.0, rtol=1e-2)  # the block's largest
+    np.testing.assert_allclose(ratio[256:], 1.0, rtol=1e-2)  # blocks of equal gradients
+    small = ratio[1:256]
+    if nu_rounds_to_zero:
+        assert np.all(small > 4.5), small.min()
+    else:
+        assert np.all((small > 0.5) & (small <= 1.0)), (small.min(), small.max())
 
 
 def _regression(seed=0, n=256, d=64, k=64):
