@@ -58,6 +58,13 @@ def _floor_log2(m):
     return (jax.lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32) >> 23) - 127
 
 
+def _power_of_two_inverse(x):
+    """1 / x for float32 powers of two, exact, without a division (XLA treats divisions as
+    expensive and then stores the codec's results instead of fusing them into their users)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jax.lax.bitcast_convert_type(jnp.int32(254 << 23) - bits, jnp.float32)
+
+
 def _decade_scale(group):
     """10^(group - 6) for int32 groups 0..6 (selects, no table)."""
     scale = jnp.float32(10.0 ** -6)
@@ -78,9 +85,9 @@ def _magnitude(rank, signed):
     safe = jnp.clip(rank, 1, top - 1)
     group = _floor_log2(safe + shift) - shift  # group g holds ranks [2^(g+s) - s, ...)
     group_start = jnp.left_shift(1, group + shift)
-    group_size = group_start.astype(jnp.float32)
+    inverse_size = _power_of_two_inverse(group_start.astype(jnp.float32))
     position = (safe + shift - group_start).astype(jnp.float32)
-    value = _decade_scale(group) * (0.1 + 0.9 * (position + 0.5) / group_size)
+    value = _decade_scale(group) * (0.1 + 0.9 * (position + 0.5) * inverse_size)
     return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
@@ -108,11 +115,12 @@ def encode(normalized, signed, keep_nonzero=False):
     # the interval holding a gives the nearest of them.
     place = jnp.clip(jnp.floor((a * inverse_scale - 0.1) * (size * np.float32(1 / 0.9))),
                      0, size - 1)
-    here = scale * (0.1 + 0.9 * (place + 0.5) / size)
+    inverse_size = _power_of_two_inverse(size)
+    here = scale * (0.1 + 0.9 * (place + 0.5) * inverse_size)
     # At the ends, the neighbour is the next group's last code below (0 below the lowest
     # group) or its first code above (1 above the top group).
-    below = jnp.where(scale == np.float32(1e-6), 0.0, 0.1 * scale * (1 - 0.9 / size))
-    above = jnp.where(scale == 1, 1.0, scale * (1 + 2.25 / size))
+    below = jnp.where(scale == np.float32(1e-6), 0.0, 0.1 * scale * (1 - 0.9 * inverse_size))
+    above = jnp.where(scale == 1, 1.0, scale * (1 + 2.25 * inverse_size))
     step_down = (place == 0) & (a < (below + here) / 2)
     step_up = (place == size - 1) & (a >= (here + above) / 2)
     rank = (size - shift + place).astype(jnp.int32) - step_down + step_up
