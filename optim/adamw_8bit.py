@@ -79,15 +79,18 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
             mu=jax.tree.map(lambda p: init_moment(p, signed=True), params),
             nu=jax.tree.map(lambda p: init_moment(p, signed=False), params))
 
+    # A quantized leaf is updated in its `[num_blocks, block_size]` view (moments, block
+    # maxima, codes and direction), so XLA sees one shape and can share the decoded moments
+    # between the block max, the direction and the encoder instead of redoing them.
     def load(moment, signed):
         if isinstance(moment, QuantizedArray):
-            return quantization.dequantize(moment, block_size, signed)
+            return quantization.dequantize_blocks(moment, block_size, signed)
         return moment
 
     def store(value, like, signed):
         if isinstance(like, QuantizedArray):
             keep_nonzero = not signed and not nu_rounds_to_zero
-            return quantization.quantize(value, block_size, signed, keep_nonzero)
+            return quantization.quantize_blocks(value, like.codes.shape, signed, keep_nonzero)
         return value
 
     def update_fn(updates, state, params=None):
@@ -98,9 +101,14 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
 
         def leaf(grad, mu, nu):
             g = grad.astype(jnp.float32)
+            blocked = isinstance(mu, QuantizedArray)
+            if blocked:
+                g = quantization.to_blocks(g, block_size)
             m = b1 * load(mu, True) + (1 - b1) * g
             v = b2 * load(nu, False) + (1 - b2) * jnp.square(g)
             direction = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
+            if blocked:
+                direction = quantization.from_blocks(direction, grad.shape)
             return direction.astype(grad.dtype), store(m, mu, True), store(v, nu, False)
 
         triples = jax.tree.map(leaf, updates, state.mu, state.nu)

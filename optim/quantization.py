@@ -150,13 +150,18 @@ class QuantizedArray(NamedTuple):
     scales: jax.Array
 
 
-def _blocks(x, block_size):
+def to_blocks(x, block_size):
     """`x` flattened, zero-padded and reshaped to `[num_blocks, block_size]`."""
     flat = x.reshape(-1)
     pad = -flat.size % block_size
     if pad:
         flat = jnp.pad(flat, (0, pad))
     return flat.reshape(-1, block_size)
+
+
+def from_blocks(blocks, shape):
+    """The inverse of `to_blocks`: the first `prod(shape)` values, reshaped to `shape`."""
+    return blocks.reshape(-1)[:int(np.prod(shape))].reshape(shape)
 
 
 def num_blocks(size, block_size):
@@ -169,12 +174,17 @@ def quantize(x, block_size, signed, keep_nonzero=False):
     Each value gets the nearest code of its block; with `keep_nonzero` a nonzero value gets
     the nearest nonzero code, so that only zeros dequantize to zero (see `encode`).
     """
-    blocks = _blocks(x.astype(jnp.float32), block_size)
+    return quantize_blocks(to_blocks(x.astype(jnp.float32), block_size), x.shape, signed,
+                           keep_nonzero)
+
+
+def quantize_blocks(blocks, shape, signed, keep_nonzero=False):
+    """`quantize` of the array of `shape` whose `to_blocks` are `blocks` (float32)."""
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     usable = absmax >= _TINY
     scales = jnp.where(usable, absmax, 0.0)
     inverse = jnp.where(usable, 1.0 / jnp.where(usable, absmax, 1.0), 0.0)
-    indices = encode(blocks * inverse[:, None], signed, keep_nonzero).reshape(-1)[:x.size].reshape(x.shape)
+    indices = from_blocks(encode(blocks * inverse[:, None], signed, keep_nonzero), shape)
     if signed:  # int8 codes: index 128 (the smallest positive value) is code 0
         codes = (indices.astype(jnp.int32) - 128).astype(jnp.int8)
     else:
@@ -184,10 +194,14 @@ def quantize(x, block_size, signed, keep_nonzero=False):
 
 def dequantize(quantized, block_size, signed):
     """The float32 array `quantized` stands for."""
+    return from_blocks(dequantize_blocks(quantized, block_size, signed), quantized.codes.shape)
+
+
+def dequantize_blocks(quantized, block_size, signed):
+    """`to_blocks` of `dequantize(quantized)`: `[num_blocks, block_size]` float32."""
     codes, scales = quantized
     indices = codes.astype(jnp.int32) + 128 if signed else codes
-    values = _blocks(decode(indices, signed), block_size) * scales[:, None]
-    return values.reshape(-1)[:codes.size].reshape(codes.shape)
+    return to_blocks(decode(indices, signed), block_size) * scales[:, None]
 
 
 def zeros(shape, block_size, signed):
