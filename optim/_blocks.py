@@ -149,13 +149,10 @@ def per_matrix(fn, matrices):
     """
     if jax.default_backend() != "cpu":
         return fn(matrices)
-    one_matrix = _one_matrix_per_call(fn)
     batch = matrices.shape[:-2]
-    if not batch:
-        return one_matrix(matrices)
     flat = matrices.reshape((-1,) + matrices.shape[-2:])
-    outs = [one_matrix(flat[i]) for i in range(flat.shape[0])]
-    return jax.tree.map(lambda *parts: jnp.stack(parts).reshape(batch + parts[0].shape), *outs)
+    outs = jax.vmap(_one_matrix_per_call(fn))(flat)  # unrolled by its vmap rule
+    return jax.tree.map(lambda out: out.reshape(batch + out.shape[1:]), outs)
 
 
 def _one_matrix_per_call(fn):

@@ -13,8 +13,8 @@ the block's largest) comes back as `v = 0`, while its `m` (a range of only 2500x
 its next direction `m / (sqrt(v) + eps)` is then up to ~30x too large. Li et al. (2023) call
 this the zero-point problem of the second moment and drop 0 from its map; rounding up
 keeps the paper's map and codes. Measured on the tiny LM (BENCHMARKS.md): nearest rounding
-ends 2.1% above float32 AdamW's eval loss (one seed +5%), rounding up 0.6% (3 paired
-seeds). `nu_rounds_to_zero=True` gives the paper's nearest rounding.
+ends 2.3% above float32 AdamW's eval loss (one seed +5%), rounding up 0.6% (3 paired
+seeds, same machine). `nu_rounds_to_zero=True` gives the paper's nearest rounding.
 
 References:
   Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization",
