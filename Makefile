@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # eval batches every 7 steps; 5 optimizers x 5 lrs (extended past an edge up to 9), then 3
 # new seeds at each one's best lr and its two neighbours.
 demo: $(STAMP)
-	$(PY) -m experiments.race --workdir=runs/demo --config.steps=150 --config.eval_batches=2
+	$(VENV)/bin/ravine-race --workdir=runs/demo --config.steps=150 --config.eval_batches=2
 
 # -n 2: CI has 2 cores; each worker emulates 8 CPU devices (tests/conftest.py).
 test: $(STAMP)

@@ -7,8 +7,8 @@ rounds in one process, so both see the same machine load. Prints seconds per ste
 every step here (the train job computes them at every step too, and fetches them only on
 log steps), so this is the whole cost.
 
-    python -m experiments.bench_layer_norms                       # the small config, CPU
-    python -m experiments.bench_layer_norms --variant=tiny --rounds=2 --steps=2   # smoke test
+    python -m ravine.experiments.bench_layer_norms                       # the small config, CPU
+    python -m ravine.experiments.bench_layer_norms --variant=tiny --rounds=2 --steps=2   # smoke test
 """
 import statistics
 
@@ -16,10 +16,10 @@ import jax
 import numpy as np
 from absl import flags
 
-import optim
+from ravine import optim
 
-from experiments import builders, cli, timing
-from experiments.configs import lm
+from ravine.experiments import builders, cli, timing
+from ravine.experiments.configs import lm
 
 _VARIANT = flags.DEFINE_enum("variant", "small", list(lm.VARIANTS), "lm config variant.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds per setting.")

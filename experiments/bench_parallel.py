@@ -14,9 +14,9 @@ devices give the same numbers a GPU host would (timing them would measure nothin
   loop from the compiled HLO; each stage is busy in M of them, so the bubble fraction is
   (ticks - M) / ticks, which GPipe predicts as (S - 1) / (M + S - 1).
 
-    python -m experiments.bench_parallel --what=zero
-    python -m experiments.bench_parallel --what=zero --compile --rows=8
-    python -m experiments.bench_parallel --what=bubble --stages=4 --microbatches=4,8,16
+    python -m ravine.experiments.bench_parallel --what=zero
+    python -m ravine.experiments.bench_parallel --what=zero --compile --rows=8
+    python -m ravine.experiments.bench_parallel --what=bubble --stages=4 --microbatches=4,8,16
 """
 import os
 
@@ -32,12 +32,12 @@ import optax  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-import models  # noqa: E402
-import optim  # noqa: E402
-import sharding  # noqa: E402
-from experiments import cli, train_lib  # noqa: E402
-from experiments.configs import lm  # noqa: E402
-from models import pipeline  # noqa: E402
+from ravine import models  # noqa: E402
+from ravine import optim  # noqa: E402
+from ravine import sharding  # noqa: E402
+from ravine.experiments import cli, train_lib  # noqa: E402
+from ravine.experiments.configs import lm  # noqa: E402
+from ravine.models import pipeline  # noqa: E402
 
 _WHAT = flags.DEFINE_enum("what", "zero", ["zero", "bubble"], "Which table to print.")
 _VARIANT = flags.DEFINE_string("variant", "124m", "lm config variant (zero table).")

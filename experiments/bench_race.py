@@ -1,7 +1,7 @@
 r"""Throughput of a learning-rate / seed sweep, three ways, in one process.
 
-    python -m experiments.bench_race                  # AdamW 5 lrs x 3 seeds, tiny LM, 100 steps
-    python -m experiments.bench_race --steps=20 --grid_lrs=2 --grid_seeds=1 --noshampoo
+    python -m ravine.experiments.bench_race                  # AdamW 5 lrs x 3 seeds, tiny LM, 100 steps
+    python -m ravine.experiments.bench_race --steps=20 --grid_lrs=2 --grid_seeds=1 --noshampoo
 
 The same grid is trained
   - as the race did before sweeps shared their work: a full `experiments.train` run per
@@ -23,8 +23,8 @@ import time
 import jax
 from absl import flags, logging
 
-from experiments import cli, race, sweep, train
-from experiments.configs import lm
+from ravine.experiments import cli, race, sweep, train
+from ravine.experiments.configs import lm
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Steps per run.")
 _LR_POINTS = flags.DEFINE_integer("grid_lrs", 5, "Learning rates (2x grid around CENTRE_LR).")

@@ -4,8 +4,8 @@ Everything here is pure (no files, no devices touched, no mesh): the train job, 
 sweeps and anything else that trains from an `experiments/configs/lm.py` config build their
 pieces here, so a flag means the same thing everywhere.
 
-    from experiments import builders
-    from experiments.configs import lm
+    from ravine.experiments import builders
+    from ravine.experiments.configs import lm
 
     config = lm.get_config("tiny")
     builders.validate(config)                       # ValueError naming a bad field
@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-import models
-import optim
-import sharding
-from experiments import profiling, token_files, train_lib, writers
-from experiments.configs import lm
-from models import pipeline
-from optim import _validate, schedules, sophia_estimates
+from ravine import models
+from ravine import optim
+from ravine import sharding
+from ravine.experiments import profiling, token_files, train_lib, writers
+from ravine.experiments.configs import lm
+from ravine.models import pipeline
+from ravine.optim import _validate, schedules, sophia_estimates
 
 LOSS_SCALES = ("auto", "none", "dynamic")
 
@@ -419,7 +419,7 @@ def optimizer_step_kwargs(config, model, seed=None):
 
 
 def _register_kfac():
-    from experiments import kfac  # noqa: PLC0415 - kfac's train functions build on this module
+    from ravine.experiments import kfac  # noqa: PLC0415 - kfac's train functions build on this module
     register_train_step("kfac", kfac.make_train_functions)
 
 

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-import models
-import optim
+from ravine import models
+from ravine import optim
 
 TESTED_VERSION = "0.0.8"
 # The K-FAC hyperparameters the train job and race accept (`optimizer.<name>`).
@@ -266,7 +266,7 @@ def make_train_functions(config):
     import optax  # noqa: PLC0415
     from flax import linen as nn  # noqa: PLC0415
 
-    from experiments import builders  # noqa: PLC0415
+    from ravine.experiments import builders  # noqa: PLC0415
 
     for field, off in (("ema_decay", 0.0), ("average_from_step", -1), ("clip_norm", 0.0)):
         if config[field] != off:

@@ -1,8 +1,8 @@
 r"""Writes a token file from a text corpus: bytes as tokens (vocab 256), nothing downloaded.
 
-    python -m experiments.prepare_data --corpus=DIR --out=tokens.bin          # uint16 .bin
-    python -m experiments.prepare_data --out=stdlib.npy --dtype=uint8         # default corpus
-    python -m experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tok \
+    python -m ravine.experiments.prepare_data --corpus=DIR --out=tokens.bin          # uint16 .bin
+    python -m ravine.experiments.prepare_data --out=stdlib.npy --dtype=uint8         # default corpus
+    python -m ravine.experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tok \
         --config.corpus=tokens.bin --config.vocab_size=256
 
 The documents are read as experiments.train reads a text corpus (a file, or the .txt / .md /
@@ -17,7 +17,7 @@ import os
 import numpy as np
 from absl import flags
 
-from experiments import cli, data, token_files
+from ravine.experiments import cli, data, token_files
 
 _CORPUS = flags.DEFINE_string("corpus", "", "Text file or folder (default: the stdlib).")
 _OUT = flags.DEFINE_string("out", None, "Token file to write: a .bin or .npy path.")
@@ -69,5 +69,10 @@ def main(argv):
           f"--config.vocab_size={token_files.BYTE_VOCAB}{dtype_flag}")
 
 
-if __name__ == "__main__":
+def run_script():
+    """`ravine-prepare-data` / `python -m ravine.experiments.prepare_data`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run_script()

@@ -1,6 +1,6 @@
 r"""Race optimizers on one workload: seeds, intervals, and learning-rate grids that cannot miss.
 
-    python -m experiments.race --workdir=runs/race --optimizers=adamw,lion,shampoo,soap,muon
+    python -m ravine.experiments.race --workdir=runs/race --optimizers=adamw,lion,shampoo,soap,muon
 
 For each optimizer (the LM config `--config`, default `lm.py:tiny`; any field can be set as
 in experiments.train, e.g. `--config.steps=200`):
@@ -49,8 +49,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-import optim
-from experiments import builders, cli, race_stats, sweep, train
+from ravine import optim
+from ravine.experiments import builders, cli, race_stats, sweep, train
 
 # A good learning rate for each optimizer on the tiny LM (warmup-cosine), the middle of the
 # default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
@@ -577,5 +577,10 @@ def main(argv):
           f"{os.path.join(workdir, SENSITIVITY_FILE)}")
 
 
-if __name__ == "__main__":
+def run_script():
+    """`ravine-race` / `python -m ravine.experiments.race`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run_script()

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-import models
-import sharding
-from experiments import builders, checkpointing, data, train, train_lib
-from optim import _validate
+from ravine import models
+from ravine import sharding
+from ravine.experiments import builders, checkpointing, data, train, train_lib
+from ravine.optim import _validate
 
 # Optimizers that cannot share a vmapped program: not an Optax transform, extra update
 # arguments, or evaluated at another point than their params (Schedule-Free's x). They are

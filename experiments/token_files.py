@@ -1,6 +1,6 @@
 """Already-tokenized corpora: a flat array of token ids in a `.bin` or `.npy` file.
 
-    python -m experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tok \
+    python -m ravine.experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tok \
         --config.corpus=tokens.bin --config.vocab_size=50257      # nanoGPT's GPT-2 .bin
 
 - `.bin`: headerless, native byte order, `config.token_dtype` (default uint16, as nanoGPT's
@@ -16,7 +16,7 @@
 - The corpus' `sha256` (what a resume compares) covers the dtype, the length and the
   sampled chunks, not every byte: hashing a multi-GB file at each start would take seconds.
 
-`python -m experiments.prepare_data --corpus=DIR --out=tokens.bin` writes a token file
+`python -m ravine.experiments.prepare_data --corpus=DIR --out=tokens.bin` writes a token file
 from a text corpus (bytes as tokens, vocab 256).
 """
 import hashlib
@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from experiments import data
+from ravine.experiments import data
 
 SUFFIXES = (".bin", ".npy")
 BIN_DTYPES = ("uint8", "uint16", "uint32", "int32")

@@ -1,6 +1,6 @@
 r"""Train a byte-level transformer LM from a config, resuming from DIR's latest checkpoint.
 
-    python -m experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tiny \
+    python -m ravine.experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tiny \
         --config.optimizer.name=lion --config.optimizer.learning_rate=3e-4
 
 Writes DIR/metrics.jsonl (a row per logged step), DIR/config.json (the resolved config and
@@ -43,19 +43,19 @@ from absl import flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-import models
-import optim
-import sharding
-from experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
+from ravine import models
+from ravine import optim
+from ravine import sharding
+from ravine.experiments import (builders, checkpointing, cli, data, metrics, preemption, spikes,
                          train_lib)
-from experiments import workdir as workdir_lib
+from ravine.experiments import workdir as workdir_lib
 # issue 21: profiler traces, token files, --optimizer_module, TensorBoard / W&B writers
-from experiments import profiling, token_files, user_modules, writers
+from ravine.experiments import profiling, token_files, user_modules, writers
 # The builders and the metrics log, also reachable from here (older callers use these).
-from experiments.builders import (  # noqa: F401
+from ravine.experiments.builders import (  # noqa: F401
     LOSS_SCALES, build_loss_scale, build_model_config, build_optimizer, build_schedule,
     no_decay_mask, validate)
-from experiments.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses  # noqa: F401
+from ravine.experiments.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses  # noqa: F401
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm.py")
@@ -562,7 +562,7 @@ def _latest(workdir):
 
 
 def run_script():
-    """`python -m experiments.train`: defines the flags and runs `main`."""
+    """`python -m ravine.experiments.train`: defines the flags and runs `main`."""
     holders = define_flags()
     cli.run(lambda argv: main(argv, holders))
 

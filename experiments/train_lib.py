@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import models
-import optim
-from experiments import layer_norms as layer_norms_lib
+from ravine import models
+from ravine import optim
+from ravine.experiments import layer_norms as layer_norms_lib
 
 
 def lm_loss(model):

@@ -8,7 +8,7 @@
 
     optim.register("my_sgd", my_sgd)
 
-    python -m experiments.train --optimizer_module=my_opt --config.optimizer.name=my_sgd \
+    python -m ravine.experiments.train --optimizer_module=my_opt --config.optimizer.name=my_sgd \
         --config.optimizer.momentum=0.8 --workdir=runs/mine
 
 The train config makes a field of every keyword argument of every optimizer it knows
@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from experiments import cli
+from ravine.experiments import cli
 
 FLAG = "optimizer_module"
 

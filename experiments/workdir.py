@@ -15,7 +15,7 @@ import errno
 import fcntl
 import os
 
-from experiments import cli
+from ravine.experiments import cli
 
 LOCK_FILE = "lock"
 

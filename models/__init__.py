@@ -18,13 +18,13 @@ out on any mesh without changes here.
         models.mup_lr_multipliers(params, cfg)))
     loss, metrics = models.lm_loss(logits, targets, z_loss=1e-4)  # metrics["z_loss"]
 """
-from models.accounting import count_params, flops_per_token, non_embedding_params
-from models.attention import causal_attention, chunked_causal_attention
-from models.loss import cross_entropy, lm_loss
-from models.mlp import MLP
-from models.mup import mup_lr_multipliers, param_kind, param_kinds
-from models.policy import Policy, get_policy
-from models.transformer import (Block, CausalSelfAttention, FeedForward, Transformer,
+from ravine.models.accounting import count_params, flops_per_token, non_embedding_params
+from ravine.models.attention import causal_attention, chunked_causal_attention
+from ravine.models.loss import cross_entropy, lm_loss
+from ravine.models.mlp import MLP
+from ravine.models.mup import mup_lr_multipliers, param_kind, param_kinds
+from ravine.models.policy import Policy, get_policy
+from ravine.models.transformer import (Block, CausalSelfAttention, FeedForward, Transformer,
                                 TransformerConfig, max_attention_logit, rotary_embedding)
 
 __all__ = [

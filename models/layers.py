@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import linen as nn
 
-from models.policy import Policy
+from ravine.models.policy import Policy
 
 
 def logical_init(init, names):

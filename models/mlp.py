@@ -4,8 +4,8 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models.layers import Dense
-from models.policy import Policy, get_policy
+from ravine.models.layers import Dense
+from ravine.models.policy import Policy, get_policy
 
 
 class MLP(nn.Module):

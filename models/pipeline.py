@@ -43,7 +43,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import AxisType, PartitionSpec
 
-from models.transformer import REMAT_POLICIES, Block, Transformer
+from ravine.models.transformer import REMAT_POLICIES, Block, Transformer
 
 BLOCKS = "blocks"   # params key of the stacked blocks
 LAYERS = "layers"   # logical axis name of the stacking axis

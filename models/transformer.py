@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models.attention import IMPLEMENTATIONS, causal_attention
-from models.layers import Dense, logical_init
-from models.policy import get_policy
+from ravine.models.attention import IMPLEMENTATIONS, causal_attention
+from ravine.models.layers import Dense, logical_init
+from ravine.models.policy import get_policy
 
 MLPS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")

@@ -3,41 +3,41 @@
 Each section below belongs to one module; add a module's public names in its own section.
 """
 # --- first-order transforms and optimizers (transforms.py, alias.py) ---
-from optim.alias import (adafactor, adagrad, adam, adamw, add_decoupled_weight_decay,
+from ravine.optim.alias import (adafactor, adagrad, adam, adamw, add_decoupled_weight_decay,
                          decay_and_scale, decay_mask, lion, peak_learning_rate, rmsprop,
                          scale_by_learning_rate, sgd)
-from optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale_by_adam,
+from ravine.optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale_by_adam,
                               scale_by_lion, scale_by_momentum, scale_by_rms)
 
 # --- schedules (schedules.py), loss scaling (loss_scale.py), weight averaging (averaging.py) ---
-from optim import schedules
-from optim.averaging import (TailAverage, ema_params, init_average, init_tail_average,
+from ravine.optim import schedules
+from ravine.optim.averaging import (TailAverage, ema_params, init_average, init_tail_average,
                              tail_average, update_tail_average)
-from optim.loss_scale import (DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite,
+from ravine.optim.loss_scale import (DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite,
                               select_tree)
 
 # --- Shampoo and SOAP (shampoo.py, soap.py) ---
-from optim.shampoo import scale_by_shampoo, shampoo
-from optim.soap import scale_by_soap, soap
+from ravine.optim.shampoo import scale_by_shampoo, shampoo
+from ravine.optim.soap import scale_by_soap, soap
 
 # --- Muon (muon.py) ---
-from optim.muon import (TORCH_LAYOUT, MuonDimensionNumbers, hidden_matrices, muon,
+from ravine.optim.muon import (TORCH_LAYOUT, MuonDimensionNumbers, hidden_matrices, muon,
                         scale_by_muon)
 
 # --- diagnostics (diagnostics.py): imported as optim.diagnostics ---
-from optim import diagnostics
+from ravine.optim import diagnostics
 
 # --- the rest of the Adam family (radam.py, adamw_8bit.py, quantization.py, sophia.py,
 # sophia_estimates.py, schedule_free.py) ---
-from optim import quantization, sophia_estimates
-from optim.adamw_8bit import adamw_8bit, scale_by_adam_8bit
-from optim.radam import radam, scale_by_radam
-from optim.schedule_free import (schedule_free, schedule_free_adamw, schedule_free_eval_params,
+from ravine.optim import quantization, sophia_estimates
+from ravine.optim.adamw_8bit import adamw_8bit, scale_by_adam_8bit
+from ravine.optim.radam import radam, scale_by_radam
+from ravine.optim.schedule_free import (schedule_free, schedule_free_adamw, schedule_free_eval_params,
                                  scale_by_bias_corrected_rms)
-from optim.sophia import scale_by_sophia, sophia
+from ravine.optim.sophia import scale_by_sophia, sophia
 
 # --- registry (registry.py) ---
-from optim.registry import available, create, factory, register, unregister
+from ravine.optim.registry import available, create, factory, register, unregister
 
 
 def __getattr__(name):
@@ -49,4 +49,4 @@ def __getattr__(name):
 
 
 # --- per-leaf learning-rate multipliers, e.g. μP's (multipliers.py) ---
-from optim.multipliers import scale_by_multipliers
+from ravine.optim.multipliers import scale_by_multipliers

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate, quantization
-from optim.alias import decay_and_scale
-from optim.quantization import QuantizedArray
+from ravine.optim import _validate, quantization
+from ravine.optim.alias import decay_and_scale
+from ravine.optim.quantization import QuantizedArray
 
 
 class Adam8bitState(NamedTuple):

@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional, Union
 import jax
 import optax
 
-from optim import _validate
-from optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale_by_adam,
+from ravine.optim import _validate
+from ravine.optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale_by_adam,
                               scale_by_lion, scale_by_momentum, scale_by_rms)
 
 ScalarOrSchedule = Union[float, optax.Schedule]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate
+from ravine.optim import _validate
 
 
 def _average_dtype(*dtypes):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from optim import _validate
+from ravine.optim import _validate
 
 
 def sharpness(loss_fn, params, batch, iters=20, key=None, return_vector=False):

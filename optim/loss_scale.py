@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate
+from ravine.optim import _validate
 
 
 def _apply_floating(op, tree, loss_scale):

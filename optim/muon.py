@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from optim import _blocks, _validate
-from optim.alias import add_decoupled_weight_decay, decay_per_unit_lr, scale_by_learning_rate
-from optim.transforms import scale_by_adam
+from ravine.optim import _blocks, _validate
+from ravine.optim.alias import add_decoupled_weight_decay, decay_per_unit_lr, scale_by_learning_rate
+from ravine.optim.transforms import scale_by_adam
 
 # Keller Jordan's quintic coefficients: they maximize the slope at 0, so small singular values
 # grow fast, at the price of converging to [~0.7, ~1.2] instead of exactly 1.

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate
-from optim.alias import decay_and_scale
-from optim.transforms import AdamState
+from ravine.optim import _validate
+from ravine.optim.alias import decay_and_scale
+from ravine.optim.transforms import AdamState
 
 
 def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0):

@@ -76,7 +76,7 @@ def factory(name):
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name in _BUILTIN:
-        return getattr(importlib.import_module("optim"), name)
+        return getattr(importlib.import_module("ravine.optim"), name)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(available())}")
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optim import _validate
+from ravine.optim import _validate
 
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optim import _blocks, _validate
-from optim.alias import decay_and_scale
+from ravine.optim import _blocks, _validate
+from ravine.optim.alias import decay_and_scale
 
 GRAFTINGS = ("adam", "rmsprop", "sgd", None)
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optim import _blocks, _validate
-from optim.alias import decay_and_scale, scale_by_learning_rate
+from ravine.optim import _blocks, _validate
+from ravine.optim.alias import decay_and_scale, scale_by_learning_rate
 
 HIGHEST = _blocks.HIGHEST
 

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate
-from optim.alias import decay_and_scale
+from ravine.optim import _validate
+from ravine.optim.alias import decay_and_scale
 
 ESTIMATORS = ("gnb", "hutchinson")
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _validate
+from ravine.optim import _validate
 
 
 def _cast_like(tree, like):

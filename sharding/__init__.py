@@ -8,7 +8,7 @@ Usage (what experiments/train.py does)::
 
     import jax, jax.numpy as jnp, optax
     from flax import linen as nn
-    import models, sharding
+    from ravine import models, sharding
 
     mesh = sharding.make_mesh("data=2,fsdp=1,tensor=4")          # or config.mesh
     cfg, key = models.TransformerConfig(d_model=64, n_layers=2, n_heads=2), jax.random.key(0)
@@ -48,10 +48,10 @@ Other trees that mirror params (EMA copies, gradient accumulators) get shardings
 Multi-host: call `jax.distributed.initialize()` before any other JAX call; everything else
 is unchanged (each process feeds its own rows to `shard_batch`).
 """
-from sharding.batch import BATCH_AXES, batch_sharding, shard_batch
-from sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
-from sharding.offload import HOST, check_host_memory, host_offload
-from sharding.partition import (
+from ravine.sharding.batch import BATCH_AXES, batch_sharding, shard_batch
+from ravine.sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
+from ravine.sharding.offload import HOST, check_host_memory, host_offload
+from ravine.sharding.partition import (
     ZERO_STAGES,
     bytes_per_device,
     follow_param_shardings,
@@ -59,9 +59,9 @@ from sharding.partition import (
     replicated,
     zero1_spec,
 )
-from sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
-from sharding.step import jit_train_step
-from sharding.zero import gradient_shardings, param_shardings_for_zero, with_sharded_gradients
+from ravine.sharding.rules import RULES, fit_spec, logical_to_shardings, override_rules
+from ravine.sharding.step import jit_train_step
+from ravine.sharding.zero import gradient_shardings, param_shardings_for_zero, with_sharded_gradients
 
 __all__ = [
     "AXES", "BATCH_AXES", "DATA", "FSDP", "HOST", "RULES", "STAGE", "TENSOR", "ZERO_STAGES",

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA, FSDP
+from ravine.sharding.mesh import DATA, FSDP
 
 BATCH_AXES = (DATA, FSDP)
 

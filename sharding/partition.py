@@ -20,8 +20,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA
-from sharding.rules import fit_spec
+from ravine.sharding.mesh import DATA
+from ravine.sharding.rules import fit_spec
 
 ZERO_STAGES = (0, 1, 2, 3)
 

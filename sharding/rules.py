@@ -5,7 +5,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA, FSDP, STAGE, TENSOR
+from ravine.sharding.mesh import DATA, FSDP, STAGE, TENSOR
 
 # Megatron-style tensor parallelism falls out of these: a matrix ("embed", "mlp") is
 # column-parallel and ("mlp", "embed") row-parallel, so a block needs one all-reduce per

@@ -4,9 +4,9 @@ import functools
 import jax
 from flax import linen as nn
 
-from sharding.offload import is_offloaded, to_device
-from sharding.partition import replicated
-from sharding.rules import RULES
+from ravine.sharding.offload import is_offloaded, to_device
+from ravine.sharding.partition import replicated
+from ravine.sharding.rules import RULES
 
 
 def jit_train_step(step_fn, mesh, state_shardings, batch_sharding, rules=RULES, donate=True):

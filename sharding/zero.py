@@ -35,8 +35,8 @@ import jax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA
-from sharding.partition import check_zero, zero1_spec
+from ravine.sharding.mesh import DATA
+from ravine.sharding.partition import check_zero, zero1_spec
 
 
 def param_shardings_for_zero(params, param_shardings, zero):

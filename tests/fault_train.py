@@ -19,7 +19,7 @@ import numpy as np
 
 
 def corrupt(start, count):
-    from experiments import train
+    from ravine.experiments import train
     batch_at = train.batch_at
 
     def corrupted(s, position):
@@ -33,7 +33,7 @@ def corrupt(start, count):
 
 
 def on_save(step, action):
-    from experiments import checkpointing
+    from ravine.experiments import checkpointing
     write = checkpointing.Checkpoints._write
 
     def patched(self, at, state, meta):
@@ -47,7 +47,7 @@ def on_save(step, action):
 
 
 def sigterm_at(step):
-    from experiments import train
+    from ravine.experiments import train
     batch_at = train.batch_at
 
     def batch_then_signal(s, position):
@@ -74,7 +74,7 @@ def main():
             sigterm_at(args[0])
         else:
             raise SystemExit(f"unknown fault {fault}")
-    from experiments import train
+    from ravine.experiments import train
     train.run_script()
 
 

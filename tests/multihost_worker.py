@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-import models
-import optim
-import sharding
+from ravine import models
+from ravine import optim
+from ravine import sharding
 
 VOCAB, D_MODEL, D_FF, HEADS = 48, 32, 80, 4
 BATCH, SEQ = 16, 12

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import sharding
+from ravine import sharding
 
 LEARNING_RATES = tuple(np.logspace(-3, 0, 7))
 COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"

@@ -8,10 +8,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import optim
-import sharding
-from experiments.bench_optimizers import transformer_shapes
-from optim import quantization
+from ravine import optim
+from ravine import sharding
+from ravine.experiments.bench_optimizers import transformer_shapes
+from ravine.optim import quantization
 
 
 def reference_code_map(signed):

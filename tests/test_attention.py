@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.attention import causal_attention
+from ravine import models
+from ravine.models.attention import causal_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 AVAILABLE = ["xla", "chunked"] + (["cudnn"] if ON_GPU else [])

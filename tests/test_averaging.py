@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import optim
-from optim import averaging
+from ravine import optim
+from ravine.optim import averaging
 from tests.oracle import random_tree
 
 

@@ -17,7 +17,7 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
 def run_script(module, *flags):
-    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", f"ravine.experiments.{module}", *flags], cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=600)
 
 

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from optim import _blocks
+from ravine.optim import _blocks
 
 
 def numpy_multiply_dims(x, matrices, batch_ndim, transpose):

@@ -8,7 +8,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from experiments import data
+from ravine.experiments import data
 
 
 def write(path, text):

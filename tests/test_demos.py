@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.demos import (adam_walkthrough, critical_batch, edge_of_stability, precision,
+from ravine.experiments.demos import (adam_walkthrough, critical_batch, edge_of_stability, precision,
                                quadratic, rosenbrock, schedules, tail_averaging)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +158,7 @@ SMOKE_RUNS = {
 
 
 def run_demo(name, args):
-    return subprocess.run([sys.executable, "-m", f"experiments.demos.{name}", *args],
+    return subprocess.run([sys.executable, "-m", f"ravine.experiments.demos.{name}", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 

@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
-import models
-from optim import diagnostics
+from ravine import models
+from ravine.optim import diagnostics
 
 # Largest magnitude 10; the gap 4/10 makes the Rayleigh quotient exact to float32 in 20 steps.
 # The negative eigenvalue checks that "top" means largest magnitude and not the last one.

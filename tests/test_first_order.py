@@ -12,7 +12,7 @@ from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import optim
+from ravine import optim
 from tests.oracle import MIXED_SHAPES, assert_same_updates, random_tree
 
 LR = 0.01

@@ -8,10 +8,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-import models
+from ravine import models
 
 kfac_jax = pytest.importorskip("kfac_jax", reason="kfac-jax is the extra ravine[kfac]")
-from experiments import kfac  # noqa: E402
+from ravine.experiments import kfac  # noqa: E402
 
 # The K-FAC paper's deep autoencoder (Martens & Grosse 2015, Sec. 13), scaled to a CPU test:
 # 64 -> 32 -> 16 -> 8 -> 16 -> 32 -> 64, tanh, sigmoid cross-entropy on binary inputs whose
@@ -150,7 +150,7 @@ KFAC_RUN = ["--config.optimizer.name=kfac", "--config.optimizer.learning_rate=3e
             "--config.optimizer.inverse_update_period=3", "--config.optimizer.damping=1e-2"]
 
 
-def _train(workdir, *flags, module="experiments.train", returncode=0):
+def _train(workdir, *flags, module="ravine.experiments.train", returncode=0):
     import os, subprocess, sys  # noqa: E401, PLC0415
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.run(
@@ -183,8 +183,8 @@ def test_train_job_with_kfac_learns_and_resumes_exactly_after_sigkill(tmp_path):
 
 
 def test_kfac_config_errors_name_the_field():
-    from experiments import builders  # noqa: PLC0415
-    from experiments.configs import lm  # noqa: PLC0415
+    from ravine.experiments import builders  # noqa: PLC0415
+    from ravine.experiments.configs import lm  # noqa: PLC0415
     config = lm.get_config("tiny")
     config.optimizer.name = "kfac"
     with pytest.raises(ValueError, match="config.clip_norm=1.0"):

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from jax.flatten_util import ravel_pytree
 
-from experiments.demos import landscape
+from ravine.experiments.demos import landscape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train_examples=64", "--test_examples=128", "--input_dim=4", "--classes=3",
@@ -110,7 +110,7 @@ def test_printed_numbers_are_the_computed_ones(tiny_demo):
 
 
 def test_bad_batches_exit_2_with_one_line():
-    done = subprocess.run([sys.executable, "-m", "experiments.demos.landscape",
+    done = subprocess.run([sys.executable, "-m", "ravine.experiments.demos.landscape",
                            "--small_batch=64", "--large_batch=64"], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import optim
-from optim import DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite, select_tree
+from ravine import optim
+from ravine.optim import DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite, select_tree
 
 FLOAT_DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
 

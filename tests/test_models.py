@@ -11,9 +11,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
-import models
-import optim
-import sharding
+from ravine import models
+from ravine import optim
+from ravine import sharding
 
 LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv", "length"}
 

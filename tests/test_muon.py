@@ -8,9 +8,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-import models
-import optim
-from optim.muon import (ATTENTION_IN_LAYOUT, ATTENTION_OUT_LAYOUT, FLAX_LAYOUT, TORCH_LAYOUT,
+from ravine import models
+from ravine import optim
+from ravine.optim.muon import (ATTENTION_IN_LAYOUT, ATTENTION_OUT_LAYOUT, FLAX_LAYOUT, TORCH_LAYOUT,
                         MuonDimensionNumbers, hidden_matrices, orthogonalize)
 from tests.oracle import assert_same_updates, random_tree, run_updates
 

@@ -8,8 +8,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-import models
-import optim
+from ravine import models
+from ravine import optim
 
 
 @pytest.fixture(autouse=True)

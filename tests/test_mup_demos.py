@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.demos import lr_transfer, stability
+from ravine.experiments.demos import lr_transfer, stability
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_CORPUS = os.path.join(REPO, "optim", "shampoo.py")
@@ -74,7 +74,7 @@ def test_stability_sweep_mechanics(tmp_path):
 @pytest.mark.parametrize("name, flag", [("lr_transfer", "--widths=32,0"),
                                         ("stability", "--variants=none,layernorm")])
 def test_demo_bad_flag_exits_2_with_one_line(name, flag):
-    done = subprocess.run([sys.executable, "-m", f"experiments.demos.{name}", flag], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", f"ravine.experiments.demos.{name}", flag], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 2

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-import optim
+from ravine import optim
 
 # Keyword arguments per optimizer: optax's choices where optax has the optimizer. A new entry
 # in optim.available() needs a row here (the test below says so).

@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-import models
-import optim
-import sharding
-from experiments import train_lib
-from models import pipeline
+from ravine import models
+from ravine import optim
+from ravine import sharding
+from ravine.experiments import train_lib
+from ravine.models import pipeline
 
 CONFIG = models.TransformerConfig(vocab_size=48, d_model=16, n_layers=8, n_heads=2, d_ff=32,
                                   max_len=8)
@@ -235,7 +235,7 @@ def test_train_job_exits_2_naming_both_numbers(tmp_path, flags, numbers):
     corpus.write_text("x = 1\n" * 1000)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm.py:tiny",
+        [sys.executable, "-m", "ravine.experiments.train", "--config=experiments/configs/lm.py:tiny",
          f"--config.corpus={corpus}", f"--workdir={tmp_path / 'run'}", *flags],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

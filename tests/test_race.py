@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import race, race_stats, sweep
+from ravine.experiments import race, race_stats, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PYTHONPATH: this checkout's packages, also from a subprocess started in another folder.
@@ -98,7 +98,7 @@ def test_lr_grid_and_run_config():
     grid = race.lr_grid("lion", 5, 2.0)
     np.testing.assert_allclose(grid, [race.CENTRE_LR["lion"] * 2.0 ** k for k in range(-2, 3)])
     assert race.lr_grid("adamw", 3, 2.0, explicit=[0.3, 0.1]) == [0.1, 0.3]
-    from experiments.configs import lm
+    from ravine.experiments.configs import lm
     base = lm.get_config("124m")  # sets b2 and weight_decay for AdamW
     config = race.run_config(base, "lion", 1e-4, 3e-3, evals=20)
     assert config.optimizer.name == "lion" and config.optimizer.b2 is None
@@ -109,7 +109,7 @@ def test_lr_grid_and_run_config():
 def test_every_available_optimizer_can_be_raced():
     import jax
     import jax.numpy as jnp
-    import optim
+    from ravine import optim
     params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
     for name in optim.available():
         config = tiny_config(name, race.CENTRE_LR.get(name, 1e-3), 0)
@@ -126,7 +126,7 @@ def test_every_available_optimizer_can_be_raced():
 
 def test_kfac_is_raced_without_clipping_and_checked_up_front():
     pytest.importorskip("kfac_jax", reason="kfac-jax is the extra ravine[kfac]")
-    from experiments.configs import lm
+    from ravine.experiments.configs import lm
     base = lm.get_config("tiny")
     config = race.run_config(base, "kfac", 3e-3, 3e-3)
     assert config.clip_norm == 0.0 and base.clip_norm == 1.0
@@ -183,7 +183,7 @@ def fake_result(name, losses, steps_to_two, spp=0.01):
 
 
 def test_report_columns_against_a_hand_computation():
-    from experiments.configs import lm
+    from ravine.experiments.configs import lm
     results = [fake_result("adamw", [2.1, 2.1, 2.6, 2.7], None),
                fake_result("lion", [2.0, 2.2, 2.4, 2.6], None),
                fake_result("sgd", [3.0, math.nan, 3.2, 3.4], None)]
@@ -217,7 +217,7 @@ def test_report_columns_against_a_hand_computation():
 
 
 def tiny_config(name, lr, seed, steps=50, **hparams):
-    from experiments.configs import lm
+    from ravine.experiments.configs import lm
     base = lm.get_config("tiny")
     base.steps, base.batch_size, base.seq_len = steps, 8, 16
     base.model.d_model, base.model.n_layers = 32, 1
@@ -241,7 +241,7 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
                                            ("schedule_free_adamw", {}),
                                            ("kfac", {"inverse_update_period": 3})])
 def test_sweep_runs_equal_solo_train_runs(name, hparams, tmp_path):
-    from experiments import train
+    from ravine.experiments import train
     lr = race.CENTRE_LR[name]
     run = sweep.SweepRun(2 * lr, 1)  # trained beside another (lr, seed) under vmap
     engine = sweep.Engine(tiny_config(name, lr, 0, **hparams))
@@ -280,7 +280,7 @@ TINY_FLAGS = ["--config.steps=12", "--config.batch_size=8", "--config.seq_len=32
               "--config.schedule.warmup_steps=2"]
 
 
-def race_command(corpus, *flags, module="experiments.race"):
+def race_command(corpus, *flags, module="ravine.experiments.race"):
     return [sys.executable, "-m", module, f"--config={ROOT}/experiments/configs/lm.py:tiny",
             f"--config.corpus={corpus}", *TINY_FLAGS, *flags]
 
@@ -353,7 +353,7 @@ KILLED_RACE = """
 import sys
 from tests import fault_train
 fault_train.on_save(6, "kill")
-from experiments import cli, race
+from ravine.experiments import cli, race
 cli.run(race.main)
 """
 

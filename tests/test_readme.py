@@ -21,7 +21,7 @@ def test_snippet_runs(index, capsys):
 
 
 # ----------------------------------------------------------------------------- commands
-# Every `python -m experiments.<module> --flag...` the README shows uses flags that module
+# Every `python -m ravine.experiments.<module> --flag...` the README shows uses flags that module
 # defines (read from its source: importing every script in one process would define
 # --config twice), and every `--config.<field>` is a field of the LM config.
 
@@ -33,9 +33,12 @@ def readme_commands():
     """(module, [flag names]) of each command in the README, continuation lines joined."""
     joined = TEXT.replace("\\\n", " ")
     found = []
-    for match in re.finditer(r"python -m (experiments[\w.]*)([^`\n|]*)", joined):
-        names = re.findall(r"(?<!\S)--([\w.]+)", match.group(2))
-        found.append((match.group(1), names))
+    # `python -m ravine.experiments.<job>` or the console script `ravine-<job>`
+    pattern = r"(?:python -m ravine\.(experiments[\w.]*)|\bravine-([a-z_-]+))([^`\n|]*)"
+    for match in re.finditer(pattern, joined):
+        module = match.group(1) or "experiments." + match.group(2).replace("-", "_")
+        names = re.findall(r"(?<!\S)--([\w.]+)", match.group(3))
+        found.append((module, names))
     return found
 
 
@@ -53,7 +56,7 @@ def defined_flags(module):
 
 
 def test_readme_commands_use_flags_their_scripts_define():
-    from experiments.configs import lm
+    from ravine.experiments.configs import lm
     config = lm.get_config("small")
     commands = readme_commands()
     assert {"experiments.train", "experiments.race"} <= {module for module, _ in commands}
@@ -84,7 +87,7 @@ def test_sharding_usage_example_runs():
     """sharding/__init__.py's usage example, given a batch: every name it uses is defined."""
     import numpy as np
 
-    import sharding
+    from ravine import sharding
     block = sharding.__doc__.split("::\n\n", 1)[1].split("\n\nZeRO stages")[0]
     code = "\n".join(line[4:] for line in block.splitlines())
     tokens = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
@@ -104,7 +107,7 @@ def test_readme_race_command_shapes_take_config_fields(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for prefix in ([], ["--config=experiments/configs/lm.py:tiny"]):
         done = subprocess.run(
-            [sys.executable, "-m", "experiments.race", *prefix, "--optimizers=adamw,lion",
+            [sys.executable, "-m", "ravine.experiments.race", *prefix, "--optimizers=adamw,lion",
              f"--workdir={tmp_path}/race", "--config.steps=0"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         lines = done.stderr.strip().splitlines()

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-import optim
+from ravine import optim
 from tests.oracle import random_tree
 
 SHAPES = {"bias": (5,), "dense": (6, 5), "scale": ()}
@@ -113,7 +113,7 @@ def test_register_refuses_bad_and_taken_names(registered_signsgd):
 @pytest.mark.parametrize("name", ["radam", "adamw_8bit", "sophia", "schedule_free_adamw"])
 def test_state_follows_the_param_shardings(name):
     """Every state leaf shaped like a param takes its sharding, through a jitted update."""
-    import sharding
+    from ravine import sharding
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-import optim
+from ravine import optim
 from tests.oracle import assert_same_updates, random_tree
 
 LR = 0.01

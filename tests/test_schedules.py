@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from optim import schedules
+from ravine.optim import schedules
 
 PEAK, INIT, END = 0.3, 0.01, 0.02
 

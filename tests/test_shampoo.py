@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import optim
+from ravine import optim
 from tests.oracle import assert_same_updates, random_tree
 from tests.second_order import (array_collectives, assert_resumes_exactly, best_final_loss,
                                  grads_like, kronecker_quadratic, run, sharded_run)

@@ -11,7 +11,7 @@ from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import multihost_worker as lm
-import sharding
+from ravine import sharding
 
 
 def specs(tree):

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-import optim
-from optim import sophia_estimates
+from ravine import optim
+from ravine.optim import sophia_estimates
 
 N, D, C = 32, 5, 4  # examples, features, classes of the softmax regression
 

@@ -18,12 +18,12 @@ import optax
 import pytest
 from flax import linen as nn
 
-import models
-import optim
-import sharding
-from experiments import builders, cli, data, preemption, spikes, train, train_lib
-from experiments import workdir as workdir_lib
-from experiments.configs import lm
+from ravine import models
+from ravine import optim
+from ravine import sharding
+from ravine.experiments import builders, cli, data, preemption, spikes, train, train_lib
+from ravine.experiments import workdir as workdir_lib
+from ravine.experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = models.TransformerConfig(d_model=32, n_layers=1, n_heads=2, max_len=16)
@@ -366,7 +366,7 @@ def test_metrics_log_truncates_and_skips_a_torn_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the script
-# Each test runs `python -m experiments.train` in subprocesses on 8 emulated CPU devices
+# Each test runs `python -m ravine.experiments.train` in subprocesses on 8 emulated CPU devices
 # with a tiny model, a 12-step schedule and a small corpus made here.
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
@@ -393,7 +393,7 @@ def train_command(workdir, corpus, *flags):
     """The train job's command line; a `--fault=...` flag runs it through tests/fault_train.py
     (the job with a seam patched), the rest go to the job."""
     faults = [flag for flag in flags if flag.startswith("--fault=")]
-    module = "tests.fault_train" if faults else "experiments.train"
+    module = "tests.fault_train" if faults else "ravine.experiments.train"
     return [sys.executable, "-m", module,
             "--config=experiments/configs/lm.py:tiny", f"--workdir={workdir}",
             f"--config.corpus={corpus}", *RUN_FLAGS, *flags]

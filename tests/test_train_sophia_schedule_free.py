@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-import optim
-from experiments import builders, train
-from optim import sophia_estimates
-from optim.sophia import SophiaState
+from ravine import models
+from ravine import optim
+from ravine.experiments import builders, train
+from ravine.optim import sophia_estimates
+from ravine.optim.sophia import SophiaState
 # The train script's helpers and its small corpus (a module fixture).
 from tests.test_train import corpus, losses, run, tiny_config  # noqa: F401
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import optim
-from experiments import (builders, data, layer_norms, metrics, prepare_data, token_files,
+from ravine import optim
+from ravine.experiments import (builders, data, layer_norms, metrics, prepare_data, token_files,
                          train, user_modules, writers)
-from experiments.configs import lm
+from ravine.experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
@@ -312,13 +312,13 @@ def test_scripts_on_token_files(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("some text " * 400)
     out = str(tmp_path / "t.bin")
-    done = subprocess.run([sys.executable, "-m", "experiments.prepare_data",
+    done = subprocess.run([sys.executable, "-m", "ravine.experiments.prepare_data",
                            f"--corpus={tmp_path / 'docs'}", f"--out={out}"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote 4,000 tokens" in done.stdout
     assert os.path.getsize(out) == 8000
-    bad = subprocess.run([sys.executable, "-m", "experiments.train",
+    bad = subprocess.run([sys.executable, "-m", "ravine.experiments.train",
                           "--config=experiments/configs/lm.py:tiny",
                           f"--workdir={tmp_path / 'w'}", f"--config.corpus={out}",
                           "--config.vocab_size=100"],
@@ -365,7 +365,7 @@ def test_train_script_with_optimizer_module(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("some text to learn " * 300)
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--optimizer_module=tests.user_optimizer",
+        [sys.executable, "-m", "ravine.experiments.train", "--optimizer_module=tests.user_optimizer",
          "--config=experiments/configs/lm.py:tiny", f"--workdir={tmp_path / 'w'}",
          f"--config.corpus={tmp_path / 'docs'}", "--config.optimizer.name=signum",
          "--config.optimizer.momentum=0.5", "--config.optimizer.learning_rate=1e-3",
@@ -376,7 +376,7 @@ def test_train_script_with_optimizer_module(tmp_path):
     saved = json.load(open(tmp_path / "w" / "config.json"))["config"]["optimizer"]
     assert saved["name"] == "signum" and saved["momentum"] == 0.5
     missing = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--optimizer_module=no_such_module",
+        [sys.executable, "-m", "ravine.experiments.train", "--optimizer_module=no_such_module",
          f"--workdir={tmp_path / 'x'}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
         timeout=300)
     assert missing.returncode == 2
@@ -408,7 +408,7 @@ def test_readme_user_file_registers_an_optimizer_that_trains(tmp_path):
 
 @pytest.mark.slow
 def test_bench_layer_norms_times_both_settings():
-    from experiments import bench_layer_norms
+    from ravine.experiments import bench_layer_norms
     times = bench_layer_norms.measure("tiny", "adamw", rounds=2, steps=1)
     assert sorted(times) == ["with", "without"]
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in times.values())

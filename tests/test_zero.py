@@ -12,11 +12,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import models
+from ravine import models
 import multihost_worker as lm
-import optim
-import sharding
-from experiments import train_lib
+from ravine import optim
+from ravine import sharding
+from ravine.experiments import train_lib
 
 STEPS, ACCUM = 4, 2
 LR = 3e-3
@@ -235,8 +235,8 @@ def test_offload_without_a_host_memory_kind_is_a_clear_error():
 # --- the train job's config path ----------------------------------------------------------
 
 def train_setup(tmp_path, **fields):
-    from experiments import train
-    from experiments.configs import lm as lm_config
+    from ravine.experiments import train
+    from ravine.experiments.configs import lm as lm_config
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
     config = lm_config.get_config("tiny")

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import optim
+from ravine import optim
 
 
 def signum(learning_rate, momentum=0.9, sign_eps=0.0):

@@ -3,15 +3,15 @@
 Variants (`--config=experiments/configs/lm.py:<variant>`; tokens are bytes, vocab 256):
   tiny   0.14M params: 2 layers x 64 wide, 64-byte context, 1K tokens per step; a CPU smoke
          test (a minute or two):
-         python -m experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tiny
+         python -m ravine.experiments.train --config=experiments/configs/lm.py:tiny --workdir=runs/tiny
   small  3.3M params: 4 layers x 256 wide, 256-byte context, 8K tokens per step (the default
          variant); a few minutes on a GPU:
-         python -m experiments.train --config=experiments/configs/lm.py:small \
+         python -m ravine.experiments.train --config=experiments/configs/lm.py:small \
              --config.optimizer.name=lion --config.optimizer.learning_rate=1e-4 --workdir=runs/small
   124m   GPT-2 small's shape (12 layers x 768, GELU, LayerNorm, learned positions, tied
          embeddings; 86M params with a byte vocabulary), 1024-byte context, bf16 compute,
          0.5M tokens per step (64 rows x 8 accumulated micro-batches), nanoGPT's AdamW:
-         python -m experiments.train --config=experiments/configs/lm.py:124m \
+         python -m ravine.experiments.train --config=experiments/configs/lm.py:124m \
              --config.mesh=data=-1 --config.zero=1 --workdir=runs/124m
 
 Every hyperparameter of every optimizer in `optim.available()` is a field of `optimizer`
@@ -28,9 +28,9 @@ import inspect
 import ml_collections
 from ml_collections import config_dict
 
-import models
-import optim
-from optim import schedules
+from ravine import models
+from ravine import optim
+from ravine.optim import schedules
 
 SCHEDULES = ("constant", "linear", "warmup_cosine", "wsd", "cosine_restarts", "inverse_sqrt")
 # Optimizer arguments filled by train.py from other fields: learning_rate (with the
@@ -57,7 +57,7 @@ def hparam_fields(functions, derived=()):
 def _optimizers():
     """The optimizer factories that exist (the registry may name ones not written yet), and
     the train job's optimizers that are not Optax transforms (K-FAC)."""
-    from experiments import kfac  # noqa: PLC0415 - experiments.kfac imports no config
+    from ravine.experiments import kfac  # noqa: PLC0415 - experiments.kfac imports no config
     return [getattr(optim, name) for name in optim.available() if hasattr(optim, name)] + [
         kfac.kfac]
 

@@ -1,4 +1,4 @@
-"""Small demos of optimization phenomena, each runnable as `python -m experiments.demos.<name>`.
+"""Small demos of optimization phenomena, each runnable as `python -m ravine.experiments.demos.<name>`.
 
 Every demo is an importable function returning the numbers it claims (the tests check them)
 plus a thin absl `main` that prints them and saves a PNG to `--outdir` (default runs/demos/).

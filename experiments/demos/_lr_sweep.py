@@ -12,10 +12,10 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-import models
-import optim
-from experiments import data
-from experiments.demos import _common
+from ravine import models
+from ravine import optim
+from ravine.experiments import data
+from ravine.experiments.demos import _common
 
 
 def make_batches(corpus_path, steps, batch_size, seq_len, eval_batches=0, seed=0):

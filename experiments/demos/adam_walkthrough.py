@@ -9,16 +9,16 @@ the first step is lr * (1 - b1) / sqrt(1 - b2) * sign(g) = 3.16 lr at the defaul
 zero-initialized second moment underestimates g^2 by a factor 1000 at first.
 The bias-corrected table is checked against `optim.adam` run on the same problem.
 
-  python -m experiments.demos.adam_walkthrough --theta0=2 --lr=0.1 --steps=8
+  python -m ravine.experiments.demos.adam_walkthrough --theta0=2 --lr=0.1 --steps=8
 """
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
 
-import optim
-from experiments import cli
-from experiments.demos import _common
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
 
 COLUMNS = ("t", "g", "m", "v", "m_hat", "v_hat", "step", "theta")
 

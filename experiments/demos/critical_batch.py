@@ -21,7 +21,7 @@ over seeds reaches --target_fraction of its starting value. B_simple is measured
 point where full-batch GD reaches the target and checked against its closed form
 (Gaussian x: tr Sigma = |He|^2 + (e^T H e + sigma^2) tr H).
 
-  python -m experiments.demos.critical_batch --batch_sizes=1,2,4,8,16,32,64,128,256,512,1024
+  python -m ravine.experiments.demos.critical_batch --batch_sizes=1,2,4,8,16,32,64,128,256,512,1024
 """
 from typing import NamedTuple
 
@@ -31,10 +31,10 @@ import numpy as np
 import optax
 from absl import flags
 
-import optim
-from experiments import cli
-from experiments.demos import _common
-from optim import diagnostics
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
+from ravine.optim import diagnostics
 
 DEFAULT_BATCH_SIZES = [str(2**k) for k in range(13)]
 

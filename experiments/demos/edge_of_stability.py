@@ -12,7 +12,7 @@ measured with `optim.diagnostics.sharpness` (power iteration on Hessian-vector p
 The demo reports sharpness * lr / 2 averaged over the last --tail_fraction of training
 (1 = exactly at the edge).
 
-  python -m experiments.demos.edge_of_stability --lr=0.15,0.3 --steps=2000
+  python -m ravine.experiments.demos.edge_of_stability --lr=0.15,0.3 --steps=2000
 """
 import jax
 import jax.numpy as jnp
@@ -21,11 +21,11 @@ import optax
 from absl import flags
 from flax import linen as nn
 
-import models
-import optim
-from experiments import cli
-from experiments.demos import _common
-from optim import diagnostics
+from ravine import models
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
+from ravine.optim import diagnostics
 
 
 def random_label_task(examples=256, input_dim=16, classes=10, seed=0):

@@ -29,7 +29,7 @@ answers "does small-batch SGD find flatter minima here, and does Adam?" from the
 seeds and the number of seeds in which each ordering holds, whatever they say. The plot
 shows the first seed. About a minute on 2 CPU cores.
 
-  python -m experiments.demos.landscape --outdir=docs/demos --dpi=80
+  python -m ravine.experiments.demos.landscape --outdir=docs/demos --dpi=80
 """
 import functools
 import time
@@ -42,11 +42,11 @@ import optax
 from absl import flags
 from flax import linen as nn
 
-import models
-import optim
-from experiments import cli
-from experiments.demos import _common
-from optim import diagnostics
+from ravine import models
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
+from ravine.optim import diagnostics
 
 
 class Task(NamedTuple):

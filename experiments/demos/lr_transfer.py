@@ -22,14 +22,14 @@ Measured (2-core CPU, 2026-12-01, default flags; docs/demos/lr_transfer.txt): th
 moves -2 grid steps under SP and +1 under μP, but at 100 steps μP's wider models are not
 better than its narrow one, while SP's widest reaches the lowest loss of all.
 
-  python -m experiments.demos.lr_transfer
+  python -m ravine.experiments.demos.lr_transfer
 """
 import numpy as np
 from absl import flags
 
-import models
-from experiments import cli
-from experiments.demos import _common, _lr_sweep
+from ravine import models
+from ravine.experiments import cli
+from ravine.experiments.demos import _common, _lr_sweep
 
 PARAMETRIZATIONS = ("sp", "mup")
 DEFAULT_WIDTHS = ["32", "64", "128", "256"]

@@ -14,7 +14,7 @@ non-finite steps). Reported per precision: mean training loss over the last 10% 
 steps, validation loss, skipped steps, the final loss scale, bytes of params + optimizer
 state, and the temporary (activation) memory XLA allocates for one compiled train step.
 
-  python -m experiments.demos.precision --steps=300
+  python -m ravine.experiments.demos.precision --steps=300
 """
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,10 @@ import numpy as np
 from absl import flags
 from flax import linen as nn
 
-import models
-import optim
-from experiments import cli, data, train_lib
-from experiments.demos import _common
+from ravine import models
+from ravine import optim
+from ravine.experiments import cli, data, train_lib
+from ravine.experiments.demos import _common
 
 POLICIES = {
     "fp32": "params=float32,compute=float32,output=float32",

@@ -12,7 +12,7 @@ So iterations to eps grow like kappa for GD and like sqrt(kappa) with momentum: 
 slopes ~1 and ~0.5. All three run through `optim.sgd`. (Nesterov, "Introductory Lectures on
 Convex Optimization", 2004, sections 2.1-2.2.)
 
-  python -m experiments.demos.quadratic --kappas=10,100,1000,10000 --eps=1e-6
+  python -m ravine.experiments.demos.quadratic --kappas=10,100,1000,10000 --eps=1e-6
 """
 import math
 
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-import optim
-from experiments import cli
-from experiments.demos import _common
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
 
 METHODS = ("gd", "heavy_ball", "nesterov")
 

@@ -14,7 +14,7 @@ curved and its curvature ranges from ~0.4 to ~1000 at the minimum (1, 1), so:
     Lion's fixed-size sign steps leave it rattling around the minimum instead of settling.
 (Rosenbrock 1960; Kingma & Ba 2015; Chen et al. 2023 "Lion"; Gupta et al. 2018 "Shampoo".)
 
-  python -m experiments.demos.rosenbrock --steps=20000 --lr=0.001,0.01
+  python -m ravine.experiments.demos.rosenbrock --steps=20000 --lr=0.001,0.01
 """
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,9 @@ import numpy as np
 import optax
 from absl import flags
 
-import optim
-from experiments import cli
-from experiments.demos import _common
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
 
 START = (-1.5, 2.0)
 MINIMUM = (1.0, 1.0)

@@ -13,7 +13,7 @@ The left Riemann sum differs from the integral by O(peak) per monotone piece, so
 agree to ~0.1% at T = 1000. The area is what a schedule spends: WSD keeps far more of it
 than cosine at the same peak, and the "sqrt" tail gives up the least.
 
-  python -m experiments.demos.schedules --total_steps=1000 --warmup_steps=100 --peak_lr=1e-3
+  python -m ravine.experiments.demos.schedules --total_steps=1000 --warmup_steps=100 --peak_lr=1e-3
 """
 import math
 
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import cli
-from experiments.demos import _common
-from optim import schedules
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
+from ravine.optim import schedules
 
 WSD_TAIL_MEANS = {"linear": 0.5, "cosine": 0.5, "sqrt": 1.0 / 3.0}  # int_0^1 g(f) df
 

@@ -23,14 +23,14 @@ QK-norm the largest attention logit grows with the lr from 0.6 to 1e7, with it i
 below 9 up to lr 0.03; QK-norm lowers the LR sensitivity a little (0.692 -> 0.659) and the
 best loss (2.716 -> 2.680); z-loss changes nothing at this scale.
 
-  python -m experiments.demos.stability
+  python -m ravine.experiments.demos.stability
 """
 import numpy as np
 from absl import flags
 
-import models
-from experiments import cli
-from experiments.demos import _common, _lr_sweep
+from ravine import models
+from ravine.experiments import cli
+from ravine.experiments.demos import _common, _lr_sweep
 
 # name -> (qk_norm, z-loss coefficient)
 VARIANTS = {"none": (False, 0.0), "qk_norm": (True, 0.0), "z_loss": (False, 1e-4),

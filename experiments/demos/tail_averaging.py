@@ -14,16 +14,16 @@ The best any estimator can do from t samples is ~ d sigma^2 / t (ordinary least 
     but only because its constant is tuned to mu (too small a constant gives a slower rate).
 Expectations are averaged over --runs independent runs sharing samples across methods.
 
-  python -m experiments.demos.tail_averaging --dim=20 --sigma=0.5 --lr=0.0125
+  python -m ravine.experiments.demos.tail_averaging --dim=20 --sigma=0.5 --lr=0.0125
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-import optim
-from experiments import cli
-from experiments.demos import _common
+from ravine import optim
+from ravine.experiments import cli
+from ravine.experiments.demos import _common
 
 METHODS = ("final_iterate", "tail_average", "decay_1_over_t")
 
