@@ -36,15 +36,18 @@ from ravine.optim.schedule_free import (schedule_free, schedule_free_adamw, sche
                                  scale_by_bias_corrected_rms)
 from ravine.optim.sophia import scale_by_sophia, sophia
 
-# --- registry (registry.py) ---
-from ravine.optim.registry import available, create, factory, register, unregister
+# --- registry (registry.py) and the built-in optimizers' records (builtin_specs.py) ---
+from ravine.optim.registry import (OptimizerSpec, TrainTask, available, create, factory,
+                                   register, spec, specs, unregister)
+from ravine.optim import registry
+from ravine.optim import builtin_specs  # noqa: F401 - registers the built-ins
 
 
 def __getattr__(name):
     """`optim.<name>` also finds optimizers added with `register` (as scripts look them up)."""
     found = registry.registered(name)
     if found is None:
-        raise AttributeError(f"module 'optim' has no attribute {name!r}")
+        raise AttributeError(f"module 'ravine.optim' has no attribute {name!r}")
     return found
 
 
