@@ -25,6 +25,8 @@ import math
 import jax
 from flax import linen as nn
 
+from ravine.models.transformer import GATED_MLPS
+
 
 def count_params(params):
     """Total number of scalars in a params tree (boxed or unboxed, arrays or shape structs).
@@ -38,12 +40,14 @@ def count_params(params):
 def non_embedding_params(config):
     """N: params of a `Transformer(config)` other than the embedding, positions and head.
 
-    Per block: Q, K, V and output projections (4 d^2), the MLP (2 d d_ff for "gelu", 3 for
-    "swiglu") and two norms (d gains each, plus d biases for "layernorm"); plus the final norm.
+    Per block: Q, K, V and output projections (4 d^2), the MLP (2 d d_ff for the non-gated
+    variants "relu", "gelu", "swish"; 3 d d_ff for the gated ones "glu", "bilinear",
+    "geglu", "swiglu", "reglu") and two norms (d gains each, plus d biases for
+    "layernorm"); plus the final norm.
     """
     d = config.d_model
     norm_params = d if config.norm == "rmsnorm" else 2 * d
-    mlp_matrices = 3 if config.mlp == "swiglu" else 2
+    mlp_matrices = 3 if config.mlp in GATED_MLPS else 2
     block = 4 * d * d + mlp_matrices * d * config.ff_dim + 2 * norm_params
     return config.n_layers * block + norm_params
 

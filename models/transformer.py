@@ -32,7 +32,19 @@ from ravine.models.attention import IMPLEMENTATIONS, causal_attention
 from ravine.models.layers import Dense, logical_init
 from ravine.models.policy import get_policy
 
-MLPS = ("swiglu", "gelu")
+# Shazeer 2020's feed-forward variants: act(x W1) W2, or gated (act(x W) * x V) W2.
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # flax's default: the tanh approximation (as GPT-2)
+    "swish": nn.silu,  # Swish_1 = x * sigmoid(x)
+    "glu": nn.sigmoid,
+    "bilinear": None,  # no activation: (x W) * (x V)
+    "geglu": nn.gelu,
+    "swiglu": nn.silu,
+    "reglu": nn.relu,
+}
+GATED_MLPS = ("glu", "bilinear", "geglu", "swiglu", "reglu")
+MLPS = tuple(ACTIVATIONS)
 NORMS = ("rmsnorm", "layernorm")
 REMATS = ("none", "block", "dots")
 POSITIONS = ("rope", "learned")
@@ -66,10 +78,16 @@ class TransformerConfig:
       d_model: width of the residual stream.
       n_layers: number of blocks.
       n_heads: attention heads; must divide d_model.
-      d_ff: hidden width of the MLP; None gives 4 * d_model for "gelu" and, for "swiglu",
-        8/3 * d_model rounded up to a multiple of 64 (the same parameter count, as LLaMA).
+      d_ff: hidden width of the MLP; None gives 4 * d_model for the non-gated variants and,
+        for the gated ones (three matrices instead of two), 2/3 of that, 8/3 * d_model,
+        rounded up to a multiple of 64 (as LLaMA): the same parameter count, exactly when
+        d_model is a multiple of 24 (Shazeer's d_model=768: d_ff 3072 and 2048).
       max_len: the longest sequence the model accepts (size of the learned position table).
-      mlp: "swiglu" (Shazeer, 2020, "GLU Variants Improve Transformer") or "gelu".
+      mlp: the feed-forward variant (Shazeer 2020, "GLU Variants Improve Transformer",
+        https://arxiv.org/abs/2002.05202): non-gated `act(x W1) W2` with act "relu",
+        "gelu" (tanh approximation) or "swish" (x sigmoid(x)); gated
+        `(act(x W) * (x V)) W2` with "glu" (sigmoid), "bilinear" (no activation), "geglu",
+        "swiglu" or "reglu". W, V, W2 are the params "gate", "up", "down".
       norm: "rmsnorm" (Zhang & Sennrich, 2019) or "layernorm".
       remat: "none", "block" (recompute each block in the backward pass, save nothing) or
         "dots" (save the weight-matmul outputs, recompute the rest).
@@ -168,7 +186,7 @@ class TransformerConfig:
         """The MLP hidden width, `d_ff` or its default."""
         if self.d_ff is not None:
             return self.d_ff
-        if self.mlp == "gelu":
+        if self.mlp not in GATED_MLPS:
             return 4 * self.d_model
         return 64 * -(-8 * self.d_model // (3 * 64))  # ceil(8/3 d / 64) * 64
 
@@ -256,7 +274,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """`down(silu(gate(x)) * up(x))` (SwiGLU) or `down(gelu(up(x)))`."""
+    """Gated `down(act(gate(x)) * up(x))` (e.g. SwiGLU) or `down(act(up(x)))` (e.g. GELU).
+
+    `act` is `ACTIVATIONS[config.mlp]` (identity for "bilinear"); Shazeer 2020,
+    https://arxiv.org/abs/2002.05202, Section 2 (without biases, as the paper's FFNs).
+    """
     config: TransformerConfig
 
     @nn.compact
@@ -264,12 +286,13 @@ class FeedForward(nn.Module):
         cfg = self.config
         policy = get_policy(cfg.policy)
         init = _hidden_init(cfg, cfg.init_std)
+        activation = ACTIVATIONS[cfg.mlp]
         hidden = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="up")(x)
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in GATED_MLPS:
             gate = Dense((cfg.ff_dim,), ("embed", "mlp"), policy, init, name="gate")(x)
-            hidden = nn.silu(gate) * hidden
+            hidden = (gate if activation is None else activation(gate)) * hidden
         else:
-            hidden = nn.gelu(hidden)
+            hidden = activation(hidden)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return Dense((cfg.d_model,), ("mlp", "embed"), policy, _residual_init(cfg),
                      name="down")(hidden)

@@ -195,7 +195,8 @@ def test_tied_embeddings_use_the_embedding_as_head():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("mlp", "relu", "mlp must be one of"),
+    ("mlp", "sigmoid", r"mlp must be one of \['relu', 'gelu', 'swish', 'glu', 'bilinear', "
+                       r"'geglu', 'swiglu', 'reglu'\]"),
     ("norm", "batchnorm", "norm must be one of"),
     ("remat", "full", "remat must be one of"),
     ("attention", "flash", "attention must be one of"),
@@ -216,6 +217,79 @@ def test_default_ff_width():
     assert models.TransformerConfig(d_model=256, mlp="swiglu").ff_dim == 704
     assert models.TransformerConfig(d_model=256, mlp="gelu").ff_dim == 1024
     assert models.TransformerConfig(d_model=256, d_ff=100).ff_dim == 100
+
+
+# --- FFN variants (Shazeer 2020) ------------------------------------------------------------
+
+def _np_gelu(x):  # the tanh approximation, flax's default
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+# Each variant's formula, transcribed from Shazeer 2020 (arXiv 2002.05202), Section 2.
+FFN_FORMULAS = {
+    "relu": lambda x, up, gate: np.maximum(x @ up, 0),
+    "gelu": lambda x, up, gate: _np_gelu(x @ up),
+    "swish": lambda x, up, gate: (x @ up) * _np_sigmoid(x @ up),
+    "glu": lambda x, up, gate: _np_sigmoid(x @ gate) * (x @ up),
+    "bilinear": lambda x, up, gate: (x @ gate) * (x @ up),
+    "geglu": lambda x, up, gate: _np_gelu(x @ gate) * (x @ up),
+    "swiglu": lambda x, up, gate: (x @ gate) * _np_sigmoid(x @ gate) * (x @ up),
+    "reglu": lambda x, up, gate: np.maximum(x @ gate, 0) * (x @ up),
+}
+
+
+def test_every_ffn_variant_is_known():
+    assert set(models.transformer.MLPS) == set(FFN_FORMULAS)
+
+
+@pytest.mark.parametrize("mlp", sorted(FFN_FORMULAS))
+def test_ffn_variant_matches_its_formula(mlp):
+    config = tiny(d_model=8, d_ff=12, mlp=mlp)
+    layer = models.FeedForward(config)
+    x = random_normal((2, 3, 8), seed=1)
+    variables = layer.init(init_key(), x)
+    params = {name: np.asarray(p["kernel"], np.float64)
+              for name, p in nn.unbox(variables)["params"].items()}
+    assert set(params) == ({"up", "gate", "down"} if mlp in models.transformer.GATED_MLPS
+                           else {"up", "down"})
+    # Weights large enough that the activations' nonlinear parts matter.
+    params = {name: kernel * 20 for name, kernel in params.items()}
+    expected = FFN_FORMULAS[mlp](np.asarray(x, np.float64), params["up"],
+                                 params.get("gate")) @ params["down"]
+    got = layer.apply({"params": {name: {"kernel": jnp.asarray(kernel, jnp.float32)}
+                                  for name, kernel in params.items()}}, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    names = {name: p["kernel"].names for name, p in variables["params"].items()}
+    assert names["up"] == ("embed", "mlp") and names["down"] == ("mlp", "embed")
+
+
+@pytest.mark.parametrize("d_model", [96, 768])
+def test_gated_variants_match_non_gated_params_at_default_width(d_model):
+    # 3 matrices of 8/3 d against 2 of 4 d: equal when d_model is a multiple of 24.
+    counts = {mlp: models.non_embedding_params(models.TransformerConfig(
+        d_model=d_model, n_heads=4, n_layers=2, mlp=mlp)) for mlp in FFN_FORMULAS}
+    assert counts["relu"] == counts["gelu"] == counts["swish"]
+    assert counts["glu"] == counts["bilinear"] == counts["geglu"] == counts["swiglu"] \
+        == counts["reglu"]
+    assert abs(counts["swiglu"] / counts["gelu"] - 1) <= 0.01
+
+
+@pytest.mark.parametrize("mlp", sorted(FFN_FORMULAS))
+def test_ffn_variant_counts_and_flops_match_the_model(mlp):
+    config = tiny(d_model=48, n_heads=4, mlp=mlp)
+    params = abstract_init(config)["params"]
+    matrices = 3 if mlp in models.transformer.GATED_MLPS else 2
+    assert config.ff_dim == (128 if matrices == 3 else 192)
+    assert models.count_params(params["block_0"]["mlp"]) == matrices * 48 * config.ff_dim
+    non_embedding = models.count_params(params) - models.count_params(
+        {k: params[k] for k in ("embed", "head")})
+    assert models.non_embedding_params(config) == non_embedding
+    assert models.flops_per_token(config) == (6 * (non_embedding + 48 * config.vocab_size)
+                                              + 12 * 1 * 48 * config.max_len)
 
 
 # --- counting -------------------------------------------------------------------------------
