@@ -17,7 +17,7 @@ import os
 import numpy as np
 from absl import flags
 
-from ravine.experiments import cli, data, token_files
+from ravine.experiments.runtime import cli, data, token_files
 
 _CORPUS = flags.DEFINE_string("corpus", "", "Text file or folder (default: the stdlib).")
 _OUT = flags.DEFINE_string("out", None, "Token file to write: a .bin or .npy path.")

@@ -6,7 +6,7 @@ For each optimizer (the LM config `--config`, default `lm.py:tiny`; any field ca
 in experiments.train, e.g. `--config.steps=200`):
 
 1. Select the learning rate: `--lr_points` (default 5) peak lrs on a log grid spaced by
-   `--lr_spacing` (2x) around the optimizer's `CENTRE_LR` (or the explicit `--lrs`), each
+   `--lr_spacing` (2x) around the optimizer's `optim.spec(name).centre_lr` (or the explicit `--lrs`), each
    with `--seeds` seeds (default 1). When the best (lowest mean final eval loss) sits at an
    edge of the grid, the grid is extended past that edge, one point at a time, up to
    `--max_lr_points`; diverged runs (non-finite loss) rank last and extend a grid only
@@ -26,17 +26,22 @@ state's size. `DIR/curves.png` shows the mean eval loss ±1 std of each optimize
 steps and seconds; `DIR/lr_sensitivity.png` the final eval loss against lr (U-curves, error
 bars over seeds).
 
-Runs of one optimizer share one compiled step (`experiments.sweep`): `--sweep=loop` trains
+Runs of one optimizer share one compiled step (`runtime.sweep`): `--sweep=loop` trains
 them one after another, `--sweep=vmap` `--runs_per_program` of them side by side in one
-vmapped program (optimizers in `sweep.NO_VMAP` fall back to loop). Each run equals the same
-(lr, seed) trained alone by experiments.train. Every run's metrics are kept in
+vmapped program (optimizers whose spec is not `vmappable` fall back to loop). Each run
+equals the same (lr, seed) trained alone by the train job. Every run's metrics are kept in
 `DIR/runs/<optimizer>/lr<lr>_seed<seed>.jsonl` and the report is computed from them; a
 killed race resumes: finished runs are read back and an interrupted group of runs restarts
-from its own checkpoint (`DIR/groups/`) to the same numbers. For Muon, `--muon_adam_lr`
-sets the peak lr of its AdamW leaves (embeddings, head, gains). Beside `optim.available()`,
-the train job's own-step optimizers race too (`--optimizers=adamw,kfac`: K-FAC, one
-compiled step per run); Schedule-Free AdamW gets a constant lr with its own warmup.
+from its own checkpoint (`DIR/groups/`) to the same numbers.
+
+Everything optimizer-specific comes from its record, `optim.spec(name)`: the grid's centre,
+hyperparameters the race fixes (`race_hparams`, e.g. the peak lr of Muon's AdamW leaves;
+override with `--hparams=muon.adam_learning_rate=0.01`), a constant lr with its own warmup
+(Schedule-Free AdamW), config it cannot honour (K-FAC's clipping, turned off with one
+warning line, as in the train job), a train step of its own (K-FAC, one compiled step per
+run; `--optimizers=adamw,kfac`).
 """
+import ast
 import copy
 import hashlib
 import json
@@ -49,15 +54,10 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from ravine.experiments.runtime import run_identity, setup
 from ravine import optim
-from ravine.experiments import builders, cli, race_stats, sweep, train
-
-# A good learning rate for each optimizer on the tiny LM (warmup-cosine), the middle of the
-# default grid. Muon's is for its orthogonalized matrices; its AdamW leaves use muon_adam_lr.
-CENTRE_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3,
-             "lion": 1e-3, "adafactor": 1e-2, "shampoo": 3e-3, "soap": 1e-2, "muon": 0.03,
-             "radam": 3e-3, "adamw_8bit": 3e-3, "sophia": 1e-3, "schedule_free_adamw": 3e-3,
-             "kfac": 3e-3}
+from ravine.experiments.runtime import builders, cli, sweep
+from ravine.experiments import race_stats, train
 
 # --config and --workdir as in experiments.train; the race's default workload is tiny. (The
 # default is given when the flag is defined: ml_collections applies `--config.<field>`
@@ -66,7 +66,7 @@ _CONFIG, _WORKDIR, _ = train.define_flags(train.DEFAULT_CONFIG + ":tiny")
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adamw", "lion", "shampoo", "soap", "muon"],
                                 "Optimizers to race (names from optim.available()).")
 _LRS = flags.DEFINE_list("lrs", [], "Explicit initial learning rates for every optimizer "
-                         "(default: a grid around each one's CENTRE_LR).")
+                         "(default: a grid around each one's spec centre_lr).")
 _LR_POINTS = flags.DEFINE_integer("lr_points", 5, "Learning rates per optimizer (>= 2).")
 _MAX_LR_POINTS = flags.DEFINE_integer(
     "max_lr_points", None, "Most learning rates per optimizer once the grid is extended past "
@@ -84,7 +84,9 @@ _SWEEP = flags.DEFINE_enum("sweep", None, ["loop", "vmap"], "How the runs of a s
                            "their compiled step (default: loop on CPU, vmap otherwise).")
 _RUNS_PER_PROGRAM = flags.DEFINE_integer("runs_per_program", 16,
                                          "Runs trained together in one vmapped program.")
-_MUON_ADAM_LR = flags.DEFINE_float("muon_adam_lr", 3e-3, "Peak lr of Muon's AdamW leaves.")
+_HPARAMS = flags.DEFINE_list(
+    "hparams", [], "OPTIMIZER.HPARAM=VALUE hyperparameters the race sets, over each "
+    "optimizer's own (`optim.spec(name).race_hparams`, e.g. muon.adam_learning_rate=0.003).")
 _EVALS = flags.DEFINE_integer("evals", 20, "Evaluations per run (sets config.eval_every; "
                               "20 = every 5% of training).")
 
@@ -105,12 +107,12 @@ def _flatten(record, prefix=""):
     return out
 
 
-def check_same_race(workdir, base, evals, muon_adam_lr):
+def check_same_race(workdir, base, evals, hparams):
     """Records what every run's numbers depend on in DIR/race.json; a workdir holding runs
     of another workload raises ValueError listing the changed fields (finished runs are
     read back by (optimizer, lr, seed) only, so they must come from the same workload)."""
-    record = {"config": train.config_record(base), "evals": evals,
-              "muon_adam_lr": muon_adam_lr}
+    record = {"config": run_identity.config_record(base), "evals": evals,
+              "hparams": hparams}
     for field in FREE_FIELDS:
         record["config"].pop(field, None)
     path = os.path.join(workdir, RACE_FILE)
@@ -128,17 +130,17 @@ def check_same_race(workdir, base, evals, muon_adam_lr):
 
 
 def default_sweep_mode():
-    """The faster way to share work on this backend (experiments/bench_race.py): on CPU a
+    """The faster way to share work on this backend (experiments/benchmarks/bench_race.py): on CPU a
     small model is compute-bound and vmap is slower; on accelerators it is launch-bound."""
     return "loop" if jax.default_backend() == "cpu" else "vmap"
 
 
 def lr_grid(name, points, spacing, explicit=()):
     """The initial learning rates for optimizer `name`: `explicit` if given, else `points`
-    values spaced by `spacing` (log grid) centred on CENTRE_LR[name]."""
+    values spaced by `spacing` (log grid) centred on the optimizer's `centre_lr`."""
     if explicit:
         return sorted(explicit)
-    centre = CENTRE_LR.get(name, 1e-3)
+    centre = optim.spec(name).centre_lr
     return [centre * spacing ** (i - (points - 1) / 2) for i in range(points)]
 
 
@@ -148,13 +150,13 @@ def _positive(name, value, minimum=1):
 
 
 def validate_flags(optimizers, lrs=(), points=5, spacing=2.0, target=None, evals=20,
-                   muon_adam_lr=3e-3, max_points=None, seeds=1, seeds_at_best=3,
+                   hparams=(), max_points=None, seeds=1, seeds_at_best=3,
                    baseline=None, runs_per_program=16):
     """ValueError naming the first bad flag; returns (explicit lrs as floats, max points,
-    baseline)."""
+    baseline, {optimizer: the hyperparameters the race sets})."""
     if not optimizers:
         raise ValueError("--optimizers is empty")
-    known = list(optim.available()) + builders.registered_train_steps()
+    known = [spec.name for spec in optim.specs()]
     for name in optimizers:
         if name not in known:
             raise ValueError(f"unknown optimizer {name!r} in --optimizers; known: "
@@ -191,22 +193,43 @@ def validate_flags(optimizers, lrs=(), points=5, spacing=2.0, target=None, evals
     elif baseline not in optimizers:
         raise ValueError(f"--baseline {baseline!r} is not in --optimizers "
                          f"({','.join(optimizers)})")
-    if not muon_adam_lr > 0 or not math.isfinite(muon_adam_lr):
-        raise ValueError(f"--muon_adam_lr must be a positive number, got {muon_adam_lr}")
     if target is not None and not math.isfinite(target):
         raise ValueError(f"--target must be a finite loss, got {target}")
-    return parsed, max_points, baseline
+    return parsed, max_points, baseline, race_hparams(optimizers, hparams)
 
 
-def run_config(base, name, lr, muon_adam_lr, evals=20):
+def race_hparams(optimizers, items=()):
+    """`{optimizer: {hparam: value}}`: each one's `spec.race_hparams`, overridden by the
+    `OPTIMIZER.HPARAM=VALUE` items of `--hparams` (values as Python literals)."""
+    chosen = {name: dict(optim.spec(name).race_hparams) for name in optimizers}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name, dot, hparam = key.strip().partition(".")
+        if not (sep and dot and hparam):
+            raise ValueError(f"--hparams: {item!r} is not OPTIMIZER.HPARAM=VALUE")
+        if name not in chosen:
+            raise ValueError(f"--hparams: {item!r} names optimizer {name!r}, which is not in "
+                             f"--optimizers ({','.join(optimizers)})")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        chosen[name][hparam] = value
+    return chosen
+
+
+def run_config(base, name, lr, hparams=None, evals=20):
     """`base` with optimizer `name` at peak learning rate `lr` (other hparams at their
-    defaults, the schedule's peak = lr), evaluated `evals` times.
+    defaults but `hparams`, default its spec's `race_hparams`; the schedule's peak = lr),
+    evaluated `evals` times.
 
-    Schedule-Free AdamW gets its natural schedule: a constant lr, warmed up over the base
-    schedule's warmup_steps by its own `warmup_steps`. K-FAC runs without global-norm
-    clipping (its train step takes none), with its adaptive lr off (its default), so the
-    lr grid means what it means for the others.
+    What the optimizer's spec says is applied as the train job applies it: one that takes a
+    constant lr (Schedule-Free AdamW) gets a constant schedule, warmed up over the base
+    schedule's warmup_steps by its own warmup argument; config it cannot honour (K-FAC's
+    global-norm clipping) is set to what it runs with, with one warning line.
     """
+    spec = optim.spec(name)
+    hparams = dict(spec.race_hparams) if hparams is None else hparams
     config = copy.deepcopy(base)
     config.eval_every = max(1, config.steps // evals)
     with config.unlocked():
@@ -216,16 +239,17 @@ def run_config(base, name, lr, muon_adam_lr, evals=20):
         config.optimizer.name = name
         config.optimizer.learning_rate = lr
         config.schedule.peak_value = None
-        if name == "muon":
-            config.optimizer.adam_learning_rate = muon_adam_lr
-        if name == "kfac":
-            config.clip_norm = 0.0
-        if name == "schedule_free_adamw":
-            config.optimizer.warmup_steps = config.schedule.get("warmup_steps") or None
+        for key, value in hparams.items():
+            if key not in config.optimizer:
+                raise ValueError(f"--hparams: optimizer {name!r} takes no {key!r}")
+            config.optimizer[key] = value
+        if spec.constant_lr:
+            if spec.warmup_hparam:
+                config.optimizer[spec.warmup_hparam] = config.schedule.get("warmup_steps") or None
             for key in config.schedule:
                 config.schedule[key] = None
             config.schedule.name = "constant"
-    return config
+    return builders.adapt_to_optimizer(config)
 
 
 # ----------------------------------------------------------------------------- one run's rows
@@ -354,12 +378,14 @@ def race_one(config, workdir, *, grid, spacing, max_points, seeds, seeds_at_best
 
 def race(base, optimizers, workdir, *, lrs=(), points=5, spacing=2.0, max_points=None,
          seeds=1, seeds_at_best=3, baseline=None, target=None, mode="loop",
-         runs_per_program=16, muon_adam_lr=3e-3, evals=20):
-    """Runs the race; returns (results per optimizer, target, its source)."""
+         runs_per_program=16, hparams=None, evals=20):
+    """Runs the race; returns (results per optimizer, target, its source). `hparams`:
+    `{optimizer: hyperparameters the race sets}` (default: `race_hparams(optimizers)`)."""
     baseline = baseline or optimizers[0]
+    hparams = race_hparams(optimizers) if hparams is None else hparams
     results = []
     for name in optimizers:
-        config = run_config(base, name, CENTRE_LR.get(name, 1e-3), muon_adam_lr, evals)
+        config = run_config(base, name, optim.spec(name).centre_lr, hparams[name], evals)
         grid = lr_grid(name, points, spacing, lrs)
         results.append(race_one(
             config, workdir, grid=grid, spacing=spacing,
@@ -548,24 +574,24 @@ def main(argv):
     if not workdir:
         cli.fail("--workdir is required")
     with cli.usage_errors():
-        lrs, max_points, baseline = validate_flags(
+        lrs, max_points, baseline, hparams = validate_flags(
             _OPTIMIZERS.value, _LRS.value, _LR_POINTS.value, _LR_SPACING.value, _TARGET.value,
-            _EVALS.value, _MUON_ADAM_LR.value, _MAX_LR_POINTS.value, _SEEDS.value,
+            _EVALS.value, _HPARAMS.value, _MAX_LR_POINTS.value, _SEEDS.value,
             _SEEDS_AT_BEST.value, _BASELINE.value, _RUNS_PER_PROGRAM.value)
         # Every optimizer's config is checked before the first run starts; the corpus,
         # mesh and model once.
-        configs = [run_config(base, name, CENTRE_LR.get(name, 1e-3), _MUON_ADAM_LR.value,
+        configs = [run_config(base, name, optim.spec(name).centre_lr, hparams[name],
                               _EVALS.value) for name in _OPTIMIZERS.value]
         for config in configs:
             sweep.check_config(config)
-        train.setup(configs[0])
-        check_same_race(workdir, base, _EVALS.value, _MUON_ADAM_LR.value)
+        setup.setup(configs[0])
+        check_same_race(workdir, base, _EVALS.value, hparams)
     mode = _SWEEP.value or default_sweep_mode()
     results, target, source = race(
         base, _OPTIMIZERS.value, workdir, lrs=lrs, points=_LR_POINTS.value,
         spacing=_LR_SPACING.value, max_points=max_points, seeds=_SEEDS.value,
         seeds_at_best=_SEEDS_AT_BEST.value, baseline=baseline, target=_TARGET.value,
-        mode=mode, runs_per_program=_RUNS_PER_PROGRAM.value, muon_adam_lr=_MUON_ADAM_LR.value,
+        mode=mode, runs_per_program=_RUNS_PER_PROGRAM.value, hparams=hparams,
         evals=_EVALS.value)
     text = report(results, target, source, base, baseline, _SEEDS.value, _SEEDS_AT_BEST.value)
     _write_atomic(os.path.join(workdir, REPORT_FILE), text)

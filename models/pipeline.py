@@ -241,23 +241,6 @@ class Pipelined:
         return apply(self.config, nn.unbox(variables["params"]), tokens, self.microbatches)
 
 
-# Optimizers that cannot take the pipeline's stacked params through `per_layer`, and why.
-UNSUPPORTED_OPTIMIZERS = {
-    "kfac": "K-FAC registers the model's layers itself and is no Optax transform",
-    "sophia": "its update takes a Hessian estimate as an extra argument, which per_layer "
-              "does not split",
-    "schedule_free_adamw": "its eval params come from one ScheduleFreeState, which "
-                           "per_layer splits in two",
-}
-
-
-def check_optimizer(name):
-    """Raises ValueError (one line) if optimizer `name` cannot train a pipelined model."""
-    if name in UNSUPPORTED_OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} cannot run with pipeline stages: "
-                         f"{UNSUPPORTED_OPTIMIZERS[name]}; use stage=1 or another optimizer")
-
-
 class PerLayerState(NamedTuple):
     """State of `per_layer`: the inner state of the stacked blocks (vmapped) and the rest."""
     blocks: Any

@@ -4,7 +4,7 @@ r"""The train job with faults injected, for tests that need them in a real proce
 
 Each `--fault=` patches one seam of the train job, then the job's own `main` runs:
   corrupt:FROM:COUNT    batches at data positions FROM .. FROM+COUNT-1 are random bytes
-                        (a loss spike), through `experiments.train.batch_at`
+                        (a loss spike), through `runtime.loop.batch_at`
   kill_after_save:STEP  SIGKILL right after the checkpoint save of STEP has started
   save_error:STEP       saving checkpoint STEP raises OSError(ENOSPC) (a full disk)
   sigterm_at:STEP       the process sends itself SIGTERM while step STEP trains
@@ -19,21 +19,21 @@ import numpy as np
 
 
 def corrupt(start, count):
-    from ravine.experiments import train
-    batch_at = train.batch_at
+    from ravine.experiments.runtime import loop
+    batch_at = loop.batch_at
 
     def corrupted(s, position):
         batch = batch_at(s, position)
         if start <= position < start + count:
             rows = np.random.default_rng(position).integers(0, 256, batch.shape, np.uint8)
-            return train.sharding.shard_batch(rows, s.mesh, batch_dim=1)
+            return loop.sharding.shard_batch(rows, s.mesh, batch_dim=1)
         return batch
 
-    train.batch_at = corrupted
+    loop.batch_at = corrupted
 
 
 def on_save(step, action):
-    from ravine.experiments import checkpointing
+    from ravine.experiments.runtime import checkpointing
     write = checkpointing.Checkpoints._write
 
     def patched(self, at, state, meta):
@@ -47,15 +47,15 @@ def on_save(step, action):
 
 
 def sigterm_at(step):
-    from ravine.experiments import train
-    batch_at = train.batch_at
+    from ravine.experiments.runtime import loop
+    batch_at = loop.batch_at
 
     def batch_then_signal(s, position):
         if position == step - 1:  # the batch of update `step` (no data offset in tests)
             os.kill(os.getpid(), signal.SIGTERM)
         return batch_at(s, position)
 
-    train.batch_at = batch_then_signal
+    loop.batch_at = batch_then_signal
 
 
 def main():

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from ravine import optim
 from ravine import sharding
-from ravine.experiments.bench_optimizers import transformer_shapes
+from ravine.experiments.benchmarks.bench_optimizers import transformer_shapes
 from ravine.optim import quantization
 
 

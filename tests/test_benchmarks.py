@@ -40,7 +40,7 @@ def printed_ratio_is(ratio, a, b, digit, ratio_digit):
     return low - half_ratio <= ratio <= high + half_ratio
 
 
-# The smoke-test command in experiments/bench_shampoo.py's docstring (no reference).
+# The smoke-test command in experiments/benchmarks/bench_shampoo.py's docstring (no reference).
 SHAMPOO_SMOKE = ["--d_model=64", "--vocab_size=64", "--block_size=32", "--precondition_every=2",
                  "--steps_per_call=2", "--reps=1", "--calls=1", "--reference_dir=",
                  "--train_step", "--lm_d_model=32", "--lm_layers=1", "--lm_seq_len=16",

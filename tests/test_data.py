@@ -8,7 +8,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from ravine.experiments import data
+from ravine.experiments.runtime import data
 
 
 def write(path, text):

@@ -12,7 +12,7 @@ from flax import linen as nn
 from ravine import models
 from ravine import optim
 from ravine import sharding
-from ravine.experiments import train_lib
+from ravine.experiments.runtime import train_lib
 from ravine.models import pipeline
 
 CONFIG = models.TransformerConfig(vocab_size=48, d_model=16, n_layers=8, n_heads=2, d_ff=32,
@@ -215,11 +215,20 @@ def test_zero2_around_the_pipeline_is_refused():
 
 
 def test_unsupported_optimizers_are_refused_in_one_line():
-    for name in ("kfac", "sophia", "schedule_free_adamw"):
-        with pytest.raises(ValueError, match=name) as err:
-            pipeline.check_optimizer(name)
+    """Whether the per-layer split can take an optimizer comes from its spec (an extra
+    update argument, eval params of its own, a step of its own), never from its name."""
+    from ravine import optim
+    from ravine.experiments.configs import lm
+    from ravine.experiments.runtime import builders
+    for name in ("sophia", "schedule_free_adamw"):
+        config = lm.get_config("tiny")
+        config.mesh, config.optimizer.name = "stage=2,data=4", name
+        with pytest.raises(ValueError, match=f"optimizer '{name}' cannot run with pipeline "
+                                             "stages: its") as err:
+            builders.build_optimizer(config, builders.build_schedule(config))
         assert "\n" not in str(err.value)
-    pipeline.check_optimizer("shampoo")
+    assert "its own train step" in optim.spec("kfac").pipeline_blocker()
+    assert optim.spec("shampoo").pipeline_blocker() is None
 
 
 @pytest.mark.parametrize("flags, numbers", [

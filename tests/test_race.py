@@ -9,7 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from ravine.experiments import race, race_stats, sweep
+from ravine import optim
+from ravine.experiments import race, race_stats
+
+from ravine.experiments.runtime import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PYTHONPATH: this checkout's packages, also from a subprocess started in another folder.
@@ -96,14 +99,26 @@ def test_divergence_extends_a_grid_only_downward():
 
 def test_lr_grid_and_run_config():
     grid = race.lr_grid("lion", 5, 2.0)
-    np.testing.assert_allclose(grid, [race.CENTRE_LR["lion"] * 2.0 ** k for k in range(-2, 3)])
+    np.testing.assert_allclose(grid, [1e-3 * 2.0 ** k for k in range(-2, 3)])
+    assert optim.spec("lion").centre_lr == 1e-3
     assert race.lr_grid("adamw", 3, 2.0, explicit=[0.3, 0.1]) == [0.1, 0.3]
     from ravine.experiments.configs import lm
     base = lm.get_config("124m")  # sets b2 and weight_decay for AdamW
-    config = race.run_config(base, "lion", 1e-4, 3e-3, evals=20)
+    config = race.run_config(base, "lion", 1e-4, evals=20)
     assert config.optimizer.name == "lion" and config.optimizer.b2 is None
     assert config.eval_every == base.steps // 20 and config.schedule.peak_value is None
-    assert race.run_config(base, "muon", 0.02, 3e-3).optimizer.adam_learning_rate == 3e-3
+    # Muon's spec fixes its AdamW leaves' peak lr; --hparams overrides it
+    assert race.run_config(base, "muon", 0.02).optimizer.adam_learning_rate == 3e-3
+    hparams = race.race_hparams(["adamw", "muon"], ["muon.adam_learning_rate=0.01"])
+    assert hparams == {"adamw": {}, "muon": {"adam_learning_rate": 0.01}}
+    assert race.run_config(base, "muon", 0.02, hparams["muon"]).optimizer.adam_learning_rate \
+        == 0.01
+    for bad, needle in (["muon.adam_learning_rate"], "OPTIMIZER.HPARAM=VALUE"), (
+            ["lion.b1=0.9"], "'lion', which is not in --optimizers"):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            race.race_hparams(["adamw", "muon"], bad)
+    with pytest.raises(ValueError, match="optimizer 'adamw' takes no 'not_a_knob'"):
+        race.run_config(base, "adamw", 1e-3, {"not_a_knob": 0.9})
 
 
 def test_every_available_optimizer_can_be_raced():
@@ -112,7 +127,7 @@ def test_every_available_optimizer_can_be_raced():
     from ravine import optim
     params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
     for name in optim.available():
-        config = tiny_config(name, race.CENTRE_LR.get(name, 1e-3), 0)
+        config = tiny_config(name, optim.spec(name).centre_lr, 0)
         tx, schedule = sweep.optimizer_at(config, jnp.float32(0.5))
         updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
@@ -124,17 +139,22 @@ def test_every_available_optimizer_can_be_raced():
     assert sweep.can_vectorize("adamw") and not sweep.can_vectorize("schedule_free_adamw")
 
 
-def test_kfac_is_raced_without_clipping_and_checked_up_front():
+def test_kfac_is_raced_without_clipping_and_checked_up_front(capsys, monkeypatch):
     pytest.importorskip("kfac_jax", reason="kfac-jax is the extra ravine[kfac]")
     from ravine.experiments.configs import lm
+    from ravine.experiments.runtime import builders
+    monkeypatch.setattr(builders, "_WARNED", set())  # said once per process: say it here
     base = lm.get_config("tiny")
-    config = race.run_config(base, "kfac", 3e-3, 3e-3)
+    config = race.run_config(base, "kfac", 3e-3)
     assert config.clip_norm == 0.0 and base.clip_norm == 1.0
+    # the spec's `unsupported` says so in one warning line, as the train job does
+    assert "optimizer kfac does not support config.clip_norm=1.0; running with 0.0" in \
+        capsys.readouterr().err
     sweep.check_config(config)
     config.optimizer.damping = -1.0
     with pytest.raises(ValueError, match="kfac damping must be a positive number, got -1.0"):
         sweep.check_config(config)
-    assert race.validate_flags(["adamw", "kfac"])[2] == "adamw"
+    assert race.validate_flags(["adamw", "kfac"])[2:] == ("adamw", {"adamw": {}, "kfac": {}})
 
 
 def test_summarize_flags_divergence():
@@ -162,7 +182,7 @@ def test_validate_flags_names_the_flag(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         race.validate_flags(["adamw", "muon"], **kwargs)
     assert race.validate_flags(["adamw", "muon"], lrs=["1e-3", "2e-3"]) == (
-        [1e-3, 2e-3], 6, "adamw")
+        [1e-3, 2e-3], 6, "adamw", {"adamw": {}, "muon": {"adam_learning_rate": 3e-3}})
 
 
 # ----------------------------------------------------------------------------- the report
@@ -223,7 +243,7 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
     base.model.d_model, base.model.n_layers = 32, 1
     base.log_every, base.eval_batches, base.checkpoint_every = 5, 2, 0
     base.schedule.warmup_steps = 5
-    config = race.run_config(base, name, lr, 3e-3, evals=5)
+    config = race.run_config(base, name, lr, evals=5)
     config.seed = seed
     for key, value in hparams.items():
         config.optimizer[key] = value
@@ -241,15 +261,15 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
                                            ("schedule_free_adamw", {}),
                                            ("kfac", {"inverse_update_period": 3})])
 def test_sweep_runs_equal_solo_train_runs(name, hparams, tmp_path):
-    from ravine.experiments import train
-    lr = race.CENTRE_LR[name]
+    from ravine.experiments.runtime import loop
+    lr = optim.spec(name).centre_lr
     run = sweep.SweepRun(2 * lr, 1)  # trained beside another (lr, seed) under vmap
     engine = sweep.Engine(tiny_config(name, lr, 0, **hparams))
     modes = {"loop": engine.train_group([run], str(tmp_path / "loop"))[run]}
     if sweep.can_vectorize(name):
         modes["vmap"] = engine.train_group([sweep.SweepRun(lr, 0), run],
                                            str(tmp_path / "vmap"), vectorized=True)[run]
-    solo = train.train(tiny_config(name, run.lr, run.seed, **hparams), str(tmp_path / "solo"),
+    solo = loop.train(tiny_config(name, run.lr, run.seed, **hparams), str(tmp_path / "solo"),
                        progress=False)["history"]
     solo = {row["step"]: row for row in solo}
     for mode, rows in modes.items():
@@ -353,7 +373,8 @@ KILLED_RACE = """
 import sys
 from tests import fault_train
 fault_train.on_save(6, "kill")
-from ravine.experiments import cli, race
+from ravine.experiments.runtime import cli
+from ravine.experiments import race
 cli.run(race.main)
 """
 

@@ -21,8 +21,9 @@ from flax import linen as nn
 from ravine import models
 from ravine import optim
 from ravine import sharding
-from ravine.experiments import builders, cli, data, preemption, spikes, train, train_lib
-from ravine.experiments import workdir as workdir_lib
+from ravine.experiments.runtime import builders, cli, data, preemption, spikes, train_lib
+from ravine.experiments.runtime import loop, metrics, run_identity, setup
+from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,7 +354,7 @@ def test_spike_monitor_needs_a_full_window_and_patience():
 
 
 def test_metrics_log_truncates_and_skips_a_torn_line(tmp_path):
-    log = train.MetricsLog(str(tmp_path / "m.jsonl"))
+    log = metrics.MetricsLog(str(tmp_path / "m.jsonl"))
     for step in range(1, 6):
         log.write({"step": step, "loss": 1.0 / step})
     with open(log.path, "a") as f:
@@ -415,7 +416,7 @@ def run(workdir, corpus, *flags, returncode=0):
 
 
 def rows(workdir):
-    return train.MetricsLog(os.path.join(workdir, train.METRICS_FILE)).rows()
+    return metrics.MetricsLog(os.path.join(workdir, metrics.METRICS_FILE)).rows()
 
 
 def losses(workdir, key="loss"):
@@ -424,10 +425,10 @@ def losses(workdir, key="loss"):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
-    """An uninterrupted 12-step run, in this process through `train.train` (as race does);
+    """An uninterrupted 12-step run, in this process through `loop.train` (as race does);
     the subprocess runs must reproduce its losses."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    summary = train.train(tiny_config(corpus=corpus, **RUN), workdir, progress=False)
+    summary = loop.train(tiny_config(corpus=corpus, **RUN), workdir, progress=False)
     return workdir, summary
 
 
@@ -458,14 +459,14 @@ def test_run_writes_metrics_config_plot_and_checkpoints(reference, corpus):
     assert [row["step"] for row in evals] == [6, 12]
     assert all({"eval_loss_ema", "eval_loss_avg"} <= set(row) for row in evals)
     assert evals[-1]["eval_loss"] < got[0]["loss"] - 0.5  # it learns
-    with open(os.path.join(reference, train.CONFIG_FILE)) as f:
+    with open(os.path.join(reference, run_identity.CONFIG_FILE)) as f:
         config = json.load(f)
     expected = data.load_corpus(corpus)
     assert config["corpus"]["bytes"] == expected.n_bytes
     assert config["corpus"]["sha256"] == expected.sha256
     assert config["config"]["optimizer"]["name"] == "adamw"
-    assert os.path.getsize(os.path.join(reference, train.PLOT_FILE)) > 1000
-    assert sorted(os.listdir(os.path.join(reference, train.CHECKPOINT_DIR))) == ["12", "4", "8"]
+    assert os.path.getsize(os.path.join(reference, metrics.PLOT_FILE)) > 1000
+    assert sorted(os.listdir(os.path.join(reference, run_identity.CHECKPOINT_DIR))) == ["12", "4", "8"]
 
 
 @pytest.mark.slow
@@ -495,7 +496,7 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, corpus, tmp
 def test_resume_on_a_different_mesh_with_zero1(reference, corpus, tmp_path):
     reference, workdir = reference[0], str(tmp_path / "run")
     shutil.copytree(reference, workdir)
-    shutil.rmtree(os.path.join(workdir, train.CHECKPOINT_DIR, "12"))  # latest is now 8
+    shutil.rmtree(os.path.join(workdir, run_identity.CHECKPOINT_DIR, "12"))  # latest is now 8
     run(workdir, corpus, "--config.mesh=data=2,tensor=4", "--config.zero=1")
     want, got = losses(reference), losses(workdir)
     assert sorted(got) == list(range(1, 13))
@@ -520,7 +521,7 @@ def test_spike_rollback_restores_and_skips_the_bad_batches(corpus, tmp_path):
     assert got[-1]["rollbacks"] == 1 and got[7]["rollbacks"] == 0
     clean = [row["loss"] for row in got[:8]]
     assert max(row["loss"] for row in got[8:]) < 1.3 * np.median(clean[-3:])
-    assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR)),
+    assert sorted(os.listdir(os.path.join(workdir, run_identity.CHECKPOINT_DIR)),
                   key=int)[-1] == "16"
 
 
@@ -602,7 +603,7 @@ def test_a_resume_with_other_settings_is_refused_listing_them(reference, corpus,
             ({"corpus": str(other_corpus)}, ["corpus (SHA-256"]),
             ({"model.d_model": 32}, ["different model", "model.d_model"])]:
         with pytest.raises(cli.UsageError) as error:
-            train.train(config_for(corpus, **overrides), workdir, progress=False)
+            loop.train(config_for(corpus, **overrides), workdir, progress=False)
         message = str(error.value)
         assert all(name in message for name in names), message
         assert "steps 12" not in message  # `steps` may change under a constant schedule
@@ -636,7 +637,7 @@ def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_pat
                                                       capsys):
     reference = reference[0]
     workdir = copy_of(reference, tmp_path)
-    state_dir = os.path.join(workdir, train.CHECKPOINT_DIR, "12", "state")
+    state_dir = os.path.join(workdir, run_identity.CHECKPOINT_DIR, "12", "state")
     data_files = [os.path.join(root, name) for root, _, names in os.walk(state_dir)
                   for name in names if os.sep + "d" + os.sep in os.path.join(root, name)]
     largest = max(data_files, key=os.path.getsize)
@@ -646,7 +647,7 @@ def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_pat
         with open(largest, "r+b") as f:
             f.truncate(os.path.getsize(largest) // 2)
     # keep_checkpoints may change on resume: it does not change the trajectory.
-    summary = train.train(config_for(corpus, keep_checkpoints=4), workdir, progress=False)
+    summary = loop.train(config_for(corpus, keep_checkpoints=4), workdir, progress=False)
     warnings = [line for line in capsys.readouterr().err.splitlines()
                 if "cannot be restored" in line]
     assert len(warnings) == 1 and "checkpoint 12" in warnings[0], warnings
@@ -654,7 +655,7 @@ def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_pat
     assert losses(workdir) == losses(reference)  # retrained 9-12 from checkpoint 8, exactly
     for key in ("eval_loss", "eval_loss_ema", "eval_loss_avg"):
         assert losses(workdir, key) == losses(reference, key)
-    assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR)), key=int) == [
+    assert sorted(os.listdir(os.path.join(workdir, run_identity.CHECKPOINT_DIR)), key=int) == [
         "4", "8", "12"]
 
 
@@ -666,10 +667,10 @@ def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp
     wsd = {"schedule.name": "wsd", "schedule.decay_steps": 4}
     short = {"steps": 8, "eval_every": 4}
     stable, branch, whole = (str(tmp_path / name) for name in ("stable", "branch", "whole"))
-    train.train(config_for(corpus, **short), stable, progress=False)
-    train.train(config_for(corpus, **short, **wsd, init_from=f"{stable}:4",
+    loop.train(config_for(corpus, **short), stable, progress=False)
+    loop.train(config_for(corpus, **short, **wsd, init_from=f"{stable}:4",
                            init_from_optimizer=True), branch, progress=False)
-    train.train(config_for(corpus, **short, **wsd), whole, progress=False)
+    loop.train(config_for(corpus, **short, **wsd), whole, progress=False)
     assert sorted(losses(branch)) == [5, 6, 7, 8]
     assert losses(branch) == {s: loss for s, loss in losses(whole).items() if s > 4}
     assert losses(branch, "eval_loss") == {8: losses(whole, "eval_loss")[8]}
@@ -680,13 +681,13 @@ def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp
 
     # Params only (another optimizer): a fresh optimizer from the trained params.
     lion = str(tmp_path / "lion")
-    train.train(config_for(corpus, **short, init_from=stable,
+    loop.train(config_for(corpus, **short, init_from=stable,
                            **{"optimizer.name": "lion", "optimizer.learning_rate": 1e-4}),
                 lion, progress=False)
     assert sorted(losses(lion))[0] == 1
     assert losses(lion)[1] < losses(stable)[1] - 0.5       # it starts from trained params
     with pytest.raises(cli.UsageError, match="init_from_optimizer"):
-        train.train(config_for(corpus, **short, init_from=stable, init_from_optimizer=True,
+        loop.train(config_for(corpus, **short, init_from=stable, init_from_optimizer=True,
                                **{"optimizer.name": "lion"}), str(tmp_path / "x"),
                     progress=False)
 
@@ -694,7 +695,7 @@ def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp
 @pytest.mark.slow
 def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
     """Every batch from position 9 on is noise: rolling back cannot get past the spike."""
-    batch_at = train.batch_at
+    batch_at = loop.batch_at
 
     def noisy(s, position):
         batch = batch_at(s, position)
@@ -703,14 +704,14 @@ def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
             return sharding.shard_batch(rows_, s.mesh, batch_dim=1)
         return batch
 
-    monkeypatch.setattr(train, "batch_at", noisy)
+    monkeypatch.setattr(loop, "batch_at", noisy)
     config = config_for(corpus, steps=16, spike_rollback=True, spike_window=3,
                         spike_patience=2, spike_factor=1.3, spike_skip=2,
                         spike_max_rollbacks=2)
-    with pytest.raises(train.Diverged, match=r"step 1\d .*after 2 rollbacks to step 8"):
-        train.train(config, str(tmp_path / "a"), progress=False, raise_on_divergence=True)
-    assert sorted(os.listdir(tmp_path / "a" / train.CHECKPOINT_DIR), key=int) == ["4", "8"]
-    summary = train.train(config, str(tmp_path / "b"), progress=False)  # as a sweep runs it
+    with pytest.raises(loop.Diverged, match=r"step 1\d .*after 2 rollbacks to step 8"):
+        loop.train(config, str(tmp_path / "a"), progress=False, raise_on_divergence=True)
+    assert sorted(os.listdir(tmp_path / "a" / run_identity.CHECKPOINT_DIR), key=int) == ["4", "8"]
+    summary = loop.train(config, str(tmp_path / "b"), progress=False)  # as a sweep runs it
     assert summary["diverged"] and summary["rollbacks"] == 2
     assert math.isnan(summary["final_eval_loss"])
 
@@ -719,9 +720,9 @@ def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
 def test_a_non_finite_loss_without_loss_scaling_stops_the_run(corpus, tmp_path):
     config = config_for(corpus, clip_norm=0.0, **{"optimizer.name": "sgd",
                                                   "optimizer.learning_rate": 1e30})
-    with pytest.raises(train.Diverged, match=r"loss (nan|inf) at step \d+ with no loss scaling"
+    with pytest.raises(loop.Diverged, match=r"loss (nan|inf) at step \d+ with no loss scaling"
                        ) as error:
-        train.train(config, str(tmp_path), progress=False, raise_on_divergence=True)
+        loop.train(config, str(tmp_path), progress=False, raise_on_divergence=True)
     stopped_at = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     got = losses(str(tmp_path))
     assert max(got) == stopped_at < 12 and not math.isfinite(got[stopped_at])
@@ -786,7 +787,7 @@ def test_a_failed_save_stops_at_its_step_with_one_line(corpus, tmp_path):
         assert "Traceback" not in stderr
         lines.append(stderr.strip().splitlines()[-1])
         assert max(losses(workdir)) == 8
-        assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))) == ["4"]
+        assert sorted(os.listdir(os.path.join(workdir, run_identity.CHECKPOINT_DIR))) == ["4"]
         leftovers = [name for _, dirs, names in os.walk(workdir) for name in dirs + names
                      if "tmp" in name]
         assert leftovers == []
@@ -803,7 +804,7 @@ def test_sigterm_saves_stops_with_one_line_and_resumes_exactly(reference, corpus
         "stopped by SIGTERM at step 6 (checkpoint 6 saved); re-running the same command "
         "resumes from it")
     assert "Traceback" not in stderr
-    assert "6" in os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))
+    assert "6" in os.listdir(os.path.join(workdir, run_identity.CHECKPOINT_DIR))
     run(workdir, corpus)
     assert losses(workdir) == losses(reference)
     assert losses(workdir, "eval_loss_avg") == losses(reference, "eval_loss_avg")
@@ -822,8 +823,10 @@ def test_stop_signal_finishes_the_step_then_a_second_one_interrupts():
     assert not preemption.NoStop().reached(3)
 
 
-def test_register_train_step_is_the_seam_for_other_optimizers(monkeypatch):
-    """An optimizer that brings its own step (here plain SGD written as a whole step)."""
+@pytest.fixture
+def whole_step_sgd():
+    """Registers "whole_step_sgd" for one test: an optimizer that brings its own step
+    (plain SGD written as a whole step, through its spec's `train_step`)."""
     lr = 0.5
 
     def make(config):
@@ -837,8 +840,18 @@ def test_register_train_step_is_the_seam_for_other_optimizers(monkeypatch):
 
         return fns._replace(train_step=train_step)
 
-    monkeypatch.setattr(builders, "_STEP_MAKERS", {})  # registrations end with the test
-    builders.register_train_step("whole_step_sgd", make)
+    def factory(learning_rate):  # the hyperparameters its config fields come from
+        return {"learning_rate": learning_rate}
+
+    optim.register("whole_step_sgd", factory, train_step=make)
+    yield lr
+    optim.unregister("whole_step_sgd")
+
+
+def test_a_spec_train_step_is_the_seam_for_other_optimizers(whole_step_sgd):
+    lr = whole_step_sgd
+    assert "whole_step_sgd" not in optim.available()  # not an Optax transform
+    assert not optim.spec("whole_step_sgd").vmappable
     config = tiny_config(**{"optimizer.name": "whole_step_sgd", "model.n_layers": 1})
     fns = builders.make_train_step(config)
     state = fns.init(jax.random.key(0))
@@ -853,4 +866,4 @@ def test_register_train_step_is_the_seam_for_other_optimizers(monkeypatch):
     config.zero = 2
     with pytest.raises(ValueError, match="config.zero=2: optimizer 'whole_step_sgd' takes "
                                          "ZeRO 0 or 1 only"):
-        train.setup(config)
+        setup.setup(config)

@@ -9,8 +9,9 @@ import pytest
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import builders, train
-from ravine.optim import sophia_estimates
+from ravine.experiments.runtime import builders
+from ravine.experiments.runtime import loop, setup
+from ravine.optim import builtin_specs, sophia_estimates
 from ravine.optim.sophia import SophiaState
 # The train script's helpers and its small corpus (a module fixture).
 from tests.test_train import corpus, losses, run, tiny_config  # noqa: F401
@@ -55,7 +56,7 @@ def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
     @jax.jit
     def estimate(params, batch, at):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5),
-                                                    builders.SOPHIA_STREAM), at)
+                                                    builtin_specs.SOPHIA_STREAM), at)
         tokens = jnp.asarray(batch[0], jnp.int32)
         if estimator == "gnb":
             grads, _ = sophia_estimates.gnb_gradient(
@@ -80,15 +81,15 @@ def test_schedule_free_is_evaluated_and_averaged_at_x(corpus):  # noqa: F811
     config = small_config("schedule_free_adamw", corpus=corpus, ema_decay=0.5,
                           **{"schedule.name": "constant", "schedule.warmup_steps": None,
                              "optimizer.warmup_steps": 2, "optimizer.learning_rate": 3e-2})
-    s = train.setup(config)
+    s = setup.setup(config)
     state = s.init(jax.random.key(0))
     ema = jax.tree.map(np.asarray, state["params"])  # x = y = z at the start
     for position in range(3):
-        state, _ = s.train_step(state, train.batch_at(s, position))
+        state, _ = s.train_step(state, loop.batch_at(s, position))
         x = optim.schedule_free_eval_params(state["opt_state"], state["params"])
         ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, x)
     assert_trees_close(state["ema"], ema, rtol=1e-5, atol=1e-7)
-    row = train.evaluate(s, state)
+    row = loop.evaluate(s, state)
     with s.in_mesh():
         at_x = float(s.eval_step(x, s.eval_batch))
         at_y = float(s.eval_step(state["params"], s.eval_batch))

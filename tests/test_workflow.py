@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ravine.experiments.runtime import loop, setup
 from ravine import optim
-from ravine.experiments import (builders, data, layer_norms, metrics, prepare_data, token_files,
-                         train, user_modules, writers)
+from ravine.experiments.runtime import builders, data, layer_norms, metrics, token_files, user_modules, writers
+from ravine.experiments import prepare_data
 from ravine.experiments.configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def test_layer_norm_groups_of_the_transformer():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train(tiny_config(profile_steps="2,2"), workdir, progress=False)
+    loop.train(tiny_config(profile_steps="2,2"), workdir, progress=False)
     return workdir
 
 
@@ -296,14 +297,14 @@ def test_token_file_run_resumes_exactly(tmp_path):
     path = str(tmp_path / "tokens.bin")
     prepare_data.write(tokens, path)
     config = tiny_config(corpus=path, vocab_size=300, log_every=1, eval_every=0)
-    whole = train.train(config, str(tmp_path / "whole"), progress=False)
-    assert whole["params"] == train.setup(config).n_params
-    stopped = train.train(config, str(tmp_path / "cut"), progress=False, stop=_StopAt(2))
+    whole = loop.train(config, str(tmp_path / "whole"), progress=False)
+    assert whole["params"] == setup.setup(config).n_params
+    stopped = loop.train(config, str(tmp_path / "cut"), progress=False, stop=_StopAt(2))
     assert stopped["stopped_by"] == "test" and stopped["steps"] == 2
-    resumed = train.train(config, str(tmp_path / "cut"), progress=False)
+    resumed = loop.train(config, str(tmp_path / "cut"), progress=False)
     losses = lambda summary: [(r["step"], r["loss"]) for r in summary["history"]]  # noqa: E731
     assert losses(resumed) == losses(whole)
-    embedding = train.setup(config).abstract_state["params"]["embed"]["embedding"]
+    embedding = setup.setup(config).abstract_state["params"]["embed"]["embedding"]
     assert embedding.shape[0] == 300  # config.vocab_size
 
 
@@ -408,7 +409,7 @@ def test_readme_user_file_registers_an_optimizer_that_trains(tmp_path):
 
 @pytest.mark.slow
 def test_bench_layer_norms_times_both_settings():
-    from ravine.experiments import bench_layer_norms
+    from ravine.experiments.benchmarks import bench_layer_norms
     times = bench_layer_norms.measure("tiny", "adamw", rounds=2, steps=1)
     assert sorted(times) == ["with", "without"]
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in times.values())

@@ -16,7 +16,7 @@ from ravine import models
 import multihost_worker as lm
 from ravine import optim
 from ravine import sharding
-from ravine.experiments import train_lib
+from ravine.experiments.runtime import train_lib
 
 STEPS, ACCUM = 4, 2
 LR = 3e-3
@@ -235,7 +235,7 @@ def test_offload_without_a_host_memory_kind_is_a_clear_error():
 # --- the train job's config path ----------------------------------------------------------
 
 def train_setup(tmp_path, **fields):
-    from ravine.experiments import train
+    from ravine.experiments.runtime import setup
     from ravine.experiments.configs import lm as lm_config
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
@@ -244,7 +244,7 @@ def train_setup(tmp_path, **fields):
     config.schedule.warmup_steps = 1
     for key, value in fields.items():
         config[key] = value
-    return train.setup(config)
+    return setup.setup(config)
 
 
 @pytest.mark.parametrize("zero, offload", [(3, True), (2, False)])

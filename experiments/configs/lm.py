@@ -30,14 +30,13 @@ from ml_collections import config_dict
 
 from ravine import models
 from ravine import optim
+# The runtime registers the optimizers that bring their own step (K-FAC) with optim.
+from ravine.experiments.runtime.builders import SCHEDULES
 from ravine.optim import schedules
 
-SCHEDULES = ("constant", "linear", "warmup_cosine", "wsd", "cosine_restarts", "inverse_sqrt")
-# Optimizer arguments filled by train.py from other fields: learning_rate (with the
+# Optimizer arguments filled by the runtime from other fields: learning_rate (with the
 # schedule), mask (from no_decay) and muon_mask (from muon_exclude).
 DERIVED_HPARAMS = ("learning_rate", "mask", "muon_mask")
-# Fields of `optimizer` that are not keyword arguments of the optimizer.
-NON_HPARAM_KEYS = ("name", "no_decay", "muon_exclude")
 # Schedule arguments defaulting to optimizer.learning_rate and steps.
 DERIVED_SCHEDULE_ARGS = ("value", "peak_value", "total_steps")
 
@@ -55,11 +54,9 @@ def hparam_fields(functions, derived=()):
 
 
 def _optimizers():
-    """The optimizer factories that exist (the registry may name ones not written yet), and
-    the train job's optimizers that are not Optax transforms (K-FAC)."""
-    from ravine.experiments import kfac  # noqa: PLC0415 - experiments.kfac imports no config
-    return [getattr(optim, name) for name in optim.available() if hasattr(optim, name)] + [
-        kfac.kfac]
+    """Every registered optimizer's factory (Optax transforms and those with their own step,
+    K-FAC): each keyword argument of any of them is a field of `config.optimizer`."""
+    return [spec.factory for spec in optim.specs()]
 
 
 def _model_fields():
@@ -154,7 +151,7 @@ def get_config(variant="small"):
 
     config.spike_max_rollbacks = 5      # rollbacks to one step before the run stops
 
-    # Workdir rules (experiments/workdir.py): branch a NEW workdir from another run's
+    # Workdir rules (experiments/runtime/workdir.py): branch a NEW workdir from another run's
     # checkpoint, "DIR" (its latest) or "DIR:STEP": its params, and with
     # init_from_optimizer also its optimizer state, step and data position.
     config.init_from = ""
@@ -164,11 +161,11 @@ def get_config(variant="small"):
     config.preempt_exit_code = 143
 
     # Workflow (issue 21). Token files: `corpus` may be a .bin (headerless, token_dtype,
-    # default uint16) or .npy file of token ids < vocab_size (experiments/token_files.py);
+    # default uint16) or .npy file of token ids < vocab_size (experiments/runtime/token_files.py);
     # vocab_size None = 256 (bytes), required for token files. Metrics also go to
     # TensorBoard event files in the workdir and, when wandb.project is set, to W&B
-    # (experiments/writers.py). layer_norms: per-group gradient / update / param norms in
-    # each logged row (experiments/layer_norms.py). profile_steps "START,COUNT": a
+    # (experiments/runtime/writers.py). layer_norms: per-group gradient / update / param norms in
+    # each logged row (experiments/runtime/layer_norms.py). profile_steps "START,COUNT": a
     # jax.profiler trace of those steps under workdir/plugins/profile.
     config.vocab_size = config_dict.placeholder(int)
     config.token_dtype = config_dict.placeholder(str)  # None: uint16 for .bin (nanoGPT's)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import data
+from ravine.experiments.runtime import data
 from ravine.experiments.demos import _common
 
 

@@ -17,7 +17,7 @@ import optax
 from absl import flags
 
 from ravine import optim
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common
 
 COLUMNS = ("t", "g", "m", "v", "m_hat", "v_hat", "step", "theta")

@@ -32,7 +32,7 @@ import optax
 from absl import flags
 
 from ravine import optim
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common
 from ravine.optim import diagnostics
 

@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common
 from ravine.optim import diagnostics
 

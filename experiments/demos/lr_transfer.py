@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 
 from ravine import models
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common, _lr_sweep
 
 PARAMETRIZATIONS = ("sp", "mup")

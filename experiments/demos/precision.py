@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import cli, data, train_lib
+from ravine.experiments.runtime import cli, data, train_lib
 from ravine.experiments.demos import _common
 
 POLICIES = {

@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from ravine import optim
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common
 
 METHODS = ("gd", "heavy_ball", "nesterov")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 from ravine.experiments.demos import _common
 from ravine.optim import schedules
 

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from ravine.experiments import data
+from ravine.experiments.runtime import data
 
 SUFFIXES = (".bin", ".npy")
 BIN_DTYPES = ("uint8", "uint16", "uint32", "int32")

@@ -112,12 +112,12 @@ def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flop
             "loss_scale": float(metrics["loss_scale"]),
             "skipped_steps": int(state["skipped"]), "rollbacks": rollbacks,
             "wall_time": clock.elapsed(),
-            # per-group norms (experiments/layer_norms.py), when the step computes them
+            # per-group norms (experiments/runtime/layer_norms.py), when the step computes them
             **{key: float(value) for key, value in metrics.get("layers", {}).items()}}
 
 
 def summarize(rows, workdir, steps, n_params, rollbacks, seconds, diverged=False):
-    """The summary `experiments.train.train` returns (see its docstring); a diverged run's
+    """The summary `runtime.loop.train` returns (see its docstring); a diverged run's
     final eval losses are NaN (an earlier, finite eval must not rank it)."""
     def last(key):
         return next((row[key] for row in reversed(rows) if key in row), None)

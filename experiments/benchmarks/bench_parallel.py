@@ -14,9 +14,9 @@ devices give the same numbers a GPU host would (timing them would measure nothin
   loop from the compiled HLO; each stage is busy in M of them, so the bubble fraction is
   (ticks - M) / ticks, which GPipe predicts as (S - 1) / (M + S - 1).
 
-    python -m ravine.experiments.bench_parallel --what=zero
-    python -m ravine.experiments.bench_parallel --what=zero --compile --rows=8
-    python -m ravine.experiments.bench_parallel --what=bubble --stages=4 --microbatches=4,8,16
+    python -m ravine.experiments.benchmarks.bench_parallel --what=zero
+    python -m ravine.experiments.benchmarks.bench_parallel --what=zero --compile --rows=8
+    python -m ravine.experiments.benchmarks.bench_parallel --what=bubble --stages=4 --microbatches=4,8,16
 """
 import os
 
@@ -35,7 +35,7 @@ from flax import linen as nn  # noqa: E402
 from ravine import models  # noqa: E402
 from ravine import optim  # noqa: E402
 from ravine import sharding  # noqa: E402
-from ravine.experiments import cli, train_lib  # noqa: E402
+from ravine.experiments.runtime import cli, train_lib  # noqa: E402
 from ravine.experiments.configs import lm  # noqa: E402
 from ravine.models import pipeline  # noqa: E402
 

@@ -23,7 +23,7 @@ import optax
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import layer_norms as layer_norms_lib
+from ravine.experiments.runtime import layer_norms as layer_norms_lib
 
 
 def lm_loss(model):
@@ -116,7 +116,7 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
       average_from_step: the tail average takes params from this step on (-1 = none).
       layer_norms: also return `metrics["layers"]`, the per-group gradient, update and
         param norms of `experiments.layer_norms`.
-      update_args: `(params, batch, step) -> dict` of extra keyword arguments for
+      update_args: `(params, micro_batch, step) -> dict` of extra keyword arguments for
         `tx.update` (an `optax.GradientTransformationExtraArgs`, e.g. Sophia's
         `hessian_fn`); None: none.
       eval_params: `(params, opt_state) -> params` the EMA and tail average follow (and
@@ -129,7 +129,8 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
         params, loss_scale = state["params"], state["loss_scale"]
         loss, grads = mean_loss_and_grad(loss_fn, params, batch, loss_scale)
         finite = optim.all_finite(grads)
-        extra = update_args(params, batch, state["step"]) if update_args else {}
+        # extra update arguments (Sophia's Hessian estimate) see the first micro-batch
+        extra = update_args(params, batch[0], state["step"]) if update_args else {}
         updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         if ema_decay or average_from_step >= 0:

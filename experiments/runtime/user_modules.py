@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 
 FLAG = "optimizer_module"
 

@@ -40,15 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from ravine import models
-from ravine import sharding
-from ravine.experiments import builders, checkpointing, data, train, train_lib
-from ravine.optim import _validate
+from ravine import models, optim, sharding
+from ravine.experiments.runtime import builders, checkpointing, data, train_lib
+from ravine.experiments.runtime.setup import setup as setup_run
 
-# Optimizers that cannot share a vmapped program: not an Optax transform, extra update
-# arguments, or evaluated at another point than their params (Schedule-Free's x). They are
-# trained in loop mode.
-NO_VMAP = frozenset({"kfac", "sophia", "schedule_free_adamw"})
 RUN_AXIS = "runs"
 
 
@@ -64,8 +59,9 @@ class SweepRun(NamedTuple):
 
 
 def can_vectorize(name):
-    """Whether optimizer `name` can train several runs in one vmapped program."""
-    return name not in NO_VMAP
+    """Whether optimizer `name` can train several runs in one vmapped program (its spec's
+    `vmappable`; those that cannot are trained in loop mode)."""
+    return optim.spec(name).vmappable
 
 
 def shared_leaves(state):
@@ -85,8 +81,8 @@ def optimizer_at(config, lr):
     solo run's (`lr x` a schedule at peak 1 rounds differently, and Shampoo's roots amplify
     one-ulp learning-rate differences to 1e-3 in the loss within 30 steps).
 
-    Muon's AdamW leaves keep their own peak (`optimizer.adam_learning_rate`) on the same
-    schedule shape, as in `builders.build_optimizer`.
+    A second learning rate (Muon's AdamW leaves' `optimizer.adam_learning_rate`) keeps its
+    own peak on the same schedule shape, as in `builders.build_optimizer`.
     """
     if config.schedule.get("peak_value") is not None:
         raise ValueError("config.schedule.peak_value must be None in a sweep (the peak is "
@@ -94,21 +90,21 @@ def optimizer_at(config, lr):
     cfg = copy.deepcopy(config)
     cfg.schedule.peak_value = lr
     schedule = builders.build_schedule(cfg)
-    adam_peak = cfg.optimizer.get("adam_learning_rate")
-    # build_optimizer derives Muon's AdamW schedule as (adam peak / learning_rate) x schedule;
-    # with learning_rate 0 it takes the given schedule as is, so a traced lr never enters it.
+    # build_optimizer shapes a second lr as (its peak / learning_rate) x schedule; with
+    # learning_rate 0 it takes a given schedule as is, so a traced lr never enters it.
     cfg.optimizer.learning_rate = 0.0
-    if adam_peak is not None:
-        _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
-        cfg.schedule.peak_value = adam_peak
-        cfg.optimizer.adam_learning_rate = builders.build_schedule(cfg)
+    for key, peak in list(cfg.optimizer.items()):
+        if key.endswith("_learning_rate") and isinstance(peak, (int, float)):
+            cfg.schedule.peak_value = peak
+            cfg.optimizer[key] = builders.scaled_schedule(builders.build_schedule(cfg), peak,
+                                                          0.0, key)
     return builders.build_optimizer(cfg, schedule), schedule
 
 
 def check_config(config):
     """ValueError naming the bad value for anything wrong with `config`'s optimizer, before
     any compilation (an optimizer with its own step builds it, which checks it)."""
-    if config.optimizer.name in builders.registered_train_steps():
+    if not builders.optimizer_spec(config).is_transform:
         builders.make_train_step(config)
     else:
         builders.validate(config)
@@ -128,12 +124,12 @@ class Engine:
 
     def __init__(self, config):
         self.config = config
-        self.setup = setup = train.setup(config)
+        self.setup = setup = setup_run(config)
         self.name = config.optimizer.name
-        # K-FAC: a step of its own (builders.register_train_step), with no lr to inject
-        self.own_step = self.name in builders.registered_train_steps()
+        # A step of its own (K-FAC's spec.train_step), with no lr to inject
+        self.own_step = not builders.optimizer_spec(config).is_transform
         if not self.own_step:
-            optimizer_at(config, 1.0)  # checks Muon's adam_learning_rate eagerly
+            optimizer_at(config, 1.0)  # checks a second learning rate eagerly
         self.model = models.Transformer(setup.model_config)
         self.loss_fn = train_lib.lm_loss(self.model)
         self._eval_fn = train_lib.make_eval_step(self.loss_fn)
@@ -177,7 +173,7 @@ class Engine:
         if (lr, seed) not in self._own_steps:
             config = copy.deepcopy(self.config)
             config.optimizer.learning_rate, config.seed = float(lr), int(seed)
-            self._own_steps = {(lr, seed): train.setup(config).train_step}
+            self._own_steps = {(lr, seed): setup_run(config).train_step}
         return self._own_steps[(lr, seed)]
 
     def _vectorized(self, n_runs):

@@ -30,13 +30,13 @@ on the 2-core CPU, 177x AdamW's step.
 
 On CPU it runs with OPENBLAS_NUM_THREADS=1, as every script here does (see `experiments`).
 
-    python -m ravine.experiments.bench_shampoo                       # CPU: 8.4M params
-    python -m ravine.experiments.bench_shampoo --train_step          # + LM train step, Shampoo/AdamW
-    python -m ravine.experiments.bench_shampoo --reference_dir= --train_step --lm_d_model=768 \
+    python -m ravine.experiments.benchmarks.bench_shampoo                       # CPU: 8.4M params
+    python -m ravine.experiments.benchmarks.bench_shampoo --train_step          # + LM train step, Shampoo/AdamW
+    python -m ravine.experiments.benchmarks.bench_shampoo --reference_dir= --train_step --lm_d_model=768 \
         --lm_layers=12 --lm_seq_len=1024 --lm_batch=16 --block_size=512 \
         --optimizers=shampoo_newton,shampoo_newton_bf16x6,adamw_optax \
         --lm_shampoo=shampoo_newton,shampoo_newton_bf16x6   # GPU: GPT-2 small's shape
-    python -m ravine.experiments.bench_shampoo --d_model=64 --vocab_size=64 --block_size=32 \
+    python -m ravine.experiments.benchmarks.bench_shampoo --d_model=64 --vocab_size=64 --block_size=32 \
         --precondition_every=2 --steps_per_call=2 --reps=1 --calls=1 --reference_dir= \
         --train_step --lm_d_model=32 --lm_layers=1 --lm_seq_len=16 --lm_batch=2 \
         --lm_shampoo=shampoo_eigh,shampoo_newton_bf16x6   # smoke test
@@ -54,10 +54,10 @@ from absl import flags
 from flax import linen as nn
 
 from ravine import optim
-from ravine.experiments import cli
-from ravine.experiments.bench_optimizers import (  # (also defines the shared flags)
+from ravine.experiments.runtime import cli
+from ravine.experiments.benchmarks.bench_optimizers import (  # (also defines the shared flags)
     random_like, repeat_jitted, train_step, transformer_shapes)
-from ravine.experiments.timing import best_seconds, time_calls
+from ravine.experiments.runtime.timing import best_seconds, time_calls
 from ravine.optim import _blocks
 
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 512, "Shampoo's block size.", lower_bound=1)
@@ -216,7 +216,7 @@ def lm_train_steps(names):
     """Mean seconds per LM train step (forward, backward, update) for the named optimizers
     (`shampoo_variants` names and "adamw")."""
     from ravine import models  # noqa: PLC0415  (only this mode needs the model)
-    from ravine.experiments import train_lib  # noqa: PLC0415
+    from ravine.experiments.runtime import train_lib  # noqa: PLC0415
 
     config = models.TransformerConfig(
         d_model=_LM_D_MODEL.value, n_layers=_LM_LAYERS.value,

@@ -1,4 +1,4 @@
-r"""Step-time cost of the per-layer norms (experiments/layer_norms.py) in the train step.
+r"""Step-time cost of the per-layer norms (experiments/runtime/layer_norms.py) in the train step.
 
 Builds the train step of an lm config twice, with `config.layer_norms` on and off (same
 model, optimizer, batch; state donated, as in training), and times them in interleaved
@@ -7,8 +7,8 @@ rounds in one process, so both see the same machine load. Prints seconds per ste
 every step here (the train job computes them at every step too, and fetches them only on
 log steps), so this is the whole cost.
 
-    python -m ravine.experiments.bench_layer_norms                       # the small config, CPU
-    python -m ravine.experiments.bench_layer_norms --variant=tiny --rounds=2 --steps=2   # smoke test
+    python -m ravine.experiments.benchmarks.bench_layer_norms                       # the small config, CPU
+    python -m ravine.experiments.benchmarks.bench_layer_norms --variant=tiny --rounds=2 --steps=2   # smoke test
 """
 import statistics
 
@@ -18,7 +18,7 @@ from absl import flags
 
 from ravine import optim
 
-from ravine.experiments import builders, cli, timing
+from ravine.experiments.runtime import builders, cli, timing
 from ravine.experiments.configs import lm
 
 _VARIANT = flags.DEFINE_enum("variant", "small", list(lm.VARIANTS), "lm config variant.")

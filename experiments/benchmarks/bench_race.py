@@ -1,7 +1,7 @@
 r"""Throughput of a learning-rate / seed sweep, three ways, in one process.
 
-    python -m ravine.experiments.bench_race                  # AdamW 5 lrs x 3 seeds, tiny LM, 100 steps
-    python -m ravine.experiments.bench_race --steps=20 --grid_lrs=2 --grid_seeds=1 --noshampoo
+    python -m ravine.experiments.benchmarks.bench_race                  # AdamW 5 lrs x 3 seeds, tiny LM, 100 steps
+    python -m ravine.experiments.benchmarks.bench_race --steps=20 --grid_lrs=2 --grid_seeds=1 --noshampoo
 
 The same grid is trained
   - as the race did before sweeps shared their work: a full `experiments.train` run per
@@ -23,11 +23,14 @@ import time
 import jax
 from absl import flags, logging
 
-from ravine.experiments import cli, race, sweep, train
+from ravine.experiments.runtime import cli, loop, sweep
+
+from ravine import optim
+from ravine.experiments import race
 from ravine.experiments.configs import lm
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Steps per run.")
-_LR_POINTS = flags.DEFINE_integer("grid_lrs", 5, "Learning rates (2x grid around CENTRE_LR).")
+_LR_POINTS = flags.DEFINE_integer("grid_lrs", 5, "Learning rates (2x grid around centre_lr).")
 _SEEDS = flags.DEFINE_integer("grid_seeds", 3, "Seeds per learning rate.")
 _EVALS = flags.DEFINE_integer("run_evals", 10, "Evaluations per run.")
 _SHAMPOO = flags.DEFINE_bool("shampoo", True, "Also time Shampoo's loop and vmap sweeps.")
@@ -39,7 +42,7 @@ def config_for(name, lr, steps, evals, **hparams):
     base.steps = steps
     base.schedule.warmup_steps = max(1, steps // 10)
     base.checkpoint_every = steps  # one checkpoint at the end, as the old race's runs had
-    config = race.run_config(base, name, lr, 3e-3, evals)
+    config = race.run_config(base, name, lr, evals=evals)
     config.optimizer.update(hparams)
     return config
 
@@ -64,7 +67,7 @@ def time_solo_runs(name, runs, steps, evals, folder):
     for run in runs:
         config = config_for(name, run.lr, steps, evals)
         config.seed = run.seed
-        train.train(config, os.path.join(folder, "solo", run.key), progress=False)
+        loop.train(config, os.path.join(folder, "solo", run.key), progress=False)
     return since(start)
 
 
@@ -72,7 +75,7 @@ def time_sweep(name, runs, steps, evals, folder, vectorized):
     """(wall, cpu) seconds to train every run with one shared compiled step (loop, or one
     vmap group)."""
     start = clocks()
-    engine = sweep.Engine(config_for(name, race.CENTRE_LR[name], steps, evals))
+    engine = sweep.Engine(config_for(name, optim.spec(name).centre_lr, steps, evals))
     mode = "vmap" if vectorized else "loop"
     groups = [runs] if vectorized else [[run] for run in runs]
     for i, group in enumerate(groups):

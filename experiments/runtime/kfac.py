@@ -26,13 +26,17 @@ loudly when kfac-jax changes under them:
 """
 import dataclasses
 import importlib.metadata
+import inspect
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import logging
+from flax import linen as nn
 
 from ravine import models
 from ravine import optim
+from ravine.experiments.runtime import builders
 
 TESTED_VERSION = "0.0.8"
 # The K-FAC hyperparameters the train job and race accept (`optimizer.<name>`).
@@ -103,7 +107,7 @@ def check_kfac_jax():
     version = importlib.metadata.version("kfac-jax")
     if version != TESTED_VERSION:
         raise RuntimeError(f"kfac-jax {version} is installed; ravine's shims were written "
-                           f"for {TESTED_VERSION} (experiments/kfac.py): check them")
+                           f"for {TESTED_VERSION} (experiments/runtime/kfac.py): check them")
     if not hasattr(tag_graph_matcher, "eval_jaxpr_eqn"):
         raise RuntimeError("kfac-jax's tag_graph_matcher.eval_jaxpr_eqn is gone")
     tag_graph_matcher.eval_jaxpr_eqn = _eval_jaxpr_eqn
@@ -234,6 +238,10 @@ def kfac(learning_rate, momentum=0.9, damping=1e-2, curvature_ema=0.95,
                 inverse_update_period=inverse_update_period, l2_reg=l2_reg, adaptive=adaptive)
 
 
+# Config fields K-FAC's own step cannot honour, and the values it runs with.
+UNSUPPORTED = {"ema_decay": 0.0, "average_from_step": -1, "clip_norm": 0.0}
+
+
 # Curvature blocks that are not a layer's Kronecker factors but a plain diagonal of squared
 # gradients: kfac-jax's scanner found no layer for the leaf.
 UNRECOGNISED_BLOCKS = ("NaiveDiagonal", "NaiveFull")
@@ -257,18 +265,12 @@ def report_unfactored(registrations):
 
 def make_train_functions(config):
     """`builders.TrainFunctions` for `optimizer.name=kfac`: the train job's state and metrics,
-    with kfac-jax's update in place of an Optax transform (registered with
-    `builders.register_train_step`). The key of update s is `fold_in(key(seed), s)`, so a
-    resumed run repeats the same K-FAC steps. Not supported (ValueError): loss scaling,
-    EMA / tail averages, gradient clipping (kfac-jax has its own `norm_constraint`)."""
-    import inspect  # noqa: PLC0415
-
-    import optax  # noqa: PLC0415
-    from flax import linen as nn  # noqa: PLC0415
-
-    from ravine.experiments import builders  # noqa: PLC0415
-
-    for field, off in (("ema_decay", 0.0), ("average_from_step", -1), ("clip_norm", 0.0)):
+    with kfac-jax's update in place of an Optax transform (its spec's `train_step`). The key
+    of update s is `fold_in(key(seed), s)`, so a resumed run repeats the same K-FAC steps.
+    Not supported: loss scaling (ValueError); EMA / tail averages and gradient clipping
+    (kfac-jax has its own `norm_constraint`) are the spec's `unsupported` fields, which the
+    train job and the race turn off with a warning (`builders.adapt_to_optimizer`)."""
+    for field, off in UNSUPPORTED.items():
         if config[field] != off:
             raise ValueError(f"optimizer 'kfac' does not support config.{field}="
                              f"{config[field]!r}; set it to {off!r}")
@@ -316,3 +318,10 @@ def make_train_functions(config):
                 "step": state["step"] + 1}, metrics
 
     return fns._replace(init=init, train_step=train_step, tx=_StateOnly())
+
+
+# K-FAC trains through its own step, so it is registered here, beside that step, and stays
+# out of `optim.available()` (which lists Optax transforms); the race and train job find it
+# through `optim.spec("kfac")`. Its lr centre is measured on the tiny LM (BENCHMARKS.md).
+optim.registry.register_builtin("kfac", kfac, train_step=make_train_functions, centre_lr=3e-3,
+                                unsupported=UNSUPPORTED)

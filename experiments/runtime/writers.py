@@ -19,7 +19,7 @@ import math
 import numbers
 import uuid
 
-from ravine.experiments import workdir as workdir_lib
+from ravine.experiments.runtime import workdir as workdir_lib
 
 WANDB_META_KEY = "wandb_run_id"
 

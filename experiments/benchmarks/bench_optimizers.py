@@ -14,8 +14,8 @@ pytree of ~200 arrays costs the host longer than the whole step takes a GPU, and
 training step pays that once for the model, loss and optimizer together. With
 `--steps_per_call=1` the numbers include that dispatch.
 
-    python -m ravine.experiments.bench_optimizers                    # ~27M params, d_model 512
-    python -m ravine.experiments.bench_optimizers --d_model=32 --n_layers=1 --vocab_size=64 \
+    python -m ravine.experiments.benchmarks.bench_optimizers                    # ~27M params, d_model 512
+    python -m ravine.experiments.benchmarks.bench_optimizers --d_model=32 --n_layers=1 --vocab_size=64 \
         --reps=2 --calls=2 --steps_per_call=2                 # smoke test
 """
 import statistics
@@ -27,7 +27,7 @@ import optax
 from absl import flags
 
 from ravine import optim
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 
 _D_MODEL = flags.DEFINE_integer("d_model", 512, "Model width.", lower_bound=1)
 _N_LAYERS = flags.DEFINE_integer("n_layers", 6, "Transformer blocks.", lower_bound=0)

@@ -10,10 +10,10 @@ It also prints, from XLA's compiled memory analysis (no execution), the memory o
 value-and-grad step for each `remat` setting, and the temporary memory of causal attention
 at T=2048 for "xla" against "chunked".
 
-    python -m ravine.experiments.bench_model                          # CPU: d_model 256/512, fp32+bf16
-    python -m ravine.experiments.bench_model --gpt2 --attention=cudnn # GPU: GPT-2 small (124M), bf16
-    python -m ravine.experiments.bench_model --gpt2 --peak_tflops=989 # MFU against a datasheet peak
-    python -m ravine.experiments.bench_model --d_models=64 --n_layers=1 --seq_len=32 --batch_size=2 \
+    python -m ravine.experiments.benchmarks.bench_model                          # CPU: d_model 256/512, fp32+bf16
+    python -m ravine.experiments.benchmarks.bench_model --gpt2 --attention=cudnn # GPU: GPT-2 small (124M), bf16
+    python -m ravine.experiments.benchmarks.bench_model --gpt2 --peak_tflops=989 # MFU against a datasheet peak
+    python -m ravine.experiments.benchmarks.bench_model --d_models=64 --n_layers=1 --seq_len=32 --batch_size=2 \
         --steps=2 --rounds=1 --matmul_size=256 --memory_seq_len=256   # smoke test
 """
 import dataclasses
@@ -27,7 +27,7 @@ from flax import linen as nn
 
 from ravine import models
 from ravine import optim
-from ravine.experiments import cli, timing
+from ravine.experiments.runtime import cli, timing
 
 _D_MODELS = flags.DEFINE_list("d_models", ["256", "512"], "Model widths to benchmark.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["fp32", "bf16"],

@@ -4,7 +4,7 @@ Everything here is pure (no files, no devices touched, no mesh): the train job, 
 sweeps and anything else that trains from an `experiments/configs/lm.py` config build their
 pieces here, so a flag means the same thing everywhere.
 
-    from ravine.experiments import builders
+    from ravine.experiments.runtime import builders
     from ravine.experiments.configs import lm
 
     config = lm.get_config("tiny")
@@ -19,8 +19,10 @@ pieces here, so a flag means the same thing everywhere.
 `update(grads, state, params)` in place of the config's optimizer: e.g. an optimizer
 wrapped in `optax.inject_hyperparams` so a sweep can feed the learning rate as data.
 """
+import copy
 import dataclasses
 import inspect
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,12 +33,14 @@ from flax import linen as nn
 from ravine import models
 from ravine import optim
 from ravine import sharding
-from ravine.experiments import profiling, token_files, train_lib, writers
-from ravine.experiments.configs import lm
+from ravine.experiments.runtime import profiling, token_files, train_lib, writers
 from ravine.models import pipeline
-from ravine.optim import _validate, schedules, sophia_estimates
+from ravine.optim import _validate, schedules
 
 LOSS_SCALES = ("auto", "none", "dynamic")
+SCHEDULES = ("constant", "linear", "warmup_cosine", "wsd", "cosine_restarts", "inverse_sqrt")
+# Fields of `config.optimizer` that are not keyword arguments of the optimizer.
+NON_HPARAM_KEYS = ("name", "no_decay", "muon_exclude")
 
 
 def validate(config):
@@ -60,7 +64,7 @@ def validate(config):
     _validate.non_negative_int("config.spike_max_rollbacks", config.spike_max_rollbacks)
     _validate.one_of("config.preempt_exit_code", config.preempt_exit_code, range(256))
     _validate.one_of("config.init_from_optimizer", config.init_from_optimizer, (True, False))
-    check_schedule_free(config)
+    check_schedule(config)
     if not isinstance(config.init_from, str):
         raise ValueError(f"config.init_from must be DIR or DIR:STEP, got {config.init_from!r}")
     check_precision(config)
@@ -82,8 +86,8 @@ def check_precision(config):
     policy = models.get_policy(config.precision)
     if np.dtype(policy.param_dtype) != np.float16:
         return
-    factory = getattr(optim, config.optimizer.name, None)
-    if factory is None or "eps" not in inspect.signature(factory).parameters:
+    factory = optimizer_spec(config).factory
+    if "eps" not in inspect.signature(factory).parameters:
         return
     eps = config.optimizer.get("eps")
     eps = inspect.signature(factory).parameters["eps"].default if eps is None else eps
@@ -96,17 +100,46 @@ def check_precision(config):
             f"--config.optimizer.eps >= {FLOAT16_TINY:.3g}")
 
 
-def check_schedule_free(config):
-    """Schedule-Free AdamW replaces the schedule: it takes a constant learning rate (its own
-    `optimizer.warmup_steps` warm it up), so any other schedule is refused."""
-    if config.optimizer.name != "schedule_free_adamw":
+def optimizer_spec(config):
+    """`optim.spec(config.optimizer.name)`: what the runtime needs of the optimizer."""
+    return optim.spec(config.optimizer.name)
+
+
+def check_schedule(config):
+    """An optimizer that replaces the schedule (`spec.constant_lr`, Schedule-Free AdamW)
+    takes a constant learning rate, warmed up by its own warmup argument: any other schedule
+    is refused."""
+    spec = optimizer_spec(config)
+    if not spec.constant_lr or config.schedule.name == "constant":
         return
-    if config.schedule.name != "constant":
-        raise ValueError(
-            f"config.schedule.name={config.schedule.name!r}: schedule_free_adamw takes a "
-            "constant learning rate (--config.schedule.name=constant "
-            "--config.schedule.warmup_steps=None; warm up with "
-            "--config.optimizer.warmup_steps=N)")
+    warmup = (f"; warm up with --config.optimizer.{spec.warmup_hparam}=N"
+              if spec.warmup_hparam else "")
+    raise ValueError(
+        f"config.schedule.name={config.schedule.name!r}: {spec.name} takes a constant "
+        "learning rate (--config.schedule.name=constant --config.schedule.warmup_steps=None"
+        f"{warmup})")
+
+
+_WARNED = set()  # (optimizer, field, value) said by adapt_to_optimizer in this process
+
+
+def adapt_to_optimizer(config, warn=True):
+    """`config` with the fields its optimizer cannot honour (`spec.unsupported`, e.g. K-FAC's
+    `clip_norm`) set to the values it runs with; one warning line on stderr per field
+    changed. The train job and the race both run this, so both train the same thing."""
+    spec = optimizer_spec(config)
+    changed = {field: value for field, value in spec.unsupported.items()
+               if config[field] != value}
+    if not changed:
+        return config
+    config = copy.deepcopy(config)
+    for field, value in changed.items():
+        if warn and (spec.name, field, value) not in _WARNED:  # once per process
+            _WARNED.add((spec.name, field, value))
+            print(f"warning: optimizer {spec.name} does not support config.{field}="
+                  f"{config[field]!r}; running with {value!r}", file=sys.stderr, flush=True)
+        config[field] = value
+    return config
 
 
 def build_schedule(config):
@@ -114,8 +147,8 @@ def build_schedule(config):
     `peak_value` (`value` for constant) defaults to optimizer.learning_rate and
     `total_steps` to steps."""
     name = config.schedule.name
-    if name not in lm.SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(lm.SCHEDULES)}")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     function = getattr(schedules, name)
     accepted = inspect.signature(function).parameters
     args = {key: value for key, value in config.schedule.items()
@@ -169,13 +202,12 @@ def _as_dtype(name, value):
 
 def optimizer_hparams(config):
     """The optimizer's keyword arguments set in `config.optimizer` (None = its default):
-    every field but `lm.NON_HPARAM_KEYS`, dtype names (`"bfloat16"`) turned into dtypes."""
+    every field but `NON_HPARAM_KEYS`, dtype names (`"bfloat16"`) turned into dtypes."""
     cfg = config.optimizer
-    factory = getattr(optim, cfg.name, None)
-    accepted = inspect.signature(factory).parameters if factory is not None else {}
+    accepted = inspect.signature(optimizer_spec(config).factory).parameters
     hparams = {}
     for key, value in cfg.items():
-        if key in lm.NON_HPARAM_KEYS or value is None:
+        if key in NON_HPARAM_KEYS or value is None:
             continue
         if isinstance(value, str) and key in accepted and _is_dtype_argument(accepted[key]):
             value = _as_dtype(key, value)
@@ -189,25 +221,18 @@ def build_optimizer(config, schedule):
     preceded by global-norm clipping when clip_norm > 0."""
     cfg = config.optimizer
     name = cfg.name
-    if name not in optim.available() or not hasattr(optim, name):
-        known = [n for n in optim.available() if hasattr(optim, n)]
-        known += registered_train_steps()
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
-    accepted = inspect.signature(getattr(optim, name)).parameters
+    spec = optimizer_spec(config)
+    if not spec.is_transform:
+        raise ValueError(f"optimizer {name!r} brings its own train step; it has no Optax "
+                         "transform to build")
+    accepted = inspect.signature(spec.factory).parameters
     hparams = optimizer_hparams(config)
     hparams["learning_rate"] = schedule
-    if hparams.get("adam_learning_rate") is not None:
-        # Muon's AdamW leaves: the same schedule shape, peaking at adam_learning_rate.
-        adam_peak = hparams["adam_learning_rate"]
-        _validate.learning_rate(adam_peak, "config.optimizer.adam_learning_rate")
-        if cfg.learning_rate:
-            ratio = adam_peak / cfg.learning_rate
-
-            def adam_schedule(step):
-                return ratio * schedule(step)
-
-            adam_schedule.peak_value = adam_peak  # for weight_decay_mode="independent"
-            hparams["adam_learning_rate"] = adam_schedule
+    for key, peak in list(hparams.items()):
+        if key.endswith("_learning_rate") and isinstance(peak, (int, float)):
+            # A second learning rate (Muon's AdamW leaves' adam_learning_rate) follows the
+            # same schedule shape, peaking at its own value.
+            hparams[key] = scaled_schedule(schedule, peak, cfg.learning_rate, key)
     if "mask" in accepted and cfg.no_decay:
         hparams["mask"] = no_decay_mask(cfg.no_decay)
     if "muon_mask" in accepted:
@@ -222,9 +247,27 @@ def build_optimizer(config, schedule):
                              ) from None
         raise
     if pipeline_stages(config) > 1:
-        pipeline.check_optimizer(name)
+        blocker = spec.pipeline_blocker()
+        if blocker:
+            raise ValueError(f"optimizer {name!r} cannot run with pipeline stages: {blocker}; "
+                             "use stage=1 or another optimizer")
         tx = pipeline.per_layer(tx)  # stacked blocks: the layer axis is a batch axis
     return train_lib.with_clipping(tx, config.clip_norm)
+
+
+def scaled_schedule(schedule, peak, base_peak, name):
+    """`schedule`'s shape peaking at `peak` instead of `base_peak` (for a second learning
+    rate); `schedule` itself when `base_peak` is 0 (a sweep's traced lr sets it so)."""
+    _validate.learning_rate(peak, f"config.optimizer.{name}")
+    if not base_peak:
+        return schedule
+    ratio = peak / base_peak
+
+    def shaped(step):
+        return ratio * schedule(step)
+
+    shaped.peak_value = peak  # for weight_decay_mode="independent"
+    return shaped
 
 
 def pipeline_stages(config):
@@ -260,7 +303,7 @@ class TrainFunctions(NamedTuple):
     """The pure functions of one training configuration (none jitted, none sharded).
 
     Attributes:
-      init: `key -> state`, the train state at step 0 (see experiments/train_lib.py).
+      init: `key -> state`, the train state at step 0 (see experiments/runtime/train_lib.py).
       train_step: `(state, batch[K, B, T + 1]) -> (state, metrics)`.
       eval_step: `(params, batch[K, B, T + 1]) -> mean loss`.
       init_params: `key -> boxed params` (flax logical-axis boxes, for shardings).
@@ -269,8 +312,8 @@ class TrainFunctions(NamedTuple):
       eval_params: `(params, opt_state) -> params` to evaluate at (Schedule-Free's x).
       step_for_loss: `loss_fn -> train_step`, the same step around another loss function
         (the train job's ZeRO-2/3 one, whose gradients are reduce-scattered); None for a
-        registered step (`register_train_step`), which the train job then runs with ZeRO
-        0 or 1 only.
+        step of its own (`OptimizerSpec.train_step`, K-FAC), which the train job then runs
+        with ZeRO 0 or 1 only.
     """
     init: Callable[[Any], Any]
     train_step: Callable[[Any, Any], Any]
@@ -283,30 +326,6 @@ class TrainFunctions(NamedTuple):
     loss_scale: Any
     eval_params: Callable[[Any, Any], Any] = train_lib.params_of
     step_for_loss: Callable[[Any], Any] | None = None
-
-
-# optimizer.name -> `make(config) -> TrainFunctions`, for optimizers that are not Optax
-# transforms (their step is their own); see `register_train_step`.
-_STEP_MAKERS = {}
-
-
-def register_train_step(name, make):
-    """Makes `config.optimizer.name == name` build its step functions with `make(config)`.
-
-    The seam for an optimizer that is not an `optax.GradientTransformation` (e.g. one whose
-    update needs the loss function or the batch): `make` returns a `TrainFunctions` whose
-    `train_step(state, batch) -> (state, metrics)` does the whole update, with the same
-    state keys and metrics as `train_lib.make_train_step`'s (its `tx` needs only `init`, for
-    the optimizer state's shardings). The train job, its checkpoints and the race then use
-    it like any other optimizer. Start from `make_train_step(config, tx=...)`'s pieces
-    (`loss_fn`, `init_params`, `schedule`, `loss_scale`) and replace what differs.
-    """
-    _STEP_MAKERS[name] = make
-
-
-def registered_train_steps():
-    """The optimizer names whose step is their own (`register_train_step`), e.g. "kfac"."""
-    return sorted(_STEP_MAKERS)
 
 
 def make_train_step(config, tx=None, schedule=None):
@@ -323,9 +342,10 @@ def make_train_step(config, tx=None, schedule=None):
       A `TrainFunctions`.
     """
     validate(config)
-    if tx is None and config.optimizer.name in _STEP_MAKERS:
-        # A registered step is its own: no ZeRO-2/3 variant around another loss function.
-        return _STEP_MAKERS[config.optimizer.name](config)._replace(step_for_loss=None)
+    spec = optimizer_spec(config)
+    if tx is None and not spec.is_transform:
+        # A step of its own (K-FAC): no ZeRO-2/3 variant around another loss function.
+        return spec.train_step(config)._replace(step_for_loss=None)
     model_config = build_model_config(config)
     model = models.Transformer(model_config)
     if pipeline_stages(config) > 1:  # GPipe over the stage axis: config.microbatches per batch
@@ -361,66 +381,21 @@ def make_train_step(config, tx=None, schedule=None):
         step_for_loss=step_for_loss)
 
 
-# Folded into the seed for Sophia's sampled labels / Rademacher signs, so they are a stream
-# of their own (not the init's or the data's keys).
-SOPHIA_STREAM = 0x50F1A
-
-
-def sophia_update_args(config, model, seed=None):
-    """`update_args(params, batch, step)` for Sophia: `{"hessian_fn": fn}`, the estimator of
-    `config.optimizer.estimator` (GNB by default) on the step's first micro-batch.
-
-    Sophia calls `fn` only on refresh steps (inside its `lax.cond`). GNB's estimate is
-    scaled by the tokens of the whole optimizer step (grad_accum x batch_size x seq_len),
-    as the official code's `bs = total_bs * block_size`; it is taken on the step's own
-    first micro-batch rather than a separate one (the official loop draws a fresh batch).
-    The labels / signs come from `fold_in(fold_in(key(seed), SOPHIA_STREAM), step)`, so a
-    resumed run draws the same ones; `seed` (default config.seed) may be traced (a sweep's).
-    """
-    estimator = config.optimizer.get("estimator") or "gnb"
-    seed = config.seed if seed is None else seed
-    base_key = jax.random.fold_in(jax.random.key(seed), SOPHIA_STREAM)
-    step_tokens = config.grad_accum * config.batch_size * config.seq_len
-    loss_fn = train_lib.lm_loss(model)
-
-    def logits_fn(params, inputs):
-        return model.apply({"params": params}, inputs)
-
-    def update_args(params, batch, step):
-        del params  # Sophia passes the params it is at to hessian_fn
-        key = jax.random.fold_in(base_key, step)
-        tokens = batch[0].astype(jnp.int32)  # [B, T + 1]
-
-        def hessian_fn(params):
-            if estimator == "hutchinson":
-                return sophia_estimates.hutchinson(lambda p: loss_fn(p, tokens), params, key)
-            grads, _ = sophia_estimates.gnb_gradient(logits_fn, params, tokens[:, :-1], key)
-            return sophia_estimates.gnb_from_gradient(grads, step_tokens)
-
-        return {"hessian_fn": hessian_fn}
-
-    return update_args
-
-
-def _schedule_free_eval_params(params, opt_state):
-    return optim.schedule_free_eval_params(opt_state, params)
-
-
 def optimizer_step_kwargs(config, model, seed=None):
-    """What `train_lib.make_train_step` needs beyond the loss and the optimizer: Sophia's
-    `update_args` (keys from `seed`, default config.seed) and Schedule-Free's `eval_params`
-    (x); `{}` for the others."""
-    name = config.optimizer.name
-    if name == "sophia":
-        return {"update_args": sophia_update_args(config, model, seed)}
-    if name == "schedule_free_adamw":
-        return {"eval_params": _schedule_free_eval_params}
-    return {}
-
-
-def _register_kfac():
-    from ravine.experiments import kfac  # noqa: PLC0415 - kfac's train functions build on this module
-    register_train_step("kfac", kfac.make_train_functions)
-
-
-_register_kfac()
+    """What `train_lib.make_train_step` needs of the optimizer beyond its transform, from its
+    spec: `update_args` (Sophia's Hessian estimator; keys from `seed`, default config.seed,
+    which may be traced in a sweep) and `eval_params` (Schedule-Free's x)."""
+    spec = optimizer_spec(config)
+    kwargs = {}
+    if spec.update_args is not None:
+        seed = config.seed if seed is None else seed
+        task = optim.TrainTask(
+            loss_fn=train_lib.lm_loss(model),
+            logits_fn=lambda params, tokens: model.apply(
+                {"params": params}, tokens[:, :-1].astype(jnp.int32)),
+            examples_per_step=config.grad_accum * config.batch_size * config.seq_len,
+            key=jax.random.key(seed))
+        kwargs["update_args"] = spec.update_args(optimizer_hparams(config), task)
+    if spec.eval_params is not None:
+        kwargs["eval_params"] = spec.eval_params
+    return kwargs

@@ -15,7 +15,7 @@ import errno
 import fcntl
 import os
 
-from ravine.experiments import cli
+from ravine.experiments.runtime import cli
 
 LOCK_FILE = "lock"
 

@@ -4,7 +4,7 @@ Every script under experiments/ follows the same contract: a bad flag or config 
 (unknown optimizer, invalid hyperparameter, missing file, ...) ends the process with exit
 status 2 and a single line on stderr naming the value, never a traceback. Usage:
 
-    from ravine.experiments import cli
+    from ravine.experiments.runtime import cli
 
     _CONFIG = config_flags.DEFINE_config_file("config")
 
