@@ -259,8 +259,10 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
 @pytest.mark.parametrize("name, hparams", [("adamw", {}), ("shampoo", {"eps": 1e-4}),
                                            ("muon", {}), ("sophia", {"hessian_every": 3}),
                                            ("schedule_free_adamw", {}),
-                                           ("kfac", {"inverse_update_period": 3})])
+                                           ("kfac", {"inverse_update_period": 3}),
+                                           ("polyak_sgd", {})])
 def test_sweep_runs_equal_solo_train_runs(name, hparams, tmp_path):
+    import tests.user_optimizer  # noqa: F401 - registers a user's optimizer with eval_params
     from ravine.experiments.runtime import loop
     lr = optim.spec(name).centre_lr
     run = sweep.SweepRun(2 * lr, 1)  # trained beside another (lr, seed) under vmap

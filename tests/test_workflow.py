@@ -348,6 +348,10 @@ needs_register = pytest.mark.skipif(
 def test_optimizer_module_adds_its_factory_to_the_config():
     user_modules.define_and_import(["prog", "--optimizer_module=tests.user_optimizer"])
     assert "signum" in optim.available()
+    # what a user's spec declares reaches the runtime: polyak_sgd's eval params
+    from tests import user_optimizer
+    config = tiny_config(**{"optimizer.name": "polyak_sgd"})
+    assert builders.make_train_step(config).eval_params is user_optimizer.polyak_eval_params
     config = tiny_config(**{"optimizer.name": "signum", "optimizer.sign_eps": 0.5,
                             "optimizer.learning_rate": 0.1, "clip_norm": 0.0})
     config.schedule.name = "constant"
@@ -384,6 +388,30 @@ def test_train_script_with_optimizer_module(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         "error: --optimizer_module=no_such_module: ModuleNotFoundError: No module named "
         "'no_such_module'"]
+
+
+@pytest.mark.slow
+def test_race_with_optimizer_module_uses_each_optimizers_spec(tmp_path):
+    """Two users' optimizers race with no ravine file edited: signum's grid is centred on
+    its own centre_lr (0.05); polyak_sgd (eval_params: its average) runs in a vmapped
+    program. (That its sweep runs, evaluated at its average, equal its solo train runs is
+    tests/test_race.py::test_sweep_runs_equal_solo_train_runs.)"""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("some text to learn " * 300)
+    small = {**SMALL, "eval_every": None, "checkpoint_every": 0}
+    done = subprocess.run(
+        [sys.executable, "-m", "ravine.experiments.race", "--optimizer_module=tests.user_optimizer",
+         "--optimizers=signum,polyak_sgd", "--lr_points=3", "--seeds_at_best=1", "--evals=2",
+         "--sweep=vmap", f"--workdir={tmp_path / 'race'}", f"--config.corpus={tmp_path / 'docs'}",
+         *[f"--config.{k}={v}" for k, v in small.items() if v is not None]],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "race" / "runs"
+    assert {"lr0.025_seed0.jsonl", "lr0.05_seed0.jsonl", "lr0.1_seed0.jsonl"} <= set(
+        os.listdir(runs / "signum"))
+    assert "lr0.3_seed0.jsonl" in os.listdir(runs / "polyak_sgd")
+    report = open(tmp_path / "race" / "report.md").read()
+    assert "signum" in report and "polyak_sgd" in report
 
 
 @needs_register

@@ -26,5 +26,32 @@ def signum(learning_rate, momentum=0.9, sign_eps=0.0):
                        optax.scale_by_learning_rate(learning_rate))
 
 
-if hasattr(optim, "register") and "signum" not in optim.available():
-    optim.register("signum", signum)
+def polyak_sgd(learning_rate, decay=0.9):
+    """SGD that also keeps an exponential average of its iterates (Polyak-Ruppert style),
+    the point it is evaluated at: a Schedule-Free-like optimizer whose eval params are not
+    its params. The state is `{"average": tree}`; the average starts at the first params."""
+
+    def init_fn(params):
+        return {"average": jax.tree.map(jnp.asarray, params), "count": jnp.zeros((), jnp.int32)}
+
+    def update_fn(updates, state, params):
+        lr = learning_rate(state["count"]) if callable(learning_rate) else learning_rate
+        step = jax.tree.map(lambda g: -lr * g, updates)
+        new = optax.apply_updates(params, step)
+        average = jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, state["average"], new)
+        return step, {"average": average, "count": state["count"] + 1}
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def polyak_eval_params(params, opt_state):
+    del params
+    return opt_state["average"]
+
+
+# Each optimizer's needs travel with it (no ravine file edited): signum's own lr centre for
+# the race's grid, polyak_sgd's eval params.
+if "signum" not in optim.available():
+    optim.register("signum", signum, centre_lr=0.05)
+if "polyak_sgd" not in optim.available():
+    optim.register("polyak_sgd", polyak_sgd, centre_lr=0.3, eval_params=polyak_eval_params)

@@ -53,8 +53,8 @@ import optax
 from absl import flags
 from flax import linen as nn
 
-from ravine import optim
-from ravine.experiments.runtime import cli
+from ravine import models, optim
+from ravine.experiments.runtime import cli, train_lib
 from ravine.experiments.benchmarks.bench_optimizers import (  # (also defines the shared flags)
     random_like, repeat_jitted, train_step, transformer_shapes)
 from ravine.experiments.runtime.timing import best_seconds, time_calls
@@ -215,9 +215,6 @@ def shampoo_breakdown(tx, params, grads):
 def lm_train_steps(names):
     """Mean seconds per LM train step (forward, backward, update) for the named optimizers
     (`shampoo_variants` names and "adamw")."""
-    from ravine import models  # noqa: PLC0415  (only this mode needs the model)
-    from ravine.experiments.runtime import train_lib  # noqa: PLC0415
-
     config = models.TransformerConfig(
         d_model=_LM_D_MODEL.value, n_layers=_LM_LAYERS.value,
         n_heads=max(1, _LM_D_MODEL.value // 64), max_len=_LM_SEQ_LEN.value)

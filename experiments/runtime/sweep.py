@@ -200,8 +200,14 @@ class Engine:
 
         step = jax.jit(step_fn, in_shardings=(state_sh, split, split, split),
                        out_shardings=(state_sh, split), donate_argnums=(0,))
-        evaluate = jax.jit(jax.vmap(self._eval_fn), in_shardings=(split, split),
-                           out_shardings=split)
+        eval_point = builders.optimizer_spec(self.config).eval_params or train_lib.params_of
+
+        def evaluate_run(params, opt_state, batch):  # at the optimizer's eval params
+            return self._eval_fn(eval_point(params, opt_state), batch)
+
+        opt_sh = state_sh["opt_state"]
+        evaluate = jax.jit(jax.vmap(evaluate_run, in_axes=(0, axes["opt_state"], 0)),
+                           in_shardings=(split, opt_sh, split), out_shardings=split)
         self._vmapped[n_runs] = (step, evaluate, state_sh, split)
         return self._vmapped[n_runs]
 
@@ -264,7 +270,8 @@ class Engine:
             return step(state, jax.device_put(batch, split), lrs, seeds)
 
         def evaluate(state):
-            return [float(x) for x in jax.device_get(vmapped_eval(state["params"], eval_batch))]
+            losses = vmapped_eval(state["params"], state["opt_state"], eval_batch)
+            return [float(x) for x in jax.device_get(losses)]
 
         return init, one_step, evaluate, lambda value: [x.item() for x in value]
 
