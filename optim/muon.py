@@ -28,6 +28,15 @@ from ravine.optim.transforms import scale_by_adam
 # Keller Jordan's quintic coefficients: they maximize the slope at 0, so small singular values
 # grow fast, at the price of converging to [~0.7, ~1.2] instead of exactly 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# `optax.contrib.muon`'s presets for `ns_coeffs`: "standard" (the above) and "dion", one row per
+# iteration (Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates").
+NS_COEFFS_PRESETS = {
+    "standard": NS_COEFFS,
+    "dion": ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)),
+}
+# How the matrix is scaled before (or in) the first iteration, as `optax.contrib.muon`.
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
 NS_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
@@ -54,10 +63,51 @@ def _ns_loop(ns_steps, step, y):
     return lax.fori_loop(0, ns_steps, lambda _, x: step(x), y)
 
 
-def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
-    """Approximates U V^T for x = U S V^T with quintic Newton–Schulz iterations.
+def _is_array(x):
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
-        X_0 = x / (|x|_F + eps),   A = X X^T,   X <- a X + (b A + c A^2) X,
+
+def _ns_coefficients(ns_coeffs=NS_COEFFS, ns_steps=5):
+    """`ns_coeffs` checked, as `optax.contrib.muon` takes it: a preset name ("standard",
+    "dion"), one (a, b, c) for every iteration, or a table of n rows (a_i, b_i, c_i), one per
+    iteration (then the n rows are run and `ns_steps` must be at least n, as in optax).
+
+    Returns the coefficients (a preset resolved to its tuple); ValueError naming the argument.
+    """
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in NS_COEFFS_PRESETS:
+            raise ValueError(f"ns_coeffs must be one of {list(NS_COEFFS_PRESETS)} or "
+                             f"coefficients, got {ns_coeffs!r}")
+        ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
+    try:
+        shape = np.shape(ns_coeffs)
+    except (TypeError, ValueError):
+        shape = None
+    if shape is None or len(shape) not in (1, 2) or shape[-1] != 3:
+        raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3), got {ns_coeffs!r}")
+    if (len(shape) == 2 and isinstance(ns_steps, (int, np.integer))
+            and shape[0] > ns_steps):
+        raise ValueError(f"ns_coeffs has {shape[0]} rows (one per iteration), more than "
+                         f"ns_steps={ns_steps}")
+    return ns_coeffs
+
+
+def _first_iteration_scale(y, gram, preconditioning, eps):
+    """AOL's and Schatten-4's rescaling of X and A = X X^H in the first iteration: X <- S X,
+    A <- S A S with S = diag(1 / sqrt(sum_j |A_ij|)) (AOL, Boissin et al. 2025) or
+    S = 1 / sqrt(|A|_F) (Schatten-4, Grishina et al. 2025), as `optax.contrib.muon`."""
+    if preconditioning == "aol":
+        s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1), eps))[..., None]
+        return y * s, gram * s * jnp.swapaxes(s, -1, -2)
+    s = lax.rsqrt(jnp.maximum(jnp.linalg.norm(gram, axis=(-2, -1), keepdims=True), eps))
+    return y * s, gram * s * s
+
+
+def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32, ns_coeffs=NS_COEFFS,
+                  preconditioning="frobenius"):
+    """Approximates U V^H for x = U S V^H with quintic Newton–Schulz iterations.
+
+        X_0 = x / (|x|_F + eps),   A = X X^H,   X <- a X + (b A + c A^2) X,
         (a, b, c) = (3.4445, -4.7750, 2.0315),
 
     each map sending a singular value s to a s + b s^3 + c s^5. The result has the singular
@@ -65,25 +115,52 @@ def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32):
 
     Args:
       x: array of shape (..., rows, cols); leading axes are a batch of matrices, all
-        orthogonalized in the same matmuls. Tall matrices are transposed so that X X^T is
-        the smaller Gram matrix (the iteration commutes with transposition).
-      ns_steps: number of iterations.
-      eps: added to the Frobenius norm, so that a zero matrix stays zero.
+        orthogonalized in the same matmuls. Tall matrices are transposed so that X X^H is
+        the smaller Gram matrix (the iteration commutes with transposition). A complex x
+        gives the unitary factor (iterations in its complex dtype).
+      ns_steps: number of iterations (ignored for a table of `ns_coeffs` rows).
+      eps: added to the norm, so that a zero matrix stays zero.
       dtype: dtype of the iterations (bfloat16 halves the cost on accelerators); the
         normalization is done in float32 and the result has x's dtype.
+      ns_coeffs: (a, b, c) for every iteration, or n rows (a_i, b_i, c_i) run in turn
+        (see `_ns_coefficients`).
+      preconditioning: as `optax.contrib.muon`: "frobenius" (X_0 above), "spectral"
+        (X_0 = x / (|x|_2 + eps), exact but an SVD), "aol" or "schatten" (x unscaled, the
+        first iteration rescales it; see `_first_iteration_scale`).
+
+    Returns:
+      An array like x.
     """
     transpose = x.shape[-2] > x.shape[-1]
     y = jnp.swapaxes(x, -1, -2) if transpose else x
     y = y.astype(jnp.promote_types(y.dtype, jnp.float32))
-    y = y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)
-    y = y.astype(dtype)
-    a, b, c = NS_COEFFS
+    if preconditioning == "frobenius":
+        y = y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)
+    elif preconditioning == "spectral":
+        y = y / (jnp.linalg.norm(y, ord=2, axis=(-2, -1), keepdims=True) + eps)
+    elif preconditioning not in ("aol", "schatten"):
+        raise ValueError(f"preconditioning must be one of {list(PRECONDITIONINGS)}, got "
+                         f"{preconditioning!r}")
+    y = y.astype(jnp.promote_types(dtype, y.dtype) if jnp.iscomplexobj(y) else dtype)
 
-    def step(y):
-        gram = y @ jnp.swapaxes(y, -1, -2)
+    def as_coefficient(value):  # Python numbers stay weak (bfloat16 iterations stay bf16)
+        return value if isinstance(value, (int, float)) else jnp.asarray(value, y.dtype)
+
+    def step(y, coeffs, first=False):
+        a, b, c = (as_coefficient(coeffs[i]) for i in range(3))
+        gram = y @ jnp.swapaxes(y, -1, -2).conj()
+        if first and preconditioning in ("aol", "schatten"):
+            y, gram = _first_iteration_scale(y, gram, preconditioning, eps)
         return a * y + (b * gram + c * gram @ gram) @ y
 
-    y = _ns_loop(ns_steps, step, y)
+    if np.ndim(ns_coeffs) == 2:
+        for i in range(np.shape(ns_coeffs)[0]):
+            y = step(y, ns_coeffs[i], first=i == 0)
+    elif preconditioning in ("aol", "schatten"):
+        y = step(y, ns_coeffs, first=True)
+        y = _ns_loop(ns_steps - 1, lambda y: step(y, ns_coeffs), y)
+    else:
+        y = _ns_loop(ns_steps, lambda y: step(y, ns_coeffs), y)
     y = jnp.swapaxes(y, -1, -2) if transpose else y
     return y.astype(x.dtype)
 
@@ -165,7 +242,8 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=jnp.float32,
-                  dimension_numbers=None):
+                  dimension_numbers=None, *, ns_coeffs=NS_COEFFS, preconditioning="frobenius",
+                  adaptive=False):
     """Muon's direction (Jordan et al. 2024), each leaf orthogonalized as a linear map.
 
         m <- momentum * m + g
@@ -187,16 +265,30 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
     up-projection (d, 4d) gets 2 and its down-projection 1. Declare `TORCH_LAYOUT` for a
     weight stored (fan_out, fan_in).
 
+    Adaptive (`adaptive=True`, as `optax.contrib.muon`; Bernstein & Newhouse 2024, "Old
+    Optimizer, New Norm", https://arxiv.org/abs/2409.20325): u is further multiplied by
+    the dual norm <(1 - momentum) d, orthogonalize(D)> of the leaf's direction, summed over
+    the whole leaf. (1 - momentum) d is Jordan's EMA form of the direction; optax also
+    divides it by its bias correction 1 - momentum^t, so the two agree for momentum=0 and
+    after the first ~1 / (1 - momentum) steps.
+
     Args:
       momentum: momentum decay, in [0, 1).
       nesterov: use the Nesterov direction `g + momentum * m`.
       ns_steps: Newton–Schulz iterations (positive int).
       eps: added to the Frobenius norm before dividing.
       ns_dtype: dtype of the Newton–Schulz matmuls: float32 (default), or bfloat16 on
-        GPU/TPU, where the iteration is matmul-bound and tolerates bf16.
+        GPU/TPU, where the iteration is matmul-bound and tolerates bf16. A 0-d array stands
+        for its dtype: `optax.inject_hyperparams` takes a dtype class for a schedule and
+        passes the array it returns (`jnp.bfloat16(step)`), whose dtype is the one given.
       dimension_numbers: None (every leaf is a 2-D (fan_in, fan_out) matrix), one
         `MuonDimensionNumbers` for every leaf, a pytree of them matching the params, or a
         callable `params -> such a pytree`.
+      ns_coeffs: the Newton–Schulz coefficients (a, b, c), a table of rows, one per
+        iteration, or a preset name ("standard", "dion"), as `optax.contrib.muon`.
+      preconditioning: "frobenius" (default), "spectral", "aol" or "schatten": how the
+        matrix is scaled before the iterations (see `orthogonalize`), as optax.
+      adaptive: scale by the dual norm of the direction (see above).
 
     Returns:
       An `optax.GradientTransformation`; `init` raises ValueError naming the leaf for a leaf
@@ -209,7 +301,11 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
     _validate.in_range("momentum", momentum)
     _validate.positive_int("ns_steps", ns_steps)
     _validate.non_negative("eps", eps)
+    if _is_array(ns_dtype) and jnp.ndim(ns_dtype) == 0:
+        ns_dtype = ns_dtype.dtype  # as optax.inject_hyperparams passes a dtype (see Args)
     ns_dtype = _validate.floating_dtype("ns_dtype", ns_dtype, NS_DTYPES)
+    ns_coeffs = _ns_coefficients(ns_coeffs, ns_steps)
+    _validate.one_of("preconditioning", preconditioning, PRECONDITIONINGS)
 
     def views(tree):
         """The `_MatrixView` of every leaf of `tree`, in flattening order."""
@@ -243,22 +339,32 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=j
         leaf_views = views(direction)
         orthogonal = _orthogonalize_grouped(
             [view.to_matrices(d) for view, d in zip(leaf_views, leaves)],
-            ns_steps=ns_steps, eps=eps, dtype=ns_dtype)
-        updates = [view.from_matrices(o) * view.scale for view, o in zip(leaf_views, orthogonal)]
+            ns_steps=ns_steps, eps=eps, dtype=ns_dtype, ns_coeffs=ns_coeffs,
+            preconditioning=preconditioning)
+        orthogonal = [view.from_matrices(o) for view, o in zip(leaf_views, orthogonal)]
+        if adaptive:  # <(1 - momentum) d, O> O: the dual norm of the direction (see above)
+            orthogonal = [jnp.sum((1 - momentum) * d * o).astype(o.dtype) * o
+                          for d, o in zip(leaves, orthogonal)]
+        updates = [o * view.scale for view, o in zip(leaf_views, orthogonal)]
         return treedef.unflatten(updates), MuonState(momentum=new_momentum)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _key_names(path):
-    return {str(getattr(k, "key", getattr(k, "name", k))) for k in path}  # dict / attr keys
+def _module_path(path):
+    """The names of the dict keys on a leaf's path: its module path ("params", "block_0",
+    "attn", "out", "kernel"). Attribute keys are left out: a box around the array
+    (linen's `nn.Partitioned`, an `nnx.Param`) adds one, `.value`, that names no module."""
+    return {str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)}
 
 
 def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
     """The default `muon_mask`: the hidden linear maps of a network, with their layouts.
 
     Returns a callable `params -> pytree` giving, per leaf, its `MuonDimensionNumbers` (Muon)
-    or None (AdamW). No leaf any of whose path keys is in `exclude` goes to Muon; otherwise
+    or None (AdamW). Routing is decided by the leaf's module path, the dict keys on its path
+    (an attribute of a box around the array, such as `nn.Partitioned.value`, is not part of
+    it), and its shape. No leaf any of whose path keys is in `exclude` goes to Muon; otherwise
       - a 2-D leaf gets `layout` (default (fan_in, fan_out), Flax's kernels);
       - a 3-D leaf under a key in `ATTENTION_IN_KEYS` ("query", "key", "value") is a map from
         its axis 0 to axes (1, 2), and under `ATTENTION_OUT_KEYS` ("out") from axes (0, 1) to
@@ -273,7 +379,7 @@ def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
     exclude = frozenset([exclude] if isinstance(exclude, str) else exclude)
 
     def dims(path, leaf):
-        keys = _key_names(path)
+        keys = _module_path(path)
         if keys & exclude:
             return None
         if jnp.ndim(leaf) == 2:
@@ -287,10 +393,11 @@ def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
     return lambda params: jax.tree.map_with_path(dims, params)
 
 
-def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-         adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, muon_mask=None, *,
-         eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32,
-         weight_decay_mode="lr_scaled"):
+def muon(learning_rate: optax.ScalarOrSchedule, momentum=0.95, nesterov=True, ns_steps=5,
+         weight_decay=0.0, adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, muon_mask=None,
+         *, eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32,
+         weight_decay_mode="lr_scaled", ns_coeffs=NS_COEFFS, preconditioning="frobenius",
+         adaptive=False, muon_weight_dimension_numbers=None):
     """Muon on the linear maps chosen by `muon_mask`, AdamW on every other leaf.
 
     For a leaf W routed to Muon, seen as a (fan_in, fan_out) matrix (see `scale_by_muon`):
@@ -341,6 +448,13 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
       adam_eps: Adam's epsilon.
       mask: which leaves get weight decay (None: all), as in every optimizer here.
       ns_dtype: dtype of the Newton–Schulz matmuls; bfloat16 is the fast choice on GPU/TPU.
+      ns_coeffs, preconditioning, adaptive: optax's options, see `scale_by_muon`: the
+        Newton–Schulz coefficients (or a preset, "standard" / "dion"), the scaling before
+        the iterations ("frobenius", "spectral", "aol", "schatten"), and the dual-norm
+        scaling of the update.
+      muon_weight_dimension_numbers: `optax.contrib.muon`'s name for `muon_mask` (give one
+        of the two). Without either, the default routing is `hidden_matrices()`, where
+        optax's puts every 2-D leaf (embeddings and head too) on Muon.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -356,13 +470,20 @@ def muon(learning_rate, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0
     _validate.in_range("adam_b1", adam_b1)
     _validate.in_range("adam_b2", adam_b2)
     _validate.non_negative("adam_eps", adam_eps)
+    if muon_weight_dimension_numbers is not None:
+        if muon_mask is not None:
+            raise ValueError("give muon_mask or muon_weight_dimension_numbers (optax's name "
+                             "for it), not both")
+        muon_mask = muon_weight_dimension_numbers
     if muon_mask is None:
         muon_mask = hidden_matrices()
     routing = _Routing(muon_mask)
     inner = optax.chain(
         optax.partition({
             "muon": scale_by_muon(momentum, nesterov, ns_steps, eps, ns_dtype,
-                                  dimension_numbers=routing.dimension_numbers),
+                                  dimension_numbers=routing.dimension_numbers,
+                                  ns_coeffs=ns_coeffs, preconditioning=preconditioning,
+                                  adaptive=adaptive),
             "adam": scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps),
         }, routing.labels),
         _decay_by_route(weight_decay, mask, routing, learning_rate, adam_learning_rate,

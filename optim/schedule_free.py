@@ -63,7 +63,8 @@ def scale_by_bias_corrected_rms(b2=0.999, eps=1e-8):
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def schedule_free(base_optimizer, learning_rate, b1=0.9, weight_lr_power=2.0):
+def schedule_free(base_optimizer, learning_rate, b1=0.9, weight_lr_power=2.0,
+                  state_dtype=None):
     """Makes `base_optimizer` (without momentum, lr included) schedule-free.
 
     Args:
@@ -72,6 +73,8 @@ def schedule_free(base_optimizer, learning_rate, b1=0.9, weight_lr_power=2.0):
         (1, 2, ...) for the averaging weights, as `optax.contrib.schedule_free`.
       b1: interpolation weight of `x` in `y`, in (0, 1).
       weight_lr_power: averaging weights are `max_lr ** weight_lr_power`.
+      state_dtype: dtype of the stored sequence `z` (None: the params' dtypes), as
+        `optax.contrib.schedule_free`; e.g. float32 z for bfloat16 params.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` (extra args go to the base optimizer).
@@ -80,15 +83,17 @@ def schedule_free(base_optimizer, learning_rate, b1=0.9, weight_lr_power=2.0):
     if isinstance(b1, (int, float)) and b1 == 0:
         raise ValueError(f"b1 must be in (0, 1) for schedule-free, got {b1!r}")
     _validate.non_negative("weight_lr_power", weight_lr_power)
+    state_dtype = _validate.state_dtype("state_dtype", state_dtype)
     base_optimizer = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params):
         dtype = optax.tree.dtype(params, "lowest")
+        z = params if state_dtype is None else optax.tree.cast(params, state_dtype)
         return ScheduleFreeState(
             b1=jnp.asarray(b1, dtype), weight_sum=jnp.zeros([], dtype),
             step_count=jnp.ones([], jnp.int32), max_lr=jnp.zeros([], dtype),
             base_state=base_optimizer.init(params),
-            z=jax.tree.map(jnp.copy, params))
+            z=jax.tree.map(jnp.copy, z))  # a buffer of its own: params and state can be donated
 
     def update_fn(grads, state, params=None, **extra_args):
         if params is None:
@@ -131,9 +136,9 @@ def _warmup_constant(learning_rate, warmup_steps):
     return schedule
 
 
-def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.0, weight_lr_power=2.0, mask=None,
-                        weight_decay_mode="lr_scaled"):
+def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule, warmup_steps=None, b1=0.9,
+                        b2=0.999, eps=1e-8, weight_decay=0.0, weight_lr_power=2.0, mask=None,
+                        weight_decay_mode="lr_scaled", state_dtype=None):
     """Schedule-Free AdamW (Defazio et al., 2024): AdamW without momentum, made schedule-free.
 
     Same numbers as `optax.contrib.schedule_free_adamw` (which has no `mask`). Use a constant
@@ -149,6 +154,7 @@ def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=
       weight_lr_power: averaging weights are `max_lr ** weight_lr_power`.
       weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
         (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
+      state_dtype: dtype of the stored `z` (None: the params' dtypes), as optax.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -168,7 +174,7 @@ def schedule_free_adamw(learning_rate, warmup_steps=None, b1=0.9, b2=0.999, eps=
         learning_rate = _warmup_constant(learning_rate, warmup_steps)
     base = optax.chain(scale_by_bias_corrected_rms(b2, eps),
                        decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))
-    return schedule_free(base, learning_rate, b1, weight_lr_power)
+    return schedule_free(base, learning_rate, b1, weight_lr_power, state_dtype)
 
 
 def _is_schedule_free_state(node):

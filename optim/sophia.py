@@ -13,6 +13,14 @@ function of its inputs:
     updates, state = tx.update(grads, state, params)                         # keep h
     updates, state = tx.update(grads, state, params, hessian_fn=fn)  # fn(params) -> estimate,
                                          # called (in a lax.cond) only on refresh steps
+    updates, state = tx.update(grads, state, params, obj_fn=loss)  # optax's interface:
+                                         # loss(params) -> scalar; Hutchinson's estimate
+                                         # of its Hessian, on refresh steps
+
+Give at most one of the three. Other extra arguments are passed over, as every optax
+transform does (an `optax.chain` hands each extra argument to all its transforms), except
+a name that looks like a misspelt one of these three (`hessian`, `obj_func`, `loss_fn`,
+...): that raises TypeError rather than leave the estimate at 0 for good.
 
 Refresh steps are the steps `t` (from 0) with `t % hessian_every == 0`, as the paper's
 Algorithm 3 (t mod k = 1, counting from 1): the first step already has an estimate. The
@@ -27,20 +35,63 @@ by the number of tokens (the official code multiplies by `bs = total_bs * block_
 use); the `max(h, 0)` only matters for Hutchinson's estimates, which can be negative
 (the official SophiaH takes `relu(h)` there too).
 
+Compared with `optax.contrib.sophia` (which follows levanter's Sophia-H):
+  - defaults: the official SophiaG's, weight_decay=0.1 and rho=0.04 (optax: 1e-4 and
+    gamma=0.01, gamma being optax's name for rho) and eps=1e-15 (optax: 1e-8); pass optax's
+    values to get its optimizer (its Rosenbrock test needs them: at the official ones the
+    decay holds the iterate at about [0.56, 0.32] instead of [1, 1]);
+  - names: `gamma` and `update_interval` are accepted for `rho` and `hessian_every`;
+    `obj_fn` in `update` as optax's (Hutchinson's estimate with Rademacher probes);
+  - m is not bias-corrected (optax divides it by 1 - b1^t), the ratio is
+    |m| / (rho * max(h, 0) + eps) (optax: m / max(gamma * h, eps)), and an estimate is used
+    at the step it is taken at (optax: from the next step on);
+  - the probes for `obj_fn` come from `fold_in(key(seed), step)`, not from a key in the
+    state: the same numbers after a restart from any step.
+
 References:
   Liu et al., 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
   Pre-training", https://arxiv.org/abs/2305.14342
 """
+import difflib
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from ravine.optim import _validate
+from ravine.optim import _validate, sophia_estimates
 from ravine.optim.alias import decay_and_scale
 
 ESTIMATORS = ("gnb", "hutchinson")
+# The ways to hand `update` a Hessian estimate (see the module docstring).
+HESSIAN_ARGUMENTS = ("hessian_diag", "hessian_fn", "obj_fn")
+
+
+def _reject_misspelt_hessian_arguments(extra_args):
+    """TypeError for an extra argument that looks meant for Sophia but is not one of its
+    names: passed over, it would leave the Hessian estimate at 0 without a word."""
+    for name in extra_args:
+        near = difflib.get_close_matches(name, HESSIAN_ARGUMENTS, n=1, cutoff=0.6)
+        if near or "hess" in name.lower():
+            raise TypeError(
+                f"sophia's update got an unexpected keyword argument {name!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; its Hessian estimate comes as one of {list(HESSIAN_ARGUMENTS)}")
+
+
+def _alias(name, value, default, optax_name, optax_value):
+    """`value`, or `optax_value` (optax's name for the argument) when that is given; both
+    given, with `value` not at its default, must agree."""
+    if optax_value is None:
+        return value
+    if not isinstance(value, jax.core.Tracer) and not isinstance(optax_value, jax.core.Tracer):
+        given = np.asarray(value, np.float64)  # injected values are float32 arrays
+        if not np.isclose(given, [default, np.asarray(optax_value, np.float64)],
+                          rtol=1e-6, atol=0).any():
+            raise ValueError(f"give {name} or {optax_name} (optax's name for it), not both: "
+                             f"got {name}={value!r} and {optax_name}={optax_value!r}")
+    return optax_value
 
 
 class SophiaState(NamedTuple):
@@ -49,23 +100,32 @@ class SophiaState(NamedTuple):
     hessian: optax.Updates  # EMA h of the diagonal Hessian estimates
 
 
-def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10):
+def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10, *, seed=0,
+                    gamma=None, update_interval=None):
     """The Sophia direction `sign(m) * min(|m| / (rho * max(h, 0) + eps), 1)`.
 
     Args:
       b1: momentum decay, in [0, 1). b2: decay of the Hessian EMA (per refresh), in [0, 1).
-      rho: the clipping scale (the official code's `rho`; the paper's gamma).
+      rho: the clipping scale (the official code's `rho`; the paper's and optax's gamma).
       eps: keeps the ratio finite where h is 0 (there the step is sign(m)).
-      hessian_every: refresh interval k, used when the estimate comes as `hessian_fn`.
+      hessian_every: refresh interval k, used when the estimate comes as `hessian_fn` or
+        `obj_fn`.
+      seed: seed of the Rademacher probes of the estimate from `obj_fn` (the key of step t
+        is `fold_in(key(seed), t)`).
+      gamma, update_interval: `optax.contrib.sophia`'s names for `rho` and `hessian_every`
+        (give one of each pair).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update(grads, state, params,
-      hessian_diag=None, hessian_fn=None)` (see the module docstring).
+      hessian_diag=None, hessian_fn=None, obj_fn=None)` (see the module docstring).
 
     Example:
       >>> tx = optax.chain(scale_by_sophia(), optax.scale(-1e-4))
       >>> updates, state = tx.update(grads, state, params, hessian_diag=estimate)
     """
+    rho = _alias("rho", rho, 0.04, "gamma", gamma)
+    hessian_every = _alias("hessian_every", hessian_every, 10, "update_interval",
+                           update_interval)
     _validate.in_range("b1", b1)
     _validate.in_range("b2", b2)
     _validate.non_negative("rho", rho)
@@ -82,16 +142,24 @@ def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10):
         return optax.tree.cast_like(new, hessian)
 
     def update_fn(updates, state, params=None, hessian_diag=None, hessian_fn=None,
-                  **extra_args):
-        del extra_args
-        if hessian_diag is not None and hessian_fn is not None:
-            raise ValueError("give sophia's update hessian_diag or hessian_fn, not both")
+                  obj_fn=None, **extra_args):
+        _reject_misspelt_hessian_arguments(extra_args)
+        given = [name for name, value in zip(HESSIAN_ARGUMENTS,
+                                             (hessian_diag, hessian_fn, obj_fn))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give sophia's update one of {list(HESSIAN_ARGUMENTS)}, got "
+                             f"{given}")
+        if obj_fn is not None:
+            def hessian_fn(params):  # optax's default estimator, Hutchinson's
+                key = jax.random.fold_in(jax.random.key(seed), state.count)
+                return sophia_estimates.hutchinson(obj_fn, params, key)
         hessian = state.hessian
         if hessian_diag is not None:
             hessian = fold(hessian, hessian_diag)
         elif hessian_fn is not None:
             if params is None:
-                raise ValueError("sophia's update needs params to call hessian_fn")
+                raise ValueError(f"sophia's update needs params to call {given[0]}")
             hessian = jax.lax.cond(state.count % hessian_every == 0,
                                    lambda h: fold(h, hessian_fn(params)), lambda h: h,
                                    hessian)
@@ -108,23 +176,31 @@ def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10):
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def sophia(learning_rate, b1=0.965, b2=0.99, rho=0.04, eps=1e-15, weight_decay=0.1,
-           hessian_every=10, estimator="gnb", mask=None, weight_decay_mode="lr_scaled"):
+def sophia(learning_rate: optax.ScalarOrSchedule, b1=0.965, b2=0.99, rho=0.04, eps=1e-15,
+           weight_decay=0.1, hessian_every=10, estimator="gnb", mask=None,
+           weight_decay_mode="lr_scaled", *, seed=0, gamma=None, update_interval=None):
     """Sophia (Liu et al., 2023): clipped, diagonally preconditioned momentum; see the module.
+
+    Defaults are the official SophiaG code's; `optax.contrib.sophia`'s differ (see the
+    module): weight_decay 1e-4 (here 0.1), gamma = rho 0.01 (here 0.04), eps 1e-8 (here
+    1e-15). `sophia(lr, weight_decay=1e-4, gamma=0.01, eps=1e-8)` is optax's setting.
 
     Args:
       learning_rate: a float or a schedule `step -> lr` (the official code: 1e-4 peak for
         GPT-2 small with rho=0.05, weight_decay=0.2).
-      b1, b2, rho, eps, hessian_every: see `scale_by_sophia`.
+      b1, b2, rho, eps, hessian_every, seed: see `scale_by_sophia`.
       weight_decay: decoupled decay times lr, as the official `param.mul_(1 - lr * wd)`;
         mask: which leaves are decayed.
       estimator: "gnb" (Sophia-G) or "hutchinson" (Sophia-H): which estimator the training
-        loop should feed (`optim.sophia_estimates`); the transform itself takes any.
+        loop should feed (`optim.sophia_estimates`); the transform itself takes any, and an
+        `obj_fn` (a scalar loss) always gets Hutchinson's.
       weight_decay_mode: "lr_scaled" (`w -= lr_t * wd * w`) or "independent"
         (`w -= s_t * wd * w`, s_t = lr_t / peak lr); see `optim.decay_and_scale`.
+      gamma, update_interval: optax's names for `rho` and `hessian_every`.
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` taking `hessian_diag=` / `hessian_fn=`.
+      An `optax.GradientTransformationExtraArgs` taking `hessian_diag=`, `hessian_fn=` or
+      `obj_fn=` (optax's).
 
     References:
       https://arxiv.org/abs/2305.14342; https://github.com/Liuhong99/Sophia
@@ -135,5 +211,6 @@ def sophia(learning_rate, b1=0.965, b2=0.99, rho=0.04, eps=1e-15, weight_decay=0
       >>> updates, state = tx.update(grads, state, params, hessian_fn=fn)
     """
     _validate.one_of("estimator", estimator, ESTIMATORS)
-    return optax.chain(scale_by_sophia(b1, b2, rho, eps, hessian_every),
+    return optax.chain(scale_by_sophia(b1, b2, rho, eps, hessian_every, seed=seed, gamma=gamma,
+                                       update_interval=update_interval),
                        decay_and_scale(learning_rate, weight_decay, mask, weight_decay_mode))

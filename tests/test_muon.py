@@ -315,3 +315,147 @@ def test_inject_hyperparams_gives_the_same_updates():
         learning_rate=0.02, weight_decay=0.1)
     assert_same_updates(injected, optim.muon(0.02, weight_decay=0.1), steps=3, shapes=shapes,
                         rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer_step():
+    """A 64-wide, 2-head Transformer's params as `model.init` returns them (boxed in
+    `nn.Partitioned`) and unboxed, with random gradients of the same trees (Muon's
+    update depends on nothing else). Shapes from `jax.eval_shape`: nothing compiled."""
+    config = models.TransformerConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2,
+                                      max_len=8)
+    shapes = jax.eval_shape(models.Transformer(config).init, jax.random.key(0),
+                            jnp.zeros((1, 8), jnp.int32))
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(1), 2 * len(leaves))
+    random = lambda ks: [jax.random.normal(k, leaf.shape, leaf.dtype)  # noqa: E731
+                         for k, leaf in zip(ks, leaves)]
+    boxed = treedef.unflatten(random(keys[:len(leaves)]))
+    boxed_grads = treedef.unflatten(random(keys[len(leaves):]))
+    return boxed, boxed_grads, nn.unbox(boxed), nn.unbox(boxed_grads)
+
+
+def test_boxed_params_are_routed_and_updated_as_unboxed_ones(tiny_transformer_step):
+    # A boxed leaf's path ends in the box's `.value` attribute: routing must not read it as
+    # the attention "value" projection (the module path decides).
+    boxed, boxed_grads, params, grads = tiny_transformer_step
+    is_route = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
+    routes_boxed = jax.tree.leaves(hidden_matrices()(boxed), is_leaf=is_route)
+    routes = jax.tree.leaves(hidden_matrices()(params), is_leaf=is_route)
+    assert routes_boxed == routes
+    tx = optim.muon(1.0, weight_decay=0.1)
+    ours_boxed, state_boxed = jax.jit(tx.update)(boxed_grads, tx.init(boxed), boxed)
+    ours, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert jax.tree.structure(ours_boxed) == jax.tree.structure(boxed)
+    for (path, a), b in zip(jax.tree.leaves_with_path(nn.unbox(ours_boxed)),
+                            jax.tree.leaves(ours), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    for a, b in zip(jax.tree.leaves(state_boxed), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_boxed_attention_out_kernel_steps_like_the_other_attention_kernels(
+        tiny_transformer_step):
+    # All four are 64 x 64 linear maps (d_model x heads * head_dim): an orthogonal update
+    # has entries of about 1/8 at lr 1. Read as heads x (head_dim * d_model) = 2 x 2048 (the
+    # box's ".value" taken for the "value" projection), the out kernel got 0.63.
+    boxed, boxed_grads, _, _ = tiny_transformer_step
+    tx = optim.muon(1.0)
+    updates, _ = jax.jit(tx.update)(boxed_grads, tx.init(boxed), boxed)
+    attention = nn.unbox(updates)["params"]["block_0"]["attn"]
+    size = {name: float(jnp.abs(attention[name]["kernel"]).mean())
+            for name in ("query", "key", "value", "out")}
+    for name, mean_abs in size.items():
+        assert 0.05 < mean_abs < 0.2, size
+    assert max(size.values()) < 1.5 * min(size.values()), size
+
+
+# 3-D attention kernels, a batch of maps, tall, wide and 1-D leaves.
+OPTAX_SHAPES = {"tall": (16, 8), "wide": (8, 12), "attn_out": (2, 4, 8),
+                "stack": (3, 6, 4), "bias": (7,)}
+OPTAX_ROUTES = {"tall": FLAX_LAYOUT, "wide": FLAX_LAYOUT, "attn_out": ATTENTION_OUT_LAYOUT,
+                "stack": MuonDimensionNumbers(reduction_axis=1, output_axis=2), "bias": None}
+
+
+@pytest.mark.parametrize("options", [
+    dict(preconditioning="frobenius"), dict(preconditioning="spectral"),
+    dict(preconditioning="aol"), dict(preconditioning="schatten"),
+    dict(ns_coeffs="dion"), dict(ns_coeffs="dion", preconditioning="aol"),
+    dict(ns_coeffs=((3.0, -3.2, 1.2), (3.4445, -4.7750, 2.0315), (2.0, -1.5, 0.5))),
+    dict(ns_coeffs=(2.0, -1.5, 0.5), ns_steps=8, preconditioning="schatten"),
+], ids=lambda options: "-".join(f"{k}={v if isinstance(v, str) else '...'}"
+                                 for k, v in options.items()))
+def test_optax_options_match_optax_contrib_muon(options):
+    # Without Nesterov optax's bias-corrected EMA is a positive multiple of our momentum
+    # sum, and every preconditioning is blind to the scale (Frobenius and spectral divide
+    # by a norm; AOL's and Schatten's first-step factors scale as 1 / |x|).
+    hparams = dict(learning_rate=0.02, adam_b1=0.9, adam_b2=0.99, nesterov=False, **options)
+    ours = optim.muon(momentum=0.9, muon_mask=OPTAX_ROUTES, **hparams)
+    theirs = optax.contrib.muon(beta=0.9, muon_weight_dimension_numbers=OPTAX_ROUTES, **hparams)
+    assert_same_updates(ours, theirs, steps=6, shapes=OPTAX_SHAPES, rtol=1e-4, atol=1e-6)
+
+
+def test_preconditioning_and_coefficients_change_the_update():
+    params = random_tree(jax.random.key(0), OPTAX_SHAPES)
+    grads = [random_tree(jax.random.key(1), OPTAX_SHAPES)]
+    runs = {str(options): run_updates(optim.muon(0.02, muon_mask=OPTAX_ROUTES, **options),
+                                      params, grads)[0]["tall"]
+            for options in (dict(), dict(preconditioning="aol"),
+                            dict(preconditioning="schatten"), dict(ns_coeffs="dion"))}
+    values = list(runs.values())
+    for i in range(len(values)):
+        for j in range(i):
+            assert not np.allclose(values[i], values[j], rtol=1e-3), list(runs)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_adaptive_matches_optax_contrib_muon_without_momentum(nesterov):
+    # With momentum 0 both directions are the gradient (optax's bias correction is 1), so
+    # the dual-norm scale <g, O(g)> is the same number.
+    hparams = dict(learning_rate=0.02, adam_b1=0.9, adam_b2=0.99, nesterov=nesterov,
+                   adaptive=True)
+    ours = optim.muon(momentum=0.0, muon_mask=OPTAX_ROUTES, **hparams)
+    theirs = optax.contrib.muon(beta=0.0, muon_weight_dimension_numbers=OPTAX_ROUTES,
+                                **hparams)
+    params = random_tree(jax.random.key(0), OPTAX_SHAPES)
+    grads_seq = [random_tree(k, OPTAX_SHAPES) for k in jax.random.split(jax.random.key(1), 4)]
+    adaptive = run_updates(ours, params, grads_seq)
+    # optax hands `nesterov` to its Adam leaves too (ravine's AdamW leaves have none).
+    compared = [name for name, dims in OPTAX_ROUTES.items() if dims or not nesterov]
+    for step, (a, b) in enumerate(zip(adaptive, run_updates(theirs, params, grads_seq))):
+        for name in compared:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"step {step}, leaf {name}")
+    plain = run_updates(optim.muon(0.02, momentum=0.0, muon_mask=OPTAX_ROUTES,
+                                   nesterov=nesterov), params, grads_seq[:1])
+    ratio = np.asarray(adaptive[0]["tall"] / plain[0]["tall"])  # one number: <g, O(g)>
+    np.testing.assert_allclose(ratio, ratio.ravel()[0], rtol=1e-4)
+    assert not np.isclose(ratio.ravel()[0], 1.0, rtol=0.1)
+
+
+def test_ns_dtype_injected_as_an_array_is_its_dtype():
+    # optax.inject_hyperparams calls a dtype class as a schedule and passes the array it
+    # returns (jnp.bfloat16(step)); that array's dtype is the one asked for.
+    shapes = {"dense": (16, 8), "bias": (7,)}
+    injected = optax.inject_hyperparams(optim.muon, static_args=("ns_steps",))(
+        learning_rate=0.02, ns_dtype=jnp.bfloat16)
+    state = injected.init(random_tree(jax.random.key(0), shapes))
+    assert state.hyperparams["ns_dtype"].dtype == jnp.bfloat16
+    bf16 = optim.muon(0.02, ns_dtype=jnp.bfloat16)
+    assert_same_updates(injected, bf16, steps=3, shapes=shapes, rtol=1e-5, atol=1e-7)
+    with pytest.raises(AssertionError):  # bf16 iterations really ran
+        assert_same_updates(injected, optim.muon(0.02), steps=1, shapes=shapes)
+
+
+def test_optax_option_errors_name_the_argument():
+    cases = [
+        (dict(preconditioning="polar"), r"preconditioning must be one of \['frobenius'"),
+        (dict(ns_coeffs="polar"), r"ns_coeffs must be one of \['standard', 'dion'\]"),
+        (dict(ns_coeffs=(1.0, 2.0)), r"ns_coeffs must have shape \(3,\) or \(n, 3\)"),
+        (dict(ns_coeffs="dion", ns_steps=4), "ns_coeffs has 5 rows .* ns_steps=4"),
+        (dict(muon_mask={"w": True}, muon_weight_dimension_numbers={"w": FLAX_LAYOUT}),
+         "muon_mask or muon_weight_dimension_numbers"),
+    ]
+    for hparams, message in cases:
+        with pytest.raises(ValueError, match=message):
+            optim.muon(0.02, **hparams)

@@ -93,3 +93,41 @@ def test_bad_hyperparameters_name_the_value(kwargs, match):
     kwargs = {"learning_rate": LR, **kwargs}
     with pytest.raises(ValueError, match=match):
         optim.schedule_free_adamw(**kwargs)
+
+
+@pytest.mark.parametrize("params_dtype, state_dtype", [
+    ("bfloat16", "float32"), ("float32", "bfloat16"), ("bfloat16", None)])
+def test_state_dtype_stores_z_in_it_as_optax(params_dtype, state_dtype):
+    """optax's `state_dtype`: z (the sequence the base optimizer steps) is kept in that
+    dtype, e.g. float32 for bfloat16 params; updates stay in the params' dtype and equal
+    optax.contrib.schedule_free_adamw's (to the bit: the same operations)."""
+    params = {name: leaf.astype(params_dtype)
+              for name, leaf in random_tree(jax.random.key(0), {"w": (6, 4), "b": (4,)}).items()}
+    kwargs = dict(learning_rate=LR, warmup_steps=5, weight_decay=0.1, state_dtype=state_dtype)
+    ours, theirs = optim.schedule_free_adamw(**kwargs), optax.contrib.schedule_free_adamw(**kwargs)
+    ours_state, theirs_state = ours.init(params), theirs.init(params)
+    expected = jnp.dtype(state_dtype or params_dtype)
+    assert {leaf.dtype for leaf in jax.tree.leaves(ours_state.z)} == {expected}
+    ours_update, theirs_update = jax.jit(ours.update), jax.jit(theirs.update)
+    ours_params, theirs_params = params, params
+    for key in jax.random.split(jax.random.key(1), 10):
+        grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape, p.dtype), params)
+        u, ours_state = ours_update(grads, ours_state, ours_params)
+        v, theirs_state = theirs_update(grads, theirs_state, theirs_params)
+        assert {leaf.dtype for leaf in jax.tree.leaves(u)} == {jnp.dtype(params_dtype)}
+        ours_params = optax.apply_updates(ours_params, u)
+        theirs_params = optax.apply_updates(theirs_params, v)
+    assert {leaf.dtype for leaf in jax.tree.leaves(ours_state.z)} == {expected}
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(ours_state.z[name], np.float32),
+                                      np.asarray(theirs_state.z[name], np.float32))
+        np.testing.assert_array_equal(np.asarray(ours_params[name], np.float32),
+                                      np.asarray(theirs_params[name], np.float32))
+
+
+def test_state_dtype_of_the_wrapper_and_its_errors():
+    params = jnp.zeros(3, jnp.bfloat16)
+    tx = optim.schedule_free(optim.sgd(0.1), learning_rate=0.1, state_dtype=jnp.float32)
+    assert tx.init(params).z.dtype == jnp.float32
+    with pytest.raises(ValueError, match="state_dtype must be a floating or complex dtype"):
+        optim.schedule_free_adamw(LR, state_dtype=jnp.int32)

@@ -1,4 +1,6 @@
 """Sophia against the paper's algorithm in numpy and optax.contrib.sophia; its estimators."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +232,126 @@ def test_extra_args_pass_through_inject_hyperparams():
 def test_bad_hyperparameters_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         optim.sophia(1e-4, **kwargs)
+
+
+# optax.contrib.sophia's defaults (ours are the official SophiaG code's), passed explicitly.
+OPTAX_DEFAULTS = dict(b2=0.99, eps=1e-8, weight_decay=1e-4)
+
+
+def _separable_loss(params):
+    """sum c x^2 + x^4: a diagonal Hessian 2c + 12 x^2 (~100 to 200 here), which
+    Hutchinson's estimate gives exactly whatever its signs, so ours and optax's agree."""
+    c = jnp.linspace(50.0, 100.0, params["x"].size).reshape(params["x"].shape)
+    return jnp.sum(c * params["x"] ** 2 + params["x"] ** 4)
+
+
+def test_obj_fn_refreshes_the_hessian_as_optax_contrib_sophia_does():
+    """optax's `obj_fn` (Hutchinson's estimate on refresh steps): the Hessian EMA equals
+    optax's after every step, and so do the updates except on refresh steps, where ours
+    uses the new estimate at once and optax from the next step. b1=0 (optax's bias
+    correction moot), optax's other defaults on both. Gradients of about 1e-2 against
+    gamma * h of about 1e-2: some coordinates clipped, most not, so h shows."""
+    k, lr = 10, 0.1
+    ours = optim.sophia(lr, b1=0.0, gamma=0.01, update_interval=k, **OPTAX_DEFAULTS)
+    theirs = optax.contrib.sophia(lr, b1=0.0, gamma=0.01, update_interval=k, **OPTAX_DEFAULTS)
+    keys = jax.random.split(jax.random.key(0), 50)
+    params_seq = [{"x": jax.random.normal(key, (4, 5))} for key in keys[:25]]
+    grads_seq = [{"x": 0.01 * jax.random.normal(key, (4, 5))} for key in keys[25:]]
+    ours_update = jax.jit(functools.partial(ours.update, obj_fn=_separable_loss))
+    theirs_update = jax.jit(functools.partial(theirs.update, obj_fn=_separable_loss))
+    without = jax.jit(ours.update)
+    ours_state, theirs_state, without_state = (ours.init(params_seq[0]),
+                                               theirs.init(params_seq[0]),
+                                               ours.init(params_seq[0]))
+    unclipped = 0
+    for t, (params, grads) in enumerate(zip(params_seq, grads_seq)):
+        ours_u, ours_state = ours_update(grads, ours_state, params)
+        theirs_u, theirs_state = theirs_update(grads, theirs_state, params)
+        without_u, without_state = without(grads, without_state, params)
+        np.testing.assert_allclose(ours_state[0].hessian["x"], theirs_state[0].nu["x"],
+                                   rtol=1e-5, err_msg=f"step {t}")
+        if t % k:
+            np.testing.assert_allclose(ours_u["x"], theirs_u["x"], rtol=1e-5, atol=1e-9,
+                                       err_msg=f"step {t}")
+        unclipped += int(np.sum(np.abs(ours_u["x"] + lr * 1e-4 * params["x"]) < 0.99 * lr))
+        assert not np.allclose(ours_u["x"], without_u["x"])  # obj_fn is not dropped
+    assert float(jnp.abs(ours_state[0].hessian["x"]).min()) > 1.0
+    np.testing.assert_array_equal(without_state[0].hessian["x"], 0.0)
+    assert unclipped > 200  # of 500: the estimate shaped most coordinates' steps
+
+
+def test_obj_fn_is_hutchinsons_estimate_with_the_steps_own_key():
+    """On a non-diagonal Hessian (where the probes matter): obj_fn=f is
+    hessian_fn=hutchinson(f, params, fold_in(key(seed), step))."""
+    a = jax.random.normal(jax.random.key(0), (6, 6))
+    loss = lambda p: 0.5 * p["x"] @ (a @ a.T + jnp.eye(6)) @ p["x"]  # noqa: E731
+    params = {"x": jax.random.normal(jax.random.key(1), (6,))}
+    tx = optim.sophia(0.05, hessian_every=2, seed=3)
+
+    @jax.jit
+    def both(params, by_obj_fn, by_hessian_fn, t):
+        key = jax.random.fold_in(jax.random.key(3), t)
+        grads = jax.grad(loss)(params)
+        u1, by_obj_fn = tx.update(grads, by_obj_fn, params, obj_fn=loss)
+        u2, by_hessian_fn = tx.update(grads, by_hessian_fn, params, hessian_fn=lambda p: (
+            sophia_estimates.hutchinson(loss, p, key)))
+        return u1, u2, by_obj_fn, by_hessian_fn
+
+    by_obj_fn, by_hessian_fn = tx.init(params), tx.init(params)
+    for t in range(5):
+        u1, u2, by_obj_fn, by_hessian_fn = both(params, by_obj_fn, by_hessian_fn, t)
+        np.testing.assert_allclose(u1["x"], u2["x"], rtol=1e-6, err_msg=f"step {t}")
+        params = optax.apply_updates(params, u1)
+
+
+def test_optax_names_gamma_and_update_interval_are_rho_and_hessian_every():
+    inputs, labels, params = _softmax_regression()
+    estimate = lambda p: sophia_estimates.gnb(_logits, p, inputs, jax.random.key(0))  # noqa
+    grads_seq = [jax.grad(_loss)(params, inputs, labels)] * 7
+    ours = optim.sophia(0.05, rho=0.2, hessian_every=3)
+    optax_names = optim.sophia(0.05, gamma=0.2, update_interval=3)
+    injected = optax.inject_hyperparams(optim.sophia, static_args=("estimator", "mask"))(
+        learning_rate=0.05, gamma=0.2, update_interval=3)
+    other = optim.sophia(0.05, rho=0.2, hessian_every=2)
+    runs, hessians = [], []
+    for tx in (ours, optax_names, injected, other):
+        state, updates = tx.init(params), []
+        update = jax.jit(functools.partial(tx.update, hessian_fn=estimate))
+        for grads in grads_seq:
+            u, state = update(grads, state, params)
+            updates.append(u)
+        runs.append(updates)
+        hessians.append(optax.tree.get(state, "hessian"))
+    for step in range(7):
+        for name in params:
+            np.testing.assert_array_equal(runs[1][step][name], runs[0][step][name])
+            # Injected, rho is a float32 array where it was a Python float.
+            np.testing.assert_allclose(runs[2][step][name], runs[0][step][name], rtol=1e-5)
+    np.testing.assert_allclose(hessians[2]["w"], hessians[0]["w"], rtol=1e-5)
+    # 3 refreshes in 7 steps (0, 3, 6), not 4 (0, 2, 4, 6): the interval is used.
+    b2 = 0.99
+    np.testing.assert_allclose(hessians[3]["w"] / hessians[0]["w"],
+                               (1 - b2 ** 4) / (1 - b2 ** 3), rtol=1e-4)
+    with pytest.raises(ValueError, match="rho or gamma"):
+        optim.sophia(0.05, rho=0.1, gamma=0.2)
+    with pytest.raises(ValueError, match="hessian_every or update_interval"):
+        optim.sophia(0.05, hessian_every=5, update_interval=3)
+
+
+def test_an_unknown_argument_meant_for_sophia_raises_and_others_pass_through():
+    tx = optim.sophia(0.1)
+    params = {"x": jnp.ones(3)}
+    grads = {"x": jnp.array([1.0, -1.0, 0.5])}
+    state = tx.init(params)
+    for name, meant in [("hessian_dig", "hessian_diag"), ("loss_fn", "obj_fn"),
+                        ("hessian", "hessian_fn"), ("hess_estimate", None)]:
+        match = rf"unexpected keyword argument '{name}'" + (
+            rf" \(did you mean '{meant}'\?\)" if meant else "")
+        with pytest.raises(TypeError, match=match):
+            tx.update(grads, state, params, **{name: {"x": jnp.ones(3)}})
+    with pytest.raises(ValueError, match=r"one of \['hessian_diag', 'hessian_fn', 'obj_fn'\]"):
+        tx.update(grads, state, params, hessian_diag=params, obj_fn=lambda p: 0.0)
+    # An optax chain hands every extra argument to each transform: others pass through.
+    plain, _ = tx.update(grads, state, params)
+    extra, _ = tx.update(grads, state, params, value=jnp.array(1.0))
+    np.testing.assert_array_equal(extra["x"], plain["x"])
