@@ -36,6 +36,15 @@ from ravine.optim.schedule_free import (schedule_free, schedule_free_adamw, sche
                                  scale_by_bias_corrected_rms)
 from ravine.optim.sophia import scale_by_sophia, sophia
 
+# --- optimizers optax lacks or has only in contrib (ademamix.py, adopt.py, mars.py, kron.py,
+# adamsage.py) and the cautious wrapper (cautious.py) ---
+from ravine.optim.adamsage import adamsage, scale_by_adamsage
+from ravine.optim.ademamix import alpha_schedule, ademamix, b3_schedule, scale_by_ademamix
+from ravine.optim.adopt import adopt, scale_by_adopt
+from ravine.optim.cautious import cautious
+from ravine.optim.kron import kron, precond_update_prob_schedule, scale_by_kron
+from ravine.optim.mars import mars, scale_by_mars
+
 # --- registry (registry.py) and the built-in optimizers' records (builtin_specs.py) ---
 from ravine.optim.registry import (OptimizerSpec, TrainTask, available, create, factory,
                                    register, spec, specs, unregister)

@@ -13,7 +13,12 @@ from typing import Any, Callable, Mapping
 import jax
 
 from ravine.optim import sophia_estimates
+from ravine.optim.adamsage import adamsage
+from ravine.optim.ademamix import ademamix
 from ravine.optim.adamw_8bit import adamw_8bit
+from ravine.optim.adopt import adopt
+from ravine.optim.kron import kron
+from ravine.optim.mars import mars
 from ravine.optim.alias import adafactor, adagrad, adam, adamw, lion, rmsprop, sgd
 from ravine.optim.muon import muon
 from ravine.optim.radam import radam
@@ -88,3 +93,11 @@ register_builtin("sophia", sophia, centre_lr=1e-3, update_args=sophia_update_arg
 register_builtin("schedule_free_adamw", schedule_free_adamw, centre_lr=3e-3,
                  eval_params=_schedule_free_eval_params, vmappable=False, constant_lr=True,
                  warmup_hparam="warmup_steps")
+# Optimizers optax lacks or has only in contrib (issue 33). The centres are each reference's
+# default lr (MARS, Kron) or AdamW's (AdEMAMix, ADOPT); AdamSAGE's authors use 2-5x AdamW's.
+register_builtin("ademamix", ademamix, centre_lr=3e-3,
+                 search_space={"alpha": (2.0, 10.0, "linear")})
+register_builtin("adopt", adopt, centre_lr=3e-3)
+register_builtin("mars", mars, centre_lr=3e-3, search_space={"gamma": (0.005, 0.1, "log")})
+register_builtin("kron", kron, centre_lr=1e-3)
+register_builtin("adamsage", adamsage, centre_lr=1e-2)
