@@ -39,7 +39,8 @@ class OptimizerSpec(NamedTuple):
       vmappable: whether runs with different learning rates and seeds can share one
         vmapped program (False for an extra update argument or a train step of its own).
       eval_params: `(params, opt_state) -> params` to evaluate and average at (Schedule-
-        Free's x); None: the params themselves.
+        Free's x), `opt_state` being the state of the factory's transform; None: the params
+        themselves.
       update_args: `(hparams, task) -> update_args`, where `update_args(params, batch,
         step) -> dict` gives extra keyword arguments of `update` (Sophia's Hessian
         estimator); `task` is a `TrainTask`, `batch` the step's first micro-batch.

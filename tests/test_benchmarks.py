@@ -17,8 +17,9 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
 def run_script(module, *flags):
-    return subprocess.run([sys.executable, "-m", f"ravine.experiments.{module}", *flags], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"ravine.experiments.benchmarks.{module}", *flags], cwd=REPO,
+        env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def table_rows(stdout, names):

@@ -13,6 +13,7 @@ from ravine import models
 from ravine import optim
 from ravine import sharding
 from ravine.experiments.runtime import train_lib
+from ravine.experiments.runtime.state import TrainState
 from ravine.models import pipeline
 
 CONFIG = models.TransformerConfig(vocab_size=48, d_model=16, n_layers=8, n_heads=2, d_ff=32,
@@ -56,9 +57,9 @@ def setup(mesh_spec, tx, zero=0):
     param_sh = sharding.param_shardings_for_zero(
         params, sharding.logical_to_shardings(pipeline.stack_blocks(boxed_params()), mesh), zero)
     replicated = sharding.replicated(mesh)
-    state_sh = {"step": replicated, "skipped": replicated, "params": param_sh,
-                "loss_scale": optim.NoOpLossScale(),
-                "opt_state": sharding.optimizer_state_shardings(tx, params, param_sh, zero)}
+    state_sh = TrainState(
+        step=replicated, skipped=replicated, params=param_sh, loss_scale=optim.NoOpLossScale(),
+        opt_state=sharding.optimizer_state_shardings(tx, params, param_sh, zero))
     state = jax.jit(lambda p: train_lib.init_state(p, tx, optim.NoOpLossScale()),
                     out_shardings=state_sh)(params)
     step = sharding.jit_train_step(train_lib.make_train_step(pipelined_loss, tx, lambda c: LR),
@@ -96,7 +97,7 @@ def one_device_losses():
 def test_pipeline_trains_like_one_device_and_runs_m_plus_s_minus_1_ticks(mesh_spec, stages,
                                                                          zero):
     compiled, state, mesh = setup(mesh_spec, pipeline.per_layer(optim.adamw(LR)), zero)
-    stacked = jax.tree.leaves(state["params"][pipeline.BLOCKS])
+    stacked = jax.tree.leaves(state.params[pipeline.BLOCKS])
     assert all(x.sharding.spec[0] == "stage" for x in stacked)     # one slice per stage
     assert {s.data.shape[0] for x in stacked for s in x.addressable_shards} == {8 // stages}
 

@@ -88,8 +88,8 @@ def test_grad_accumulation_equals_one_big_batch():
     tx = optim.adamw(lr, weight_decay=0.1)
     big, _ = one_step(loss_fn, params, tx, tokens.reshape(1, 32, 17))
     micro, _ = one_step(loss_fn, params, tx, tokens.reshape(4, 8, 17))
-    big_update = jax.tree.map(jnp.subtract, big["params"], params)
-    micro_update = jax.tree.map(jnp.subtract, micro["params"], params)
+    big_update = jax.tree.map(jnp.subtract, big.params, params)
+    micro_update = jax.tree.map(jnp.subtract, micro.params, params)
     assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(big_update)) > lr / 2
     leaves_close(micro_update, big_update, rtol=1e-5, atol=1e-5 * lr)
 
@@ -102,8 +102,8 @@ def test_loss_scale_is_fixed_within_an_accumulated_step():
                                optim.DynamicLossScale(scale=2.0 ** 8, period=1))
     plain, _ = one_step(loss_fn, params, tx, tokens.reshape(4, 8, 17))
     assert float(metrics["loss_scale"]) == 2.0 ** 8
-    assert float(scaled["loss_scale"].loss_scale) == 2.0 ** 9
-    leaves_close(scaled["params"], plain["params"], rtol=1e-6)
+    assert float(scaled.loss_scale.loss_scale) == 2.0 ** 9
+    leaves_close(scaled.params, plain.params, rtol=1e-6)
 
 
 def test_non_finite_gradients_skip_the_step():
@@ -119,17 +119,17 @@ def test_non_finite_gradients_skip_the_step():
     after, metrics = step(state, bad)
     assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
     for key in ("params", "opt_state", "ema", "average"):
-        leaves_equal(after[key], state[key])
-    assert int(after["step"]) == 1 and int(after["skipped"]) == 1
-    assert float(after["loss_scale"].loss_scale) == 2.0 ** 3
+        leaves_equal(getattr(after, key), getattr(state, key))
+    assert int(after.step) == 1 and int(after.skipped) == 1
+    assert float(after.loss_scale.loss_scale) == 2.0 ** 3
     good = tokens.reshape(1, 32, 17).copy()
     good[0, 0, 0] = 0
     final, metrics = step(after, good)
-    assert bool(metrics["finite"]) and int(final["skipped"]) == 1
+    assert bool(metrics["finite"]) and int(final.skipped) == 1
     # The skipped step did not advance the optimizer: this update used lr(0).
     np.testing.assert_allclose(float(metrics["lr"]), float(schedule(0)))
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final["params"]))
-    assert not np.array_equal(final["params"]["head"]["kernel"], params["head"]["kernel"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final.params))
+    assert not np.array_equal(final.params["head"]["kernel"], params["head"]["kernel"])
 
 
 def test_clipping_uses_the_pre_clip_global_norm():
@@ -142,7 +142,7 @@ def test_clipping_uses_the_pre_clip_global_norm():
                               batch)
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-6)
     expected = jax.tree.map(lambda p, g: p - clip * g / norm, params, grads)
-    leaves_close(state["params"], expected, rtol=1e-6, atol=1e-8)
+    leaves_close(state.params, expected, rtol=1e-6, atol=1e-8)
     assert train_lib.with_clipping(optax.sgd(1.0), 0.0) is not None
     with pytest.raises(ValueError, match="-1"):
         train_lib.with_clipping(optax.sgd(1.0), -1.0)
@@ -160,14 +160,14 @@ def test_ema_and_tail_average_follow_the_iterates():
     for i in range(5):
         batch = np.roll(tokens, i, axis=0).reshape(1, 32, 17)
         state, _ = step(state, batch)
-        current = jax.tree.map(lambda p: np.asarray(p, np.float64), state["params"])
+        current = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, current)
         if i + 1 >= start:
             tail.append(current)
-    leaves_close(state["ema"], ema, rtol=1e-5, atol=1e-8)
-    assert int(state["average"].count) == len(tail) == 4
+    leaves_close(state.ema, ema, rtol=1e-5, atol=1e-8)
+    assert int(state.average.count) == len(tail) == 4
     mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *tail)
-    leaves_close(state["average"].average, mean, rtol=1e-5, atol=1e-8)
+    leaves_close(state.average.average, mean, rtol=1e-5, atol=1e-8)
 
 
 def test_eval_step_is_the_mean_loss_over_sub_batches():
@@ -614,7 +614,7 @@ def test_a_resume_with_other_settings_is_refused_listing_them(reference, corpus,
 def test_a_second_process_on_a_workdir_exits_2_naming_the_holder(corpus, tmp_path):
     workdir = str(tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom experiments import workdir\n"
+        [sys.executable, "-c", "import sys, time\nfrom ravine.experiments.runtime import workdir\n"
          "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n"
          "    time.sleep(600)\n", workdir],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
@@ -833,10 +833,10 @@ def whole_step_sgd():
         fns = builders.make_train_step(config, tx=optax.sgd(lr))
 
         def train_step(state, batch):
-            loss, grads = train_lib.mean_loss_and_grad(fns.loss_fn, state["params"], batch,
+            loss, grads = train_lib.mean_loss_and_grad(fns.loss_fn, state.params, batch,
                                                        fns.loss_scale)
-            params = jax.tree.map(lambda p, g: p - lr * g, state["params"], grads)
-            return {**state, "params": params, "step": state["step"] + 1}, {"loss": loss}
+            params = jax.tree.map(lambda p, g: p - lr * g, state.params, grads)
+            return state._replace(params=params, step=state.step + 1), {"loss": loss}
 
         return fns._replace(train_step=train_step)
 
@@ -857,9 +857,9 @@ def test_a_spec_train_step_is_the_seam_for_other_optimizers(whole_step_sgd):
     state = fns.init(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 65)).astype(np.uint8)
     new, out = jax.jit(fns.train_step)(state, tokens)
-    loss, grads = jax.value_and_grad(fns.loss_fn)(state["params"], tokens[0])
+    loss, grads = jax.value_and_grad(fns.loss_fn)(state.params, tokens[0])
     np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
-    leaves_close(new["params"], jax.tree.map(lambda p, g: p - lr * g, state["params"], grads),
+    leaves_close(new.params, jax.tree.map(lambda p, g: p - lr * g, state.params, grads),
                  rtol=1e-5, atol=1e-7)
     # ZeRO-2/3 rebuild an Optax step around a reduce-scattering loss: not this step.
     assert fns.step_for_loss is None

@@ -64,15 +64,15 @@ def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
             return sophia_estimates.gnb_from_gradient(grads, K * B * T)
         return sophia_estimates.hutchinson(lambda p: fns.loss_fn(p, tokens), params, key)
 
-    want = jax.tree.map(jnp.zeros_like, state["params"])
+    want = jax.tree.map(jnp.zeros_like, state.params)
     for at, batch in enumerate(batches(4)):
         if at % 3 == 0:
-            new = estimate(state["params"], batch, at)
+            new = estimate(state.params, batch, at)
             want = jax.tree.map(lambda h, e: b2 * h + (1 - b2) * e, want, new)
         state, _ = step(state, batch)
         # Hutchinson's H u (forward over reverse) rounds differently inside the step's jit:
         # up to 2e-9 on entries whose sum cancels to ~1e-6 (the typical entry is ~1e-3).
-        assert_trees_close(sophia_state(state["opt_state"]).hessian, want, rtol=2e-3,
+        assert_trees_close(sophia_state(state.opt_state).hessian, want, rtol=2e-3,
                            atol=1e-8)
     assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(want))
 
@@ -83,16 +83,16 @@ def test_schedule_free_is_evaluated_and_averaged_at_x(corpus):  # noqa: F811
                              "optimizer.warmup_steps": 2, "optimizer.learning_rate": 3e-2})
     s = setup.setup(config)
     state = s.init(jax.random.key(0))
-    ema = jax.tree.map(np.asarray, state["params"])  # x = y = z at the start
+    ema = jax.tree.map(np.asarray, state.params)  # x = y = z at the start
     for position in range(3):
         state, _ = s.train_step(state, loop.batch_at(s, position))
-        x = optim.schedule_free_eval_params(state["opt_state"], state["params"])
+        x = optim.schedule_free_eval_params(state.opt_state, state.params)
         ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, x)
-    assert_trees_close(state["ema"], ema, rtol=1e-5, atol=1e-7)
+    assert_trees_close(state.ema, ema, rtol=1e-5, atol=1e-7)
     row = loop.evaluate(s, state)
     with s.in_mesh():
         at_x = float(s.eval_step(x, s.eval_batch))
-        at_y = float(s.eval_step(state["params"], s.eval_batch))
+        at_y = float(s.eval_step(state.params, s.eval_batch))
     # x computed here (eagerly) and in the train job (jitted) may differ in the last bit.
     assert row["eval_loss"] == pytest.approx(at_x, rel=1e-6)
     assert row["eval_loss"] != pytest.approx(at_y, rel=1e-4)

@@ -409,7 +409,7 @@ def test_race_with_optimizer_module_uses_each_optimizers_spec(tmp_path):
     runs = tmp_path / "race" / "runs"
     assert {"lr0.025_seed0.jsonl", "lr0.05_seed0.jsonl", "lr0.1_seed0.jsonl"} <= set(
         os.listdir(runs / "signum"))
-    assert "lr0.3_seed0.jsonl" in os.listdir(runs / "polyak_sgd")
+    assert "lr0.1_seed0.jsonl" in os.listdir(runs / "polyak_sgd")
     report = open(tmp_path / "race" / "report.md").read()
     assert "signum" in report and "polyak_sgd" in report
 

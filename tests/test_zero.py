@@ -17,6 +17,7 @@ import multihost_worker as lm
 from ravine import optim
 from ravine import sharding
 from ravine.experiments.runtime import train_lib
+from ravine.experiments.runtime.state import TrainState
 
 STEPS, ACCUM = 4, 2
 LR = 3e-3
@@ -41,8 +42,8 @@ class Run:
             opt_sh = sharding.host_offload(opt_sh)
         # --------------------------------------------------------
         replicated = sharding.replicated(mesh)
-        self.state_sh = {"step": replicated, "skipped": replicated, "params": param_sh,
-                         "loss_scale": optim.NoOpLossScale(), "opt_state": opt_sh}
+        self.state_sh = TrainState(step=replicated, skipped=replicated, params=param_sh,
+                                   loss_scale=optim.NoOpLossScale(), opt_state=opt_sh)
         self.state = jax.jit(
             lambda p: train_lib.init_state(p, self.tx, optim.NoOpLossScale()),
             out_shardings=self.state_sh)(params)
@@ -75,7 +76,7 @@ class Run:
             return train_lib.mean_loss_and_grad(self.loss_fn, params, batch,
                                                 optim.NoOpLossScale())[1]
         with jax.set_mesh(self.mesh):
-            return jax.jit(grads)(self.state["params"], self.batch(0))
+            return jax.jit(grads)(self.state.params, self.batch(0))
 
     def compiled_text(self):
         return self.step.as_text()
@@ -110,21 +111,21 @@ def over_data(named_sharding):
 def test_zero_stage_trains_like_zero0_with_the_papers_memory(zero):
     run = Run("data=8", zero)
     n = 8
-    psi = sum(x.size for x in jax.tree.leaves(run.state["params"]))
+    psi = sum(x.size for x in jax.tree.leaves(run.state.params))
     # Per device, fp32 params with AdamW (Rajbhandari et al. 2020, Fig. 1, K = 8 bytes).
     expected = {"params": 4 * psi / (n if zero >= 3 else 1),
                 "grads": 4 * psi / (n if zero >= 2 else 1),
                 "opt_state": 8 * psi / (n if zero >= 1 else 1)}
-    measured = {"params": per_device_bytes(run.state["params"]),
+    measured = {"params": per_device_bytes(run.state.params),
                 "grads": per_device_bytes(run.gradients()),
-                "opt_state": per_device_bytes(run.state["opt_state"])}
+                "opt_state": per_device_bytes(run.state.opt_state)}
     overhead = 64   # AdamW's step counters
     for key in expected:
         assert abs(measured[key] - expected[key]) <= 0.1 * expected[key] + overhead, (
             key, measured[key], expected[key])
 
     hlo = run.compiled_text()
-    param_shapes = {x.shape for x in jax.tree.leaves(run.state["params"])}
+    param_shapes = {x.shape for x in jax.tree.leaves(run.state.params)}
     scattered = collective_shapes(hlo, "reduce-scatter")
     gathered = set(collective_shapes(hlo, "all-gather")) & param_shapes
     if zero >= 2:
@@ -135,7 +136,7 @@ def test_zero_stage_trains_like_zero0_with_the_papers_memory(zero):
         # Every weight matrix is gathered where it is used (norm scales may be fused away).
         assert {s for s in param_shapes if len(s) >= 2} <= gathered
     else:
-        assert not any(map(over_data, jax.tree.leaves(run.state_sh["params"])))
+        assert not any(map(over_data, jax.tree.leaves(run.state_sh.params)))
 
     np.testing.assert_allclose(run.train(), reference_losses(), rtol=1e-5)
 
@@ -146,7 +147,7 @@ def test_zero2_on_a_three_axis_mesh_trains_alike():
     sharding.zero._partial_manual_supported) and still split over "data"."""
     run = Run("data=2,fsdp=2,tensor=2", zero=2)
     assert all(map(over_data, jax.tree.leaves(sharding.gradient_shardings(
-        run.state["params"], run.state_sh["params"], 2))))
+        run.state.params, run.state_sh.params, 2))))
     grads = run.gradients()
     assert all(map(over_data, [x.sharding for x in jax.tree.leaves(grads)]))
     np.testing.assert_allclose(run.train(), reference_losses(), rtol=1e-4)
@@ -178,7 +179,8 @@ def test_zero3_over_data_holds_the_bytes_fsdp_does():
     zero3 = Run("data=8", zero=3)
     fsdp = Run("fsdp=8", zero=0)
     for key in ("params", "opt_state"):
-        assert per_device_bytes(zero3.state[key]) == per_device_bytes(fsdp.state[key]), key
+        assert per_device_bytes(getattr(zero3.state, key)) == per_device_bytes(
+            getattr(fsdp.state, key)), key
 
 
 def test_with_sharded_gradients_keeps_the_loss_and_its_gradient():
@@ -205,12 +207,12 @@ def test_with_sharded_gradients_keeps_the_loss_and_its_gradient():
 @pytest.mark.slow
 def test_offloaded_optimizer_state_stays_on_the_host_and_trains_alike():
     run = Run("data=8", zero=1, offload=True)
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(run.state["opt_state"])}
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(run.state.opt_state)}
     assert kinds == {sharding.HOST}
     losses = run.train()
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(run.state["opt_state"])}
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(run.state.opt_state)}
     assert kinds == {sharding.HOST}
-    assert {x.sharding.memory_kind for x in jax.tree.leaves(run.state["params"])} == {"device"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(run.state.params)} == {"device"}
     np.testing.assert_allclose(losses, reference_losses(), rtol=1e-5)
 
 
@@ -251,8 +253,8 @@ def train_setup(tmp_path, **fields):
 def test_train_config_lays_out_zero_and_offload(tmp_path, zero, offload):
     s = train_setup(tmp_path, mesh="data=8", zero=zero, offload_optimizer_state=offload)
     state = s.abstract_state
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state["opt_state"])}
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
     assert kinds == ({sharding.HOST} if offload else {"device"})
-    params = jax.tree.leaves(state["params"])
+    params = jax.tree.leaves(state.params)
     split = [over_data(x.sharding) for x in params]
     assert all(split) if zero == 3 else not any(split)

@@ -54,4 +54,4 @@ def polyak_eval_params(params, opt_state):
 if "signum" not in optim.available():
     optim.register("signum", signum, centre_lr=0.05)
 if "polyak_sgd" not in optim.available():
-    optim.register("polyak_sgd", polyak_sgd, centre_lr=0.3, eval_params=polyak_eval_params)
+    optim.register("polyak_sgd", polyak_sgd, centre_lr=0.1, eval_params=polyak_eval_params)

@@ -36,6 +36,7 @@ from ravine import models  # noqa: E402
 from ravine import optim  # noqa: E402
 from ravine import sharding  # noqa: E402
 from ravine.experiments.runtime import cli, train_lib  # noqa: E402
+from ravine.experiments.runtime.state import TrainState  # noqa: E402
 from ravine.experiments.configs import lm  # noqa: E402
 from ravine.models import pipeline  # noqa: E402
 
@@ -98,8 +99,8 @@ def zero_table():
 
 def _compiled_bytes(model, tx, mesh, params, param_sh, grad_sh, opt_sh, config):
     replicated = sharding.replicated(mesh)
-    state_sh = {"step": replicated, "skipped": replicated, "params": param_sh,
-                "loss_scale": optim.NoOpLossScale(), "opt_state": opt_sh}
+    state_sh = TrainState(step=replicated, skipped=replicated, params=param_sh,
+                          loss_scale=optim.NoOpLossScale(), opt_state=opt_sh)
     state = jax.eval_shape(lambda p: train_lib.init_state(p, tx, optim.NoOpLossScale()), params)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, state_sh)

@@ -64,7 +64,7 @@ def train(precision, corpus, steps=300, batch_size=16, seq_len=64, d_model=64, n
     batch = tokens(corpus.train, seed, 0, batch_size, seq_len)
     compiled = train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state["params"], state["opt_state"])))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
 
     losses, scales = [], []
     for step in range(steps):
@@ -72,13 +72,13 @@ def train(precision, corpus, steps=300, batch_size=16, seq_len=64, d_model=64, n
         losses.append(float(metrics["loss"]))
         scales.append(float(metrics["loss_scale"]))
     eval_step = jax.jit(train_lib.make_eval_step(loss_fn))
-    eval_loss = np.mean([float(eval_step(state["params"], tokens(
+    eval_loss = np.mean([float(eval_step(state.params, tokens(
         corpus.valid, seed, i, batch_size, seq_len))) for i in range(eval_batches)])
     tail = max(1, steps // 10)
     return {"losses": np.asarray(losses), "loss_scales": np.asarray(scales),
             "final_loss": float(np.mean(losses[-tail:])),
-            "eval_loss": float(eval_loss), "skipped": int(state["skipped"]),
-            "loss_scale": float(state["loss_scale"].loss_scale),
+            "eval_loss": float(eval_loss), "skipped": int(state.skipped),
+            "loss_scale": float(state.loss_scale.loss_scale),
             "state_bytes": int(state_bytes),
             "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
 

@@ -397,5 +397,23 @@ def optimizer_step_kwargs(config, model, seed=None):
             key=jax.random.key(seed))
         kwargs["update_args"] = spec.update_args(optimizer_hparams(config), task)
     if spec.eval_params is not None:
-        kwargs["eval_params"] = spec.eval_params
+        kwargs["eval_params"] = eval_params_fn(config)
     return kwargs
+
+
+def eval_params_fn(config):
+    """`(params, opt_state) -> params` to evaluate at: the spec's `eval_params` handed the
+    optimizer's own state (the runtime's clipping wraps it, see `build_optimizer`), or
+    `train_lib.params_of` when the spec has none."""
+    eval_params = optimizer_spec(config).eval_params
+    if eval_params is None:
+        return train_lib.params_of
+    if not config.clip_norm:
+        return eval_params
+
+    def unclipped(params, opt_state):
+        clip_state, own_state = opt_state  # optax.chain(clip_by_global_norm, tx)
+        del clip_state
+        return eval_params(params, own_state)
+
+    return unclipped

@@ -37,6 +37,7 @@ from flax import linen as nn
 from ravine import models
 from ravine import optim
 from ravine.experiments.runtime import builders
+from ravine.experiments.runtime.state import init_state
 
 TESTED_VERSION = "0.0.8"
 # The K-FAC hyperparameters the train job and race accept (`optimizer.<name>`).
@@ -302,20 +303,18 @@ def make_train_functions(config):
         params = nn.unbox(fns.init_params(key))
         opt_state = optimizer.init(params, jax.random.fold_in(key, 1), dummy)
         report_unfactored(optimizer.registrations())  # kfac-jax has scanned the layers
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-                "loss_scale": fns.loss_scale, "skipped": jnp.zeros((), jnp.int32)}
+        return init_state(params, opt_state, fns.loss_scale)
 
     def train_step(state, batch):
         tokens = batch.reshape(-1, batch.shape[-1])  # the K micro-batches as one batch
-        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         params, opt_state, stats = optimizer.traced_step(
-            state["params"], state["opt_state"], key, tokens, state["step"])
+            state.params, state.opt_state, key, tokens, state.step)
         finite = jnp.isfinite(stats["loss"])
         metrics = {"loss": stats["loss"].astype(jnp.float32), "grad_norm": stats["grad_norm"],
-                   "lr": jnp.asarray(fns.schedule(state["step"]), jnp.float32),
+                   "lr": jnp.asarray(fns.schedule(state.step), jnp.float32),
                    "finite": finite, "loss_scale": fns.loss_scale.loss_scale}
-        return {**state, "params": params, "opt_state": opt_state,
-                "step": state["step"] + 1}, metrics
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return fns._replace(init=init, train_step=train_step, tx=_StateOnly())
 

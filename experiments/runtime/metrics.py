@@ -87,8 +87,8 @@ class Throughput:
     def start_once(self, state):
         """Starts the clock after the first step (waiting for it: it compiled)."""
         if self._mark is None:
-            jax.block_until_ready(state["step"])
-            self._mark = (time.perf_counter(), int(state["step"]))
+            jax.block_until_ready(state.step)
+            self._mark = (time.perf_counter(), int(state.step))
 
     def rate(self, step):
         """Tokens/s since the last restart, or None when no step was timed."""
@@ -110,7 +110,7 @@ def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flop
     return {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": rate, "mfu": mfu,
             "loss_scale": float(metrics["loss_scale"]),
-            "skipped_steps": int(state["skipped"]), "rollbacks": rollbacks,
+            "skipped_steps": int(state.skipped), "rollbacks": rollbacks,
             "wall_time": clock.elapsed(),
             # per-group norms (experiments/runtime/layer_norms.py), when the step computes them
             **{key: float(value) for key, value in metrics.get("layers", {}).items()}}

@@ -105,8 +105,8 @@ def branch_from(s, spec):
         layout, _ = state_layout(builders.make_train_step(source_config), s.mesh,
                                  s.config.zero)
         restored, _ = checkpoints.restore(step, layout)
-        want = jax.tree.map(lambda x: (x.shape, x.dtype), s.abstract_state["params"])
-        got = jax.tree.map(lambda x: (x.shape, x.dtype), restored["params"])
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), s.abstract_state.params)
+        got = jax.tree.map(lambda x: (x.shape, x.dtype), restored.params)
         if want != got:
             raise cli.UsageError(f"config.init_from={spec!r}: its model has other "
                                  "parameters than this config's model")
@@ -114,7 +114,7 @@ def branch_from(s, spec):
     if s.config.init_from_optimizer:
         return restored, {"step": int(meta["step"]), "data_offset": meta["data_offset"],
                           "rollbacks": 0, "spike": meta["spike"], "init_from": spec}
-    state = s.init_from_params(restored["params"])
+    state = s.init_from_params(restored.params)
     return state, {"step": 0, "data_offset": 0, "rollbacks": 0, "spike": {},
                    "init_from": spec}
 

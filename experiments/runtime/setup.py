@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from ravine import models, optim, sharding
 from ravine.experiments.runtime import builders, data, token_files, train_lib
+from ravine.experiments.runtime.state import TrainState
 
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12,
@@ -45,19 +46,21 @@ def state_layout(fns, mesh, zero, offload=False):
     following them (split over `data` from ZeRO-1 on; in host memory when `offload`)."""
     key = jax.random.key(0)
     abstract = jax.eval_shape(fns.init, key)
-    params = abstract["params"]
+    params = abstract.params
     param_sh = sharding.param_shardings_for_zero(
         params, sharding.logical_to_shardings(jax.eval_shape(fns.init_params, key), mesh), zero)
     replicated = sharding.replicated(mesh)
-    state_sh = {
-        "step": replicated, "skipped": replicated, "params": param_sh,
-        "loss_scale": jax.tree.map(lambda _: replicated, abstract["loss_scale"]),
-        "opt_state": sharding.optimizer_state_shardings(fns.tx, params, param_sh, zero)}
-    if offload:
-        state_sh["opt_state"] = sharding.host_offload(state_sh["opt_state"])
-    for name in ("ema", "average"):
-        if name in abstract:
-            state_sh[name] = sharding.follow_param_shardings(abstract[name], params, param_sh)
+    opt_sh = sharding.optimizer_state_shardings(fns.tx, params, param_sh, zero)
+
+    def follow_params(tree):  # EMA / tail average: None when the run keeps none
+        return None if tree is None else sharding.follow_param_shardings(tree, params,
+                                                                         param_sh)
+
+    state_sh = TrainState(
+        step=replicated, skipped=replicated, params=param_sh,
+        loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
+        opt_state=sharding.host_offload(opt_sh) if offload else opt_sh,
+        ema=follow_params(abstract.ema), average=follow_params(abstract.average))
     abstract_state = jax.tree.map(
         lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
         abstract, state_sh)
@@ -119,10 +122,10 @@ def setup(config):
         if fns.step_for_loss is None:
             raise ValueError(f"config.zero={config.zero}: optimizer "
                              f"{config.optimizer.name!r} takes ZeRO 0 or 1 only")
-        params = abstract_state["params"]
+        params = abstract_state.params
         loss_fn = sharding.with_sharded_gradients(
-            fns.loss_fn, state_sh["params"],
-            sharding.gradient_shardings(params, state_sh["params"], config.zero))
+            fns.loss_fn, state_sh.params,
+            sharding.gradient_shardings(params, state_sh.params, config.zero))
         fns = fns._replace(train_step=fns.step_for_loss(loss_fn))
     batch_sh = sharding.batch_sharding(mesh, batch_dim=1)
     eval_rows = data.sample_batch(
@@ -132,16 +135,16 @@ def setup(config):
 
     return Setup(
         config=config, corpus=corpus, mesh=mesh, model_config=fns.model_config,
-        n_params=models.count_params(abstract_state["params"]),
+        n_params=models.count_params(abstract_state.params),
         init=jax.jit(fns.init, out_shardings=state_sh),
         init_from_params=jax.jit(lambda params: _state_around(fns, config, params),
                                  out_shardings=state_sh),
         abstract_state=abstract_state,
         train_step=sharding.jit_train_step(fns.train_step, mesh, state_sh, batch_sh),
-        eval_step=jax.jit(fns.eval_step, in_shardings=(state_sh["params"], batch_sh),
+        eval_step=jax.jit(fns.eval_step, in_shardings=(state_sh.params, batch_sh),
                           out_shardings=sharding.replicated(mesh)),
         eval_params=(fns.eval_params if fns.eval_params is train_lib.params_of else
-                     jax.jit(fns.eval_params, out_shardings=state_sh["params"])),
+                     jax.jit(fns.eval_params, out_shardings=state_sh.params)),
         eval_batch=sharding.shard_batch(eval_rows, mesh, batch_dim=1),
         signature=state_signature(abstract_state),
         flops_per_token=models.flops_per_token(fns.model_config, config.seq_len),

@@ -42,7 +42,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ravine import models, optim, sharding
 from ravine.experiments.runtime import builders, checkpointing, data, train_lib
+from ravine.experiments.runtime.loop import run_loop
 from ravine.experiments.runtime.setup import setup as setup_run
+from ravine.experiments.runtime.state import shared_leaves
 
 RUN_AXIS = "runs"
 
@@ -62,17 +64,6 @@ def can_vectorize(name):
     """Whether optimizer `name` can train several runs in one vmapped program (its spec's
     `vmappable`; those that cannot are trained in loop mode)."""
     return optim.spec(name).vmappable
-
-
-def shared_leaves(state):
-    """A tree of bools: True for the leaves the runs of a vmapped group share, the integer
-    scalars of `step` and `opt_state` (step counters; they decide the refresh conds)."""
-    def shared(path, leaf):
-        top = getattr(path[0], "key", None)
-        return (top in ("step", "opt_state") and leaf.ndim == 0
-                and jnp.issubdtype(leaf.dtype, jnp.integer))
-
-    return jax.tree.map_with_path(shared, state)
 
 
 def optimizer_at(config, lr):
@@ -200,13 +191,13 @@ class Engine:
 
         step = jax.jit(step_fn, in_shardings=(state_sh, split, split, split),
                        out_shardings=(state_sh, split), donate_argnums=(0,))
-        eval_point = builders.optimizer_spec(self.config).eval_params or train_lib.params_of
+        eval_point = builders.eval_params_fn(self.config)
 
         def evaluate_run(params, opt_state, batch):  # at the optimizer's eval params
             return self._eval_fn(eval_point(params, opt_state), batch)
 
-        opt_sh = state_sh["opt_state"]
-        evaluate = jax.jit(jax.vmap(evaluate_run, in_axes=(0, axes["opt_state"], 0)),
+        opt_sh = state_sh.opt_state
+        evaluate = jax.jit(jax.vmap(evaluate_run, in_axes=(0, axes.opt_state, 0)),
                            in_shardings=(split, opt_sh, split), out_shardings=split)
         self._vmapped[n_runs] = (step, evaluate, state_sh, split)
         return self._vmapped[n_runs]
@@ -237,54 +228,19 @@ class Engine:
     # -- training a group of runs
 
     def _group(self, runs, vectorized):
-        """Callables (init, step, evaluate, metrics-as-lists) for `runs`."""
-        if not vectorized:
-            (run,) = runs
-
-            def evaluate(state):
-                with self.setup.in_mesh():
-                    params = self.setup.eval_params(state["params"], state["opt_state"])
-                    return [float(self.setup.eval_step(params, self._eval_batch(run.seed)))]
-
-            return (lambda: self.init(run.seed),
-                    lambda state, position: self.step(
-                        state, sharding.shard_batch(self._rows(run.seed, position),
-                                                    self.setup.mesh, batch_dim=1),
-                        run.lr, run.seed),
-                    evaluate, lambda value: [value.item()])
-        step, vmapped_eval, state_sh, split = self._vectorized(len(runs))
-        mask = shared_leaves(self.setup.abstract_state)
-        lrs = jax.device_put(np.array([run.lr for run in runs], np.float32), split)
-        seeds = jax.device_put(np.array([run.seed for run in runs], np.int32), split)
-        eval_batch = jax.device_put(np.stack([self._eval_rows(run.seed) for run in runs]),
-                                    split)
-
-        def init():
-            states = [jax.device_get(self.init(run.seed)) for run in runs]
-            stacked = jax.tree.map(lambda shared, *leaves: leaves[0] if shared
-                                   else np.stack(leaves), mask, *states)
-            return jax.device_put(stacked, state_sh)
-
-        def one_step(state, position):
-            batch = np.stack([self._rows(run.seed, position) for run in runs])
-            return step(state, jax.device_put(batch, split), lrs, seeds)
-
-        def evaluate(state):
-            losses = vmapped_eval(state["params"], state["opt_state"], eval_batch)
-            return [float(x) for x in jax.device_get(losses)]
-
-        return init, one_step, evaluate, lambda value: [x.item() for x in value]
+        """The `loop.Runs` of `runs`: one run on the config's mesh, or several vmapped."""
+        return (_VmappedRuns if vectorized else _LoopRun)(self, runs)
 
     def train_group(self, runs, checkpoint_dir, vectorized=False):
-        """Trains `runs` together (vmap) or the single run in `runs` (loop), resuming from
-        `checkpoint_dir` if it holds a checkpoint; returns `{run: metrics rows}`.
+        """Trains `runs` together (vmap) or the single run in `runs` (loop) with the train
+        job's loop (`loop.run_loop`), resuming from `checkpoint_dir` if it holds a
+        checkpoint; returns `{run: metrics rows}`.
 
         A loop run stops early once its loss is non-finite (diverged); a vmapped group
         stops when every run has.
         """
-        cfg = self.config
-        init, one_step, evaluate, as_list = self._group(runs, vectorized)
-        state = init()
+        group = self._group(runs, vectorized)
+        state = group.init()
         checkpoints = checkpointing.Checkpoints(checkpoint_dir, keep=1)
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
@@ -292,30 +248,20 @@ class Engine:
         restored = checkpoints.restore_newest(abstract)
         if restored is not None:
             state, meta = restored
-            step, rows = int(meta["step"]), meta["rows"]
-        else:
-            step, rows = 0, [[{"step": 0, "eval_loss": loss}] for loss in evaluate(state)]
+            rows = meta["rows"]
+        else:  # a row at step 0: steps to a target interpolate from the start
+            meta = {"step": 0, "data_offset": 0, "rollbacks": 0}
+            rows = [[{"step": 0, **losses}] for losses in group.evaluate(state)]
+
+        def write_rows(new_rows):
+            for run_rows, row in zip(rows, new_rows, strict=True):
+                run_rows.append(row)
+
         alive = [all(math.isfinite(row.get("loss", 0.0)) for row in run_rows)
                  for run_rows in rows]
-        while step < cfg.steps and any(alive):
-            state, metrics = one_step(state, step)
-            step += 1
-            is_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps or is_eval:
-                metrics = jax.device_get(metrics)
-                losses, lrs = as_list(metrics["loss"]), as_list(metrics["lr"])
-                skipped = np.broadcast_to(jax.device_get(state["skipped"]), len(runs))
-                evals = evaluate(state) if is_eval else None
-                for i, run_rows in enumerate(rows):
-                    row = {"step": step, "loss": losses[i], "lr": lrs[i],
-                           "skipped_steps": int(skipped[i])}
-                    if evals is not None:
-                        row["eval_loss"] = evals[i]
-                    run_rows.append(row)
-                    alive[i] = alive[i] and math.isfinite(losses[i])
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoints.save(step, state, {"step": step, "rows": rows,
-                                               "runs": [run.key for run in runs]})
+        run_loop(group, state, meta, self.config, checkpoints, write_rows, alive=alive,
+                 extra_meta=lambda: {"rows": rows, "runs": [run.key for run in runs]},
+                 save_at_end=False)  # a finished group's checkpoint is never read
         checkpoints.close()
         return dict(zip(runs, rows))
 
@@ -335,5 +281,74 @@ class Engine:
     def state_bytes(self):
         """Bytes of one run's optimizer state."""
         return sum(leaf.size * leaf.dtype.itemsize
-                   for leaf in jax.tree.leaves(self.setup.abstract_state["opt_state"]))
+                   for leaf in jax.tree.leaves(self.setup.abstract_state.opt_state))
 
+
+class _LoopRun:
+    """One run of a sweep, with the step laid out on the config's mesh (loop mode)."""
+    n_runs = 1
+    # The race counts a run with a non-finite step as diverged: such a run is over, loss
+    # scale or not.
+    loss_scaled = False
+
+    def __init__(self, engine, runs):
+        (self.run,), self.engine = runs, engine
+
+    def init(self):
+        return self.engine.init(self.run.seed)
+
+    def step(self, state, position, step):
+        del step
+        engine, run = self.engine, self.run
+        batch = sharding.shard_batch(engine._rows(run.seed, position), engine.setup.mesh,
+                                     batch_dim=1)
+        return engine.step(state, batch, run.lr, run.seed)
+
+    def log_rows(self, step, out, state, rollbacks, clock):
+        del rollbacks, clock
+        return [{"step": step, "loss": out["loss"].item(), "lr": out["lr"].item(),
+                 "skipped_steps": int(state.skipped)}]
+
+    def evaluate(self, state):
+        s = self.engine.setup
+        with s.in_mesh():
+            params = s.eval_params(state.params, state.opt_state)
+            return [{"eval_loss": float(s.eval_step(params,
+                                                    self.engine._eval_batch(self.run.seed)))}]
+
+
+class _VmappedRuns:
+    """Several runs of a sweep side by side in one vmapped program (vmap mode)."""
+    loss_scaled = False  # as `_LoopRun`
+
+    def __init__(self, engine, runs):
+        self.engine, self.runs, self.n_runs = engine, runs, len(runs)
+        self._step, self._eval, self.state_sh, split = engine._vectorized(len(runs))
+        self.split = split
+        self.lrs = jax.device_put(np.array([run.lr for run in runs], np.float32), split)
+        self.seeds = jax.device_put(np.array([run.seed for run in runs], np.int32), split)
+        self.eval_batch = jax.device_put(
+            np.stack([engine._eval_rows(run.seed) for run in runs]), split)
+
+    def init(self):
+        mask = shared_leaves(self.engine.setup.abstract_state)
+        states = [jax.device_get(self.engine.init(run.seed)) for run in self.runs]
+        stacked = jax.tree.map(lambda shared, *leaves: leaves[0] if shared
+                               else np.stack(leaves), mask, *states)
+        return jax.device_put(stacked, self.state_sh)
+
+    def step(self, state, position, step):
+        del step
+        batch = np.stack([self.engine._rows(run.seed, position) for run in self.runs])
+        return self._step(state, jax.device_put(batch, self.split), self.lrs, self.seeds)
+
+    def log_rows(self, step, out, state, rollbacks, clock):
+        del rollbacks, clock
+        skipped = np.broadcast_to(jax.device_get(state.skipped), self.n_runs)
+        return [{"step": step, "loss": loss.item(), "lr": lr.item(),
+                 "skipped_steps": int(skip)}
+                for loss, lr, skip in zip(out["loss"], out["lr"], skipped, strict=True)]
+
+    def evaluate(self, state):
+        losses = jax.device_get(self._eval(state.params, state.opt_state, self.eval_batch))
+        return [{"eval_loss": float(loss)} for loss in losses]

@@ -1,15 +1,8 @@
 """The pure parts of a training step: gradient accumulation, loss scaling, skipping
 non-finite steps, clipping and weight averages. No I/O, no host syncs; jit-able as a whole.
 
-The train state is a dict pytree:
-
-    step       int32 scalar, optimizer steps taken (skipped ones included)
-    params     the model params
-    opt_state  the optimizer's state
-    loss_scale an optim loss scale (NoOp / Static / Dynamic)
-    skipped    int32 scalar, steps skipped because the gradients were not finite
-    ema        EMA of params in float32 (only when ema_decay > 0)
-    average    optim.TailAverage of params (only when average_from_step >= 0)
+The train state is a `runtime.state.TrainState` (step, params, opt_state, loss_scale,
+skipped, and the optional ema / tail average).
 
 Step semantics: `train_step(state, batch)` with `batch` [K, B, T + 1] (K = grad_accum
 micro-batches of B rows) computes the loss and gradient of every micro-batch at the same
@@ -24,6 +17,8 @@ import optax
 from ravine import models
 from ravine import optim
 from ravine.experiments.runtime import layer_norms as layer_norms_lib
+from ravine.experiments.runtime.state import TrainState
+from ravine.experiments.runtime.state import init_state as _init_state
 
 
 def lm_loss(model):
@@ -86,15 +81,9 @@ def mean_loss_and_grad(loss_fn, params, batch, loss_scale):
     return loss.astype(jnp.float32), loss_scale.unscale(grads)
 
 
-def init_state(params, tx, loss_scale, ema_decay=0.0, average_from_step=-1):
-    """The train state at step 0 (see the module docstring)."""
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "loss_scale": loss_scale, "skipped": jnp.zeros((), jnp.int32)}
-    if ema_decay:
-        state["ema"] = optim.init_average(params)
-    if average_from_step >= 0:
-        state["average"] = optim.init_tail_average(params)
-    return state
+def init_state(params, tx, loss_scale, ema_decay=0.0, average_from_step=-1) -> TrainState:
+    """The `TrainState` at step 0 around `params`, with `tx`'s initial state."""
+    return _init_state(params, tx.init(params), loss_scale, ema_decay, average_from_step)
 
 
 def params_of(params, opt_state):
@@ -112,7 +101,7 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
       loss_fn: `loss_fn(params, tokens) -> scalar loss`.
       tx: the optimizer (an `optax.GradientTransformation`, clipping included).
       schedule: `count -> lr`, the optimizer's learning rate, only to report `lr`.
-      ema_decay: EMA decay of `state["ema"]` (0 = no EMA in the state).
+      ema_decay: EMA decay of `state.ema` (0 = no EMA in the state).
       average_from_step: the tail average takes params from this step on (-1 = none).
       layer_norms: also return `metrics["layers"]`, the per-group gradient, update and
         param norms of `experiments.layer_norms`.
@@ -125,33 +114,33 @@ def make_train_step(loss_fn, tx, schedule, ema_decay=0.0, average_from_step=-1,
     Metrics (scalars): loss, grad_norm (global norm before clipping), lr (of this update),
     finite (whether the update was applied), loss_scale; with `layer_norms`, "layers".
     """
-    def train_step(state, batch):
-        params, loss_scale = state["params"], state["loss_scale"]
+    def train_step(state: TrainState, batch):
+        params, loss_scale = state.params, state.loss_scale
         loss, grads = mean_loss_and_grad(loss_fn, params, batch, loss_scale)
         finite = optim.all_finite(grads)
         # extra update arguments (Sophia's Hessian estimate) see the first micro-batch
-        extra = update_args(params, batch[0], state["step"]) if update_args else {}
-        updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
+        extra = update_args(params, batch[0], state.step) if update_args else {}
+        updates, opt_state = tx.update(grads, state.opt_state, params, **extra)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         if ema_decay or average_from_step >= 0:
             eval_point = eval_params(new["params"], opt_state)  # Schedule-Free: x
         if ema_decay:
-            new["ema"] = optim.ema_params(state["ema"], eval_point, ema_decay)
+            new["ema"] = optim.ema_params(state.ema, eval_point, ema_decay)
         if average_from_step >= 0:
             new["average"] = optim.update_tail_average(
-                state["average"], eval_point, active=state["step"] + 1 >= average_from_step)
+                state.average, eval_point, active=state.step + 1 >= average_from_step)
         # Updates applied before this one: the count the optimizer's schedule sees.
-        applied = state["step"] - state["skipped"]
+        applied = state.step - state.skipped
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(applied), jnp.float32), "finite": finite,
                    "loss_scale": loss_scale.loss_scale}
         if layer_norms:
             metrics["layers"] = layer_norms_lib.layer_norms(grads, updates, params)
-        old = {key: state[key] for key in new}
-        state = {**state, **optim.select_tree(finite, new, old),
-                 "step": state["step"] + 1,
-                 "loss_scale": loss_scale.adjust(finite),
-                 "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+        # a non-finite step changes nothing but the counters and the loss scale
+        old = {key: getattr(state, key) for key in new}
+        state = state._replace(**optim.select_tree(finite, new, old), step=state.step + 1,
+                               loss_scale=loss_scale.adjust(finite),
+                               skipped=state.skipped + (~finite).astype(jnp.int32))
         return state, metrics
 
     return train_step
