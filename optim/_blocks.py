@@ -1,5 +1,6 @@
 """Block layout and batched matrix functions shared by Shampoo and SOAP (and the argument
-and dtype checks the matrix optimizers share with Muon).
+and dtype checks the matrix optimizers share with Muon, and the handling of Flax's param
+wrappers that every optimizer with per-leaf state structures shares).
 
 Blocking. A leaf of shape `(d_0, ..., d_{k-1})` is cut into blocks of at most `block_size`
 entries per dim: dim j holds `g_j = ceil(d_j / b_j)` blocks of `b_j = min(d_j, block_size)`
@@ -17,9 +18,23 @@ arrays all start with the grid says so with the class attribute `FOLLOWS_PARAM_G
 for sharding rules that lay out optimizer state ahead of time. Same-shape stacks of
 different leaves are stacked along a new leading axis only inside the root computation
 (`map_stacked`), which keeps the grid dims and their shardings intact.
+
+Flax's param wrappers. Params may come wrapped one leaf at a time: `nnx.Optimizer` passes
+`init` the `nnx.Param` variables of an NNX model, and linen's `model.init` boxes the leaves
+of a model built with `nn.with_logical_partitioning` in `nn.Partitioned`. Each wrapper is a
+pytree node holding one array and metadata about that array's dims (logical axis names,
+sharding), so `jax.tree.map(f, params)` puts whatever `f` returns inside a copy of the
+param's wrapper. That is right for an array shaped like the param (optax's moments), and
+wrong for a per-leaf structure such as `ShampooBlocks` or a `QuantizedArray`: nnx keeps a
+wrapper's contents as one value and turns a structure there into an `nnx.State` at the first
+write-back, and the param's axis names do not describe a statistic's `(*grid, b, b)` dims.
+So the optimizers with such structures build them with `wrapped_leaves` and `wrap_like`:
+the structure sits where the param's wrapper was, and a copy of the wrapper goes only around
+the arrays laid out like the param (8-bit codes), or none (statistics, roots, scales).
 """
 import collections
 import math
+import sys
 from typing import NamedTuple
 
 import jax
@@ -205,6 +220,60 @@ def static_values(**values):
                          f"optax.inject_hyperparams pass static_args={tuple(flagged)!r}")
     return tuple(static_value(name, value) for name, value in values.items()
                  if not name.endswith("dtype"))
+
+
+def _wrapper_types():
+    """The classes Flax wraps params in: nnx variables and linen's boxes (`nn.Partitioned`
+    and every other `AxisMetadata`). Looked up among the imported modules: a tree can only hold
+    one once Flax is imported, and optim imports no framework of its own."""
+    types = []
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(getattr(nnx, "Variable", None), type):
+        types.append(nnx.Variable)
+    meta = sys.modules.get("flax.core.meta")
+    if meta is not None and isinstance(getattr(meta, "AxisMetadata", None), type):
+        types.append(meta.AxisMetadata)
+    return tuple(types)
+
+
+def is_wrapped(x):
+    """Whether `x` is a Flax param wrapper (an nnx variable or a linen box)."""
+    types = _wrapper_types()
+    return bool(types) and isinstance(x, types)
+
+
+def _open(wrapper):
+    """The one value a wrapper holds and the treedef that wraps another value the same way."""
+    children, treedef = jax.tree.flatten(wrapper, is_leaf=lambda x: x is not wrapper)
+    if len(children) != 1:
+        raise ValueError(f"expected a param wrapper holding one value, got {type(wrapper)} "
+                         f"holding {len(children)}")
+    return children[0], treedef
+
+
+def unwrap(x):
+    """The array inside a (possibly nested) Flax param wrapper; anything else as it is."""
+    while is_wrapped(x):
+        x = _open(x)[0]
+    return x
+
+
+def wrap_like(wrapped, value):
+    """`value` in a copy of `wrapped`'s wrappers (same type and metadata); `value` itself when
+    `wrapped` is not wrapped. Only for arrays laid out like the wrapped param."""
+    if not is_wrapped(wrapped):
+        return value
+    inner, treedef = _open(wrapped)
+    return treedef.unflatten([wrap_like(inner, value)])
+
+
+def wrapped_leaves(tree):
+    """The leaves of `tree`, each with its Flax wrapper if it has one, and the treedef with
+    those wrapped leaves as its leaves: `treedef.unflatten(per_leaf)` puts one per-leaf value
+    (a structure, an array or None) where each param is, without the param's wrapper around
+    it; `treedef.flatten_up_to(state_field)` gets them back, from the wrapped params that
+    `init` saw and from the plain (or differently wrapped) gradients `update` sees alike."""
+    return jax.tree.flatten(tree, is_leaf=is_wrapped)
 
 
 def reject_complex(params, name):

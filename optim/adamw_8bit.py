@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ravine.optim import _validate, quantization
+from ravine.optim import _blocks, _validate, quantization
 from ravine.optim.alias import decay_and_scale
 from ravine.optim.quantization import QuantizedArray
 
@@ -58,6 +58,10 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     Example:
       >>> tx = optax.chain(scale_by_adam_8bit(), optax.scale(-1e-3))
     """
+    # They decide the state's layout (and the rounding's code path): Python values only.
+    block_size, min_8bit_size, nu_rounds_to_zero = _blocks.static_values(
+        block_size=block_size, min_8bit_size=min_8bit_size,
+        nu_rounds_to_zero=nu_rounds_to_zero)
     _validate.in_range("b1", b1)
     _validate.in_range("b2", b2)
     _validate.non_negative("eps", eps)
@@ -68,16 +72,34 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     def quantized(param):
         return param.size >= min_8bit_size and param.size > 0
 
-    def init_moment(param, signed):
+    def wrap(wrapped, moment):
+        """A moment in a copy of its param's Flax wrapper, if any: the float32 array, or a
+        quantized one's codes (laid out like the param; the block scales are not)."""
+        if isinstance(moment, QuantizedArray):
+            return moment._replace(codes=_blocks.wrap_like(wrapped, moment.codes))
+        return _blocks.wrap_like(wrapped, moment)
+
+    def unwrap(moment):
+        if isinstance(moment, QuantizedArray):
+            return moment._replace(codes=_blocks.unwrap(moment.codes))
+        return _blocks.unwrap(moment)
+
+    def init_moment(wrapped, signed):
+        param = _blocks.unwrap(wrapped)
         if quantized(param):
-            return quantization.zeros(param.shape, block_size, signed)
-        return jnp.zeros(param.shape, jnp.float32)
+            moment = quantization.zeros(param.shape, block_size, signed)
+        else:
+            moment = jnp.zeros(param.shape, jnp.float32)
+        return wrap(wrapped, moment)
 
     def init_fn(params):
+        # A QuantizedArray goes where its param is, not inside the param's Flax wrapper (nnx
+        # variable, linen box): see optim._blocks.
+        leaves, layout = _blocks.wrapped_leaves(params)
         return Adam8bitState(
             count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(lambda p: init_moment(p, signed=True), params),
-            nu=jax.tree.map(lambda p: init_moment(p, signed=False), params))
+            mu=layout.unflatten([init_moment(p, signed=True) for p in leaves]),
+            nu=layout.unflatten([init_moment(p, signed=False) for p in leaves]))
 
     # A quantized leaf is updated in its `[num_blocks, block_size]` view (moments, block
     # maxima, codes and direction), so XLA sees one shape and can share the decoded moments
@@ -111,10 +133,16 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
                 direction = quantization.from_blocks(direction, grad.shape)
             return direction.astype(grad.dtype), store(m, mu, True), store(v, nu, False)
 
-        triples = jax.tree.map(leaf, updates, state.mu, state.nu)
-        # `triples` holds a tuple where `updates` holds a leaf: split it there.
-        part = lambda i: jax.tree.map(lambda _, t: t[i], updates, triples)  # noqa: E731
-        return part(0), Adam8bitState(count, part(1), part(2))
+        wrapped, layout = _blocks.wrapped_leaves(updates)
+        directions, mus, nus = [], [], []
+        for w, mu, nu in zip(wrapped, layout.flatten_up_to(state.mu),
+                             layout.flatten_up_to(state.nu)):
+            direction, mu, nu = leaf(_blocks.unwrap(w), unwrap(mu), unwrap(nu))
+            directions.append(_blocks.wrap_like(w, direction))
+            mus.append(wrap(w, mu))
+            nus.append(wrap(w, nu))
+        return layout.unflatten(directions), Adam8bitState(
+            count, layout.unflatten(mus), layout.unflatten(nus))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -173,15 +173,23 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
             stats=tuple(jnp.zeros(s, statistics_dtype) for s in shapes),
             roots=tuple(_blocks.eye_like(s) for s in shapes))
 
+    def init_diagonal(wrapped):
+        param = _blocks.unwrap(wrapped)
+        if not needs_diagonal(param):
+            return None
+        return _blocks.wrap_like(wrapped, jnp.zeros_like(param))
+
     def init_fn(params):
         _blocks.reject_complex(params, "scale_by_shampoo")
+        # Per-leaf values go where the params are, not inside Flax's param wrappers (nnx
+        # variables, linen boxes): see optim._blocks.
+        leaves, layout = _blocks.wrapped_leaves(params)
         return ShampooState(
             count=jnp.zeros([], jnp.int32),
             # Only a Python 0 drops the momentum (an injected b1 is an array).
             momentum=None if _is_number(b1) and b1 == 0 else optax.tree.zeros_like(params),
-            diagonal=jax.tree.map(
-                lambda p: jnp.zeros_like(p) if needs_diagonal(p) else None, params),
-            blocks=jax.tree.map(init_blocks, params))
+            diagonal=layout.unflatten([init_diagonal(p) for p in leaves]),
+            blocks=layout.unflatten([init_blocks(_blocks.unwrap(p)) for p in leaves]))
 
     def diagonal_step(grad, v, count):
         """The diagonal (grafting) step and the new second moment (None where not needed)."""
@@ -214,8 +222,9 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         count = state.count
         new_count = optax.safe_increment(count)
         grads, treedef = jax.tree.flatten(updates)
-        diagonals = treedef.flatten_up_to(state.diagonal)
-        blocks = treedef.flatten_up_to(state.blocks)
+        wrapped, layout = _blocks.wrapped_leaves(updates)
+        diagonals = [_blocks.unwrap(v) for v in layout.flatten_up_to(state.diagonal)]
+        blocks = layout.flatten_up_to(state.blocks)
 
         diag_steps, new_diagonals = [], []
         for grad, v in zip(grads, diagonals):
@@ -273,7 +282,9 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
         outputs = [u.astype(g.dtype) for u, g in zip(outputs, grads)]
         new_state = ShampooState(
             count=new_count, momentum=momentum,
-            diagonal=treedef.unflatten(new_diagonals), blocks=treedef.unflatten(new_blocks))
+            diagonal=layout.unflatten([None if v is None else _blocks.wrap_like(w, v)
+                                       for w, v in zip(wrapped, new_diagonals)]),
+            blocks=layout.unflatten(new_blocks))
         return treedef.unflatten(outputs), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -123,10 +123,13 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, precondition_every=10, max_precond
 
     def init_fn(params):
         _blocks.reject_complex(params, "scale_by_soap")
+        # The bases go where the params are, not inside Flax's param wrappers (nnx variables,
+        # linen boxes): see optim._blocks.
+        leaves, layout = _blocks.wrapped_leaves(params)
         return SoapState(count=jnp.zeros([], jnp.int32),
                          mu=optax.tree.zeros_like(params),
                          nu=optax.tree.zeros_like(params),
-                         bases=jax.tree.map(init_bases, params))
+                         bases=layout.unflatten([init_bases(_blocks.unwrap(p)) for p in leaves]))
 
     def refresh(count, all_stats, all_bases, mus, nus):
         """New bases (same-shape ones in one batched call), moments carried into them."""
@@ -163,7 +166,8 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, precondition_every=10, max_precond
         count = state.count
         first = count == 0
         grads, treedef = jax.tree.flatten(updates)
-        leaf_bases = treedef.flatten_up_to(state.bases)
+        layout = _blocks.wrapped_leaves(updates)[1]
+        leaf_bases = layout.flatten_up_to(state.bases)
         # Adam's step t is `count` (the first gradient takes none); its bias corrections
         # scale the step. At count 0 the (then meaningless) factor is replaced by 0.
         t = jnp.maximum(count, 1).astype(jnp.float32)
@@ -206,7 +210,7 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, precondition_every=10, max_precond
             count=optax.safe_increment(count),
             mu=optax.tree.cast_like(treedef.unflatten(mus), state.mu),
             nu=optax.tree.cast_like(treedef.unflatten(nus), state.nu),
-            bases=treedef.unflatten(new_bases))
+            bases=layout.unflatten(new_bases))
         return treedef.unflatten(directions), state
 
     return optax.GradientTransformation(init_fn, update_fn)

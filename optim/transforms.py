@@ -260,6 +260,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
 
 
 class LionState(NamedTuple):
+    count: jax.Array  # int32 scalar: steps taken (as optax's `ScaleByLionState`)
     mu: optax.Updates
 
 
@@ -268,8 +269,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99,
     """Lion's scaling: the sign of an interpolation of momentum and gradient.
 
     update `sign(b1 m_{t-1} + (1-b1) g_t)`, then `m_t = b2 m_{t-1} + (1-b2) g_t`.
-    One moment and no step counter: half of Adam's state. On complex gradients `sign(z)` is
-    `z / |z|`, as in `optax.scale_by_lion`.
+    One moment, half of Adam's state, plus a step count that the update does not use: optax's
+    Lion state has one, and `optax.tree.get(state, "count")` finds it. On complex gradients
+    `sign(z)` is `z / |z|`, as in `optax.scale_by_lion`.
 
     Args:
       b1: interpolation between momentum and gradient for the update, in [0, 1).
@@ -288,13 +290,15 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99,
     mu_dtype = _validate.state_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
-        return LionState(optax.tree.zeros_like(params, dtype=mu_dtype))
+        return LionState(count=jnp.zeros([], jnp.int32),
+                         mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
     def update_fn(updates, state, params=None):
         del params
         directions = jax.tree.map(lambda g, m: jnp.sign(_ema(g, m, b1)), updates, state.mu)
         mu = optax.tree.update_moment(updates, state.mu, b2, 1)
-        return directions, LionState(_cast_like(mu, state.mu))
+        return directions, LionState(optax.safe_increment(state.count),
+                                     _cast_like(mu, state.mu))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
