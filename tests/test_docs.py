@@ -1,0 +1,46 @@
+"""README's numbers are the numbers its commands wrote: each checked against the results
+file committed beside it (docs/demos/*.txt), so the text cannot drift from the runs."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def readme_row(demo):
+    (row,) = [line for line in README.splitlines()
+              if line.startswith(f"| `python -m ravine.experiments.demos.{demo}`")]
+    return row
+
+
+def test_lr_transfer_row_is_its_output():
+    lines = open(os.path.join(ROOT, "docs/demos/lr_transfer.txt")).read().splitlines()
+    rows = [line.split() for line in lines
+            if line.split()[:1] in (["sp"], ["mup"]) and line.split()[1].isdigit()]
+    best = {(r[0], int(r[1])): min(float(x) for x in r[2:10]) for r in rows}
+    best_lr = {(r[0], int(r[1])): r[10] for r in rows}
+    row = readme_row("lr_transfer")
+    mup = [best["mup", w] for w in (32, 64, 128, 256)]
+    assert f"its best loss is {min(mup):.2f}–{max(mup):.2f} at every width" in row
+    assert f"SP at width 256 reaches {best['sp', 256]:.2f}" in row
+    for param, name in (("sp", "SP"), ("mup", "μP")):
+        lrs = ", ".join(best_lr[param, w] for w in (32, 64, 128, 256))
+        assert f"{name} {lrs}" in row, (name, lrs)
+
+
+def test_stability_row_is_its_output():
+    text = open(os.path.join(ROOT, "docs/demos/stability.txt")).read()
+    logits = {line.split()[0]: line.split()[1:] for line in
+              text.split("largest attention logit during training")[1].splitlines()[2:6]}
+    sensitivity = {name: (value, best) for name, value, best in re.findall(
+        r"^  (\w+)\s+([\d.]+)  \(best loss ([\d.]+)\)", text, re.M)}
+    row = readme_row("stability")
+    low, high = float(logits["none"][0]), f"{float(logits['none'][-1]):.1e}".replace("e+0", "e")
+    assert f"from {low:.1f} to {high}" in row
+    assert f"({logits['qk_norm'][-1]} at lr 1; {logits['both'][-1]} with QK-norm and z-loss)" \
+        in row
+    names = {"none": "none", "qk_norm": "QK-norm", "z_loss": "z-loss", "both": "both"}
+    listed = ", ".join(f"{names[k]} {sensitivity[k][0]}" for k in names)
+    assert f"LR sensitivity: {listed}" in row
+    losses = " / ".join(sensitivity[k][1] for k in names)
+    assert f"(best losses {losses})" in row
