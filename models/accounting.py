@@ -21,23 +21,30 @@ Elementwise work (norms, softmax, activations, the optimizer) is not counted: MF
 useful matmul work, so those show up as lost utilisation.
 """
 import math
+from typing import Any
 
 import jax
 from flax import linen as nn
 
-from ravine.models.transformer import GATED_MLPS
+from ravine.models.transformer import GATED_MLPS, TransformerConfig
 
 
-def count_params(params):
+def count_params(params: Any) -> int:
     """Total number of scalars in a params tree (boxed or unboxed, arrays or shape structs).
 
     Works on `model.init(...)` output, its `nn.unbox`, a `{"params": ...}` variables dict or
     a `jax.eval_shape` of any of them.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ravine.models import count_params
+      >>> count_params({"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)}})
+      16
     """
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.unbox(params)))
 
 
-def non_embedding_params(config):
+def non_embedding_params(config: TransformerConfig) -> int:
     """N: params of a `Transformer(config)` other than the embedding, positions and head.
 
     Per block: Q, K, V and output projections (4 d^2), the MLP (2 d d_ff for the non-gated
@@ -52,7 +59,7 @@ def non_embedding_params(config):
     return config.n_layers * block + norm_params
 
 
-def flops_per_token(config, seq_len=None):
+def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> int:
     """Training FLOPs (forward + backward) per token of a `Transformer(config)`.
 
     `6 * (N + d_model * vocab) + 12 * n_layers * d_model * seq_len` (see the module
@@ -61,6 +68,11 @@ def flops_per_token(config, seq_len=None):
     Args:
       config: a `TransformerConfig`.
       seq_len: the training sequence length (default: `config.max_len`).
+
+    Example:
+      >>> from ravine.models import TransformerConfig, flops_per_token
+      >>> flops_per_token(TransformerConfig(vocab_size=256, d_model=64, n_layers=2, max_len=32))
+      788352
     """
     seq_len = config.max_len if seq_len is None else seq_len
     matmul_params = non_embedding_params(config) + config.d_model * config.vocab_size

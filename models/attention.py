@@ -28,7 +28,8 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
 
 
-def causal_attention(q, k, v, implementation="xla", chunk_size=128):
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
+                     chunk_size: int = 128) -> jax.Array:
     """Causal scaled dot-product attention (Vaswani et al., 2017).
 
     `out[b, i, h] = sum_{j <= i} softmax_j(q[b, i, h] . k[b, j, h] / sqrt(head_dim)) v[b, j, h]`
@@ -113,7 +114,8 @@ def _forward(q, k, v, chunk_size):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_causal_attention(q, k, v, chunk_size=128):
+def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             chunk_size: int = 128) -> jax.Array:
     """Causal attention by FlashAttention's blockwise online softmax (see module docstring).
 
     Args:

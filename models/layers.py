@@ -5,6 +5,7 @@ and the second ("mlp", "embed") row-parallel, so a pair needs one all-reduce; th
 rules, not the model, decide which mesh axis each logical name lands on.
 """
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -12,7 +13,7 @@ from flax import linen as nn
 from ravine.models.policy import Policy
 
 
-def logical_init(init, names):
+def logical_init(init: Callable[..., jax.Array], names: Sequence[str]) -> Callable[..., Any]:
     """`init` whose params are boxed with the logical axis `names` (one per dimension)."""
     return nn.with_logical_partitioning(init, names)
 
@@ -41,7 +42,7 @@ class Dense(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         features = tuple(self.features)
         kernel = self.param("kernel", logical_init(self.kernel_init, tuple(self.names)),
                             x.shape[x.ndim - self.contract:] + features,

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import optax
 
 
-def lm_loss(logits, targets, z_loss=0.0):
+def lm_loss(logits: jax.Array, targets: jax.Array,
+            z_loss: jax.typing.ArrayLike = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy plus `z_loss * mean(log(Z)^2)`, and both terms as metrics.
 
     `Z = sum_v exp(logits_v)` is the softmax normaliser of each position. The z-loss pulls
@@ -40,7 +41,8 @@ def lm_loss(logits, targets, z_loss=0.0):
     return cross_entropy_ + z_term, metrics
 
 
-def cross_entropy(logits, targets, z_loss=0.0):
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  z_loss: jax.typing.ArrayLike = 0.0) -> jax.Array:
     """Mean next-token cross-entropy `-mean log softmax(logits)[targets]`, in float32.
 
     With `z_loss > 0`, adds `z_loss * mean(log(Z)^2)` (see `lm_loss`, which also returns

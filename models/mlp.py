@@ -1,6 +1,7 @@
 """A multilayer perceptron with a dtype policy and logically named params."""
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -36,7 +37,7 @@ class MLP(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         policy = get_policy(self.policy)
         x = policy.cast_to_compute(x)
         for i, width in enumerate(self.features):

@@ -45,8 +45,13 @@ References:
   Yang, Simon & Bernstein 2023, "A Spectral Condition for Feature Learning",
   https://arxiv.org/abs/2310.17813
 """
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 from flax import linen as nn
+
+from ravine.models.transformer import TransformerConfig
 
 KINDS = ("embedding", "hidden", "readout", "vector")
 # The optimizers whose hidden-matrix step grows with width (multiplier 1/r) and those whose
@@ -59,7 +64,7 @@ def _keys(path):
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def param_kind(path):
+def param_kind(path: Sequence[Any]) -> str:
     """The μP kind of the Transformer param at `path` (a tree path or a sequence of names):
     "embedding", "hidden", "readout" or "vector" (see the module table)."""
     keys = path if all(isinstance(k, str) for k in path) else _keys(path)
@@ -72,12 +77,12 @@ def param_kind(path):
     return "vector"
 
 
-def param_kinds(params):
+def param_kinds(params: Any) -> Any:
     """The tree of `param_kind` strings for (boxed or unboxed) Transformer params."""
     return jax.tree.map_with_path(lambda path, _: param_kind(path), nn.unbox(params))
 
 
-def mup_lr_multipliers(params, config, optimizer="adam"):
+def mup_lr_multipliers(params: Any, config: TransformerConfig, optimizer: str = "adam") -> Any:
     """Per-leaf learning-rate multipliers of μP for `models.Transformer(config)`.
 
     Args:

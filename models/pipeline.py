@@ -35,6 +35,7 @@ optimizer treat the layer axis as a batch axis, so the updates equal the unstack
 """
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +44,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import AxisType, PartitionSpec
 
-from ravine.models.transformer import REMAT_POLICIES, Block, Transformer
+from ravine.models.transformer import REMAT_POLICIES, Block, Transformer, TransformerConfig
 
 BLOCKS = "blocks"   # params key of the stacked blocks
 LAYERS = "layers"   # logical axis name of the stacking axis
@@ -65,7 +66,7 @@ def _stack_leaves(*leaves):
     return jnp.stack(leaves)
 
 
-def stack_blocks(params):
+def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
     """`Transformer` params -> the same with `block_0 ... block_{L-1}` stacked under "blocks".
 
     Works on unboxed arrays, on boxed params (`nn.LogicallyPartitioned`: the stacking axis is
@@ -81,7 +82,7 @@ def stack_blocks(params):
     return {**rest, BLOCKS: jax.tree.map(_stack_leaves, *blocks, is_leaf=_is_box)}
 
 
-def unstack_blocks(params):
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `stack_blocks` for unboxed params."""
     stacked = params[BLOCKS]
     n_layers = jax.tree.leaves(stacked)[0].shape[0]
@@ -95,7 +96,7 @@ def _check_microbatches(microbatches):
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
 
 
-def check_divisible(n_layers, stages, batch_size, microbatches):
+def check_divisible(n_layers: int, stages: int, batch_size: int, microbatches: int) -> None:
     """Raises ValueError (naming both numbers) unless S | n_layers and M | batch_size."""
     _check_microbatches(microbatches)
     if n_layers % stages:
@@ -116,7 +117,8 @@ def _layers_fn(config):
     return lambda x, stacked: jax.lax.scan(one, x, stacked)[0]
 
 
-def gpipe(layers_fn, stacked, xs, num_stages):
+def gpipe(layers_fn: Callable[[jax.Array, Any], jax.Array], stacked: Any, xs: jax.Array,
+          num_stages: int) -> jax.Array:
     """Runs micro-batches `xs` [M, ...] through the layers in `stacked`, GPipe-scheduled.
 
     Must run under a mesh whose "stage" axis has `num_stages` devices; `stacked` has a
@@ -155,7 +157,8 @@ def gpipe(layers_fn, stacked, xs, num_stages):
                          out_specs=PartitionSpec(), axis_names={STAGE})(stacked, xs)
 
 
-def run_blocks(config, stacked, x, microbatches):
+def run_blocks(config: TransformerConfig, stacked: Any, x: jax.Array,
+               microbatches: int) -> jax.Array:
     """The blocks of `config` on activations x [B, T, D], pipelined over the "stage" axis.
 
     Without a mesh or with stage=1 the layers simply run in order on the whole batch.
@@ -182,7 +185,8 @@ def run_blocks(config, stacked, x, microbatches):
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
-def apply(config, params, tokens, microbatches=1):
+def apply(config: TransformerConfig, params: dict[str, Any], tokens: jax.Array,
+          microbatches: int = 1) -> jax.Array:
     """`Transformer(config).apply` for stacked params (`stack_blocks`), blocks pipelined.
 
     Args:
@@ -229,15 +233,15 @@ class Pipelined:
         boxed = jax.eval_shape(model.init, key, tokens)["params"]   # {"blocks": ..., ...}
     """
 
-    def __init__(self, config, microbatches):
+    def __init__(self, config: TransformerConfig, microbatches: int):
         _check_microbatches(microbatches)
         self.config, self.microbatches = config, microbatches
 
-    def init(self, rngs, tokens):
+    def init(self, rngs: Any, tokens: jax.Array) -> dict[str, Any]:
         variables = Transformer(self.config).init(rngs, tokens)
         return {**variables, "params": stack_blocks(variables["params"])}
 
-    def apply(self, variables, tokens):
+    def apply(self, variables: dict[str, Any], tokens: jax.Array) -> jax.Array:
         return apply(self.config, nn.unbox(variables["params"]), tokens, self.microbatches)
 
 
@@ -251,7 +255,7 @@ def _split(tree):
     return {BLOCKS: tree[BLOCKS]}, {k: v for k, v in tree.items() if k != BLOCKS}
 
 
-def per_layer(tx):
+def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` treating the leading layer axis of the stacked blocks as a batch axis.
 
     The stacked blocks get `jax.vmap(tx.update)` over the layer axis, every other param

@@ -13,6 +13,7 @@ jmp library), reimplemented here so ravine does not depend on jmp:
 policy on GPU/CPU needs loss scaling (`optim.DynamicLossScale`).
 """
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +58,15 @@ class Policy:
                 raise ValueError(f"{field.name} must be a floating dtype, got {dtype}")
             object.__setattr__(self, field.name, dtype)
 
-    def cast_to_param(self, tree):
+    def cast_to_param(self, tree: Any) -> Any:
         """Casts the floating leaves of `tree` to the param dtype."""
         return _cast_floating(tree, self.param_dtype)
 
-    def cast_to_compute(self, tree):
+    def cast_to_compute(self, tree: Any) -> Any:
         """Casts the floating leaves of `tree` to the compute dtype."""
         return _cast_floating(tree, self.compute_dtype)
 
-    def cast_to_output(self, tree):
+    def cast_to_output(self, tree: Any) -> Any:
         """Casts the floating leaves of `tree` to the output dtype."""
         return _cast_floating(tree, self.output_dtype)
 
@@ -84,7 +85,7 @@ def _parse_dtype(name):
                          f"{', '.join(sorted(_DTYPE_NAMES) + ['half'])}") from None
 
 
-def get_policy(spec):
+def get_policy(spec: str | Policy) -> Policy:
     """Parses a jmp-style policy spec (see the module docstring) into a `Policy`.
 
     Args:
@@ -95,6 +96,15 @@ def get_policy(spec):
     Raises:
       ValueError naming an unknown key, an unknown dtype name, a repeated key or a malformed
       entry.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ravine.models import get_policy
+      >>> policy = get_policy("p=f32,c=bf16")  # output follows compute
+      >>> print(policy)
+      params=float32,compute=bfloat16,output=bfloat16
+      >>> policy.cast_to_compute({"x": jnp.ones(2), "ids": jnp.arange(2)})["x"].dtype
+      dtype(bfloat16)
     """
     if isinstance(spec, Policy):
         return spec

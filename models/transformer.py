@@ -166,23 +166,23 @@ class TransformerConfig:
         get_policy(self.policy)  # raises ValueError on a bad spec
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     @property
-    def width_ratio(self):
+    def width_ratio(self) -> float:
         """r = d_model / base_width under "mup"; 1.0 under "sp" or without a base width."""
         if self.parametrization == "sp" or self.base_width is None:
             return 1.0
         return self.d_model / self.base_width
 
     @property
-    def attention_scale(self):
+    def attention_scale(self) -> float:
         """The factor on q.k: 1/sqrt(d_head) ("sp"), sqrt(d_head_base)/d_head ("mup")."""
         return 1.0 / (math.sqrt(self.head_dim) * math.sqrt(self.width_ratio))
 
     @property
-    def ff_dim(self):
+    def ff_dim(self) -> int:
         """The MLP hidden width, `d_ff` or its default."""
         if self.d_ff is not None:
             return self.d_ff
@@ -213,7 +213,7 @@ def _residual_init(config):
     return _hidden_init(config, config.init_std / math.sqrt(2 * config.n_layers))
 
 
-def rotary_embedding(x, base=10000.0):
+def rotary_embedding(x: jax.Array, base: float = 10000.0) -> jax.Array:
     """Rotates pairs (x_i, x_{i + d/2}) of `x` [B, T, H, d] by angle t * base^(-2i/d).
 
     Computed in float32 and returned in x's dtype. After it, q . k depends on positions only
@@ -229,7 +229,7 @@ def rotary_embedding(x, base=10000.0):
     return rotated.astype(x.dtype)
 
 
-def max_attention_logit(q, k, scale):
+def max_attention_logit(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
     """The largest `scale * q.k` over heads and causal (query >= key) pairs, in float32."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
@@ -246,7 +246,7 @@ class CausalSelfAttention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         policy = get_policy(cfg.policy)
         init = _hidden_init(cfg, cfg.init_std)
@@ -282,7 +282,7 @@ class FeedForward(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         policy = get_policy(cfg.policy)
         init = _hidden_init(cfg, cfg.init_std)
@@ -303,7 +303,7 @@ class Block(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = x + CausalSelfAttention(self.config, name="attn")(_norm(self.config, "attn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = x + FeedForward(self.config, name="mlp")(_norm(self.config, "mlp_norm")(x))
@@ -319,7 +319,7 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens: jax.Array) -> jax.Array:
         cfg = self.config
         policy = get_policy(cfg.policy)
         length = tokens.shape[1]

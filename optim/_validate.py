@@ -2,6 +2,7 @@
 import functools
 import inspect
 import math
+from typing import Any, Collection, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ def _accepts_injected(check):
 
 
 @_accepts_injected
-def learning_rate(value, name="learning_rate"):
+def learning_rate(value: Any, name: str = "learning_rate") -> None:
     """A learning rate is a non-negative finite number or a schedule (callable)."""
     if callable(value):
         return
@@ -43,7 +44,8 @@ def learning_rate(value, name="learning_rate"):
 
 
 @_accepts_injected
-def in_range(name, value, low=0.0, high=1.0, high_inclusive=False):
+def in_range(name: str, value: Any, low: float = 0.0, high: float = 1.0,
+             high_inclusive: bool = False) -> None:
     """`low <= value < high` (or `<= high` when high_inclusive)."""
     ok = _is_number(value) and low <= value and (value <= high if high_inclusive else value < high)
     if not ok:
@@ -52,37 +54,37 @@ def in_range(name, value, low=0.0, high=1.0, high_inclusive=False):
 
 
 @_accepts_injected
-def non_negative(name, value):
+def non_negative(name: str, value: Any) -> None:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
 @_accepts_injected
-def positive_int(name, value):
+def positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @_accepts_injected
-def non_negative_int(name, value):
+def non_negative_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 @_accepts_injected
-def one_of(name, value, choices):
+def one_of(name: str, value: Any, choices: Collection[Any]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 @_accepts_injected
-def greater_than(name, value, bound):
+def greater_than(name: str, value: Any, bound: float) -> None:
     """A finite number strictly above `bound` (e.g. a loss scale > 0, a growth factor > 1)."""
     if not _is_number(value) or not math.isfinite(value) or value <= bound:
         raise ValueError(f"{name} must be a finite number > {bound}, got {value!r}")
 
 
-def static_int(name, value, low=1):
+def static_int(name: str, value: Any, low: int = 1) -> int:
     """A Python int >= `low` that shapes the optimizer (state shapes, which leaves are factored).
 
     Such an argument cannot be a traced array: `optax.inject_hyperparams` turns every number
@@ -98,7 +100,7 @@ def static_int(name, value, low=1):
     return value
 
 
-def state_dtype(name, value):
+def state_dtype(name: str, value: Any) -> Optional[np.dtype]:
     """None (the params' dtype) or a floating or complex dtype for an optimizer state;
     returns None or the canonical numpy dtype (float64 becomes float32 without x64, as optax).
     """
@@ -116,7 +118,8 @@ def state_dtype(name, value):
     return jax.dtypes.canonicalize_dtype(dtype)
 
 
-def floating_dtype(name, value, choices=None):
+def floating_dtype(name: str, value: Any,
+                   choices: Optional[Collection[str]] = None) -> np.dtype:
     """A floating dtype (`jnp.float32`, `"bfloat16"`, ...), among `choices` if given;
     returns it as a numpy dtype.
 

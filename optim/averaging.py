@@ -43,7 +43,7 @@ def _mix(average, params, weight):
     return jax.tree.map(mix, average, params)
 
 
-def init_average(params):
+def init_average(params: optax.Params) -> optax.Params:
     """A copy of `params` in at least float32: the starting point of an average.
 
     Always a fresh buffer, so donating `params` to a train step leaves the average intact.
@@ -51,7 +51,8 @@ def init_average(params):
     return jax.tree.map(lambda p: jnp.array(p, _average_dtype(p), copy=True), params)
 
 
-def ema_params(ema, params, decay):
+def ema_params(ema: optax.Params, params: optax.Params,
+               decay: jax.typing.ArrayLike) -> optax.Params:
     """One step of the exponential moving average `ema <- decay * ema + (1 - decay) * params`.
 
     Args:
@@ -61,13 +62,22 @@ def ema_params(ema, params, decay):
 
     Returns:
       The new average, in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ravine.optim.averaging import ema_params, init_average
+      >>> ema = init_average({"w": jnp.array([0.0, 2.0], jnp.bfloat16)})
+      >>> ema = ema_params(ema, {"w": jnp.array([1.0, 1.0], jnp.bfloat16)}, decay=0.75)
+      >>> ema["w"].dtype, ema["w"].tolist()
+      (dtype('float32'), [0.25, 1.75])
     """
     if isinstance(decay, (int, float)):
         _validate.in_range("decay", decay, 0.0, 1.0, high_inclusive=True)
     return _mix(ema, params, jnp.asarray(1.0 - decay, jnp.float32))
 
 
-def tail_average(avg, params, count):
+def tail_average(avg: optax.Params, params: optax.Params,
+                 count: jax.typing.ArrayLike) -> optax.Params:
     """Adds `params` to a uniform running average of `count` iterates:
     `avg <- avg + (params - avg) / (count + 1)` (Polyak–Juditsky averaging, SWA).
 
@@ -88,12 +98,13 @@ class TailAverage(NamedTuple):
     count: jax.Array
 
 
-def init_tail_average(params):
+def init_tail_average(params: optax.Params) -> TailAverage:
     """An empty tail average (count 0) shaped like `params`."""
     return TailAverage(average=init_average(params), count=jnp.zeros((), jnp.int32))
 
 
-def update_tail_average(state, params, active=True):
+def update_tail_average(state: TailAverage, params: optax.Params,
+                        active: jax.typing.ArrayLike = True) -> TailAverage:
     """Adds `params` to the tail average when `active` (a bool or scalar bool array).
 
     Pass `active = step >= average_from_step` to average only the tail of training;

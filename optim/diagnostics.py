@@ -9,8 +9,9 @@ hundred steps) to see where the optimizer is operating. All are jit-friendly.
 - `gradient_noise_scale`, `gradient_noise_scale_from_norms`: McCandlish et al.'s B_simple.
 - `filter_normalize`, `loss_surface`: 1-D and 2-D slices of the loss (Li et al. 2018).
 """
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,7 +20,13 @@ from jax.flatten_util import ravel_pytree
 from ravine.optim import _validate
 
 
-def sharpness(loss_fn, params, batch, iters=20, key=None, return_vector=False):
+# `loss_fn(params, batch) -> scalar`, as every function below takes it.
+LossFn = Callable[[optax.Params, Any], jax.Array]
+
+
+def sharpness(loss_fn: LossFn, params: optax.Params, batch: Any, iters: int = 20,
+              key: Optional[chex.PRNGKey] = None, return_vector: bool = False
+              ) -> Union[jax.Array, tuple[jax.Array, optax.Params]]:
     """Top Hessian eigenvalue of `loss_fn(params, batch)` by power iteration.
 
     Each iteration costs one Hessian-vector product, `H v = jvp(grad(loss), params, v)`
@@ -48,6 +55,13 @@ def sharpness(loss_fn, params, batch, iters=20, key=None, return_vector=False):
 
     Returns:
       The eigenvalue as a scalar array, or `(eigenvalue, vector)`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ravine.optim.diagnostics import sharpness
+      >>> def loss_fn(p, batch): return 0.5 * jnp.sum(batch * p ** 2)  # H = diag(batch)
+      >>> print(f"{sharpness(loss_fn, jnp.zeros(3), jnp.array([1.0, 4.0, 2.0])):.3f}")
+      4.000
     """
     _validate.positive_int("iters", iters)
     key = jax.random.key(0) if key is None else key
@@ -84,7 +98,7 @@ class NoiseScale(NamedTuple):
     grad_norm_sq: jax.Array  # estimate of |G|^2, G the true (full-data) gradient.
 
 
-def gradient_noise_scale(per_example_grads):
+def gradient_noise_scale(per_example_grads: optax.Updates) -> NoiseScale:
     """B_simple = tr(Sigma) / |G|^2 from a batch of per-example gradients.
 
     McCandlish et al. 2018, "An Empirical Model of Large-Batch Training". With B
@@ -118,7 +132,9 @@ def gradient_noise_scale(per_example_grads):
     return _noise_scale(trace_covariance, mean_norm_sq - trace_covariance / batch_size)
 
 
-def gradient_noise_scale_from_norms(norm_small_sq, norm_big_sq, b_small, b_big):
+def gradient_noise_scale_from_norms(norm_small_sq: jax.typing.ArrayLike,
+                                    norm_big_sq: jax.typing.ArrayLike, b_small: int,
+                                    b_big: int) -> NoiseScale:
     """B_simple = tr(Sigma) / |G|^2 from squared norms of mean gradients at two batch sizes.
 
     McCandlish et al. 2018, appendix A.1. Since E|G_B|^2 = |G|^2 + tr(Sigma) / B, the
@@ -164,12 +180,13 @@ class Lanczos(NamedTuple):
     betas: jax.Array  # (m - 1,) the off-diagonal of T.
     basis: jax.Array  # (m, n) orthonormal rows v_0 (the normalised start), ..., v_{m-1}.
 
-    def tridiagonal(self):
+    def tridiagonal(self) -> jax.Array:
         """T as a dense (m, m) matrix."""
         return (jnp.diag(self.alphas) + jnp.diag(self.betas, 1) + jnp.diag(self.betas, -1))
 
 
-def lanczos(matvec, start, num_steps, key=None):
+def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array, num_steps: int,
+            key: Optional[chex.PRNGKey] = None) -> Lanczos:
     """Lanczos tridiagonalisation of a symmetric operator, with full reorthogonalisation.
 
     From v_0 = start / |start|, each step takes one product w = A v_j and
@@ -261,7 +278,9 @@ class Quadrature(NamedTuple):
     probes: jax.Array  # (probes, n) the unit probe vectors, in `ravel_pytree(params)` order.
 
 
-def spectral_quadrature(loss_fn, params, batch, num_lanczos=80, num_probes=1, key=None):
+def spectral_quadrature(loss_fn: LossFn, params: optax.Params, batch: Any,
+                        num_lanczos: int = 80, num_probes: int = 1,
+                        key: Optional[chex.PRNGKey] = None) -> Quadrature:
     """Stochastic Lanczos quadrature nodes and weights of the Hessian of `loss_fn`.
 
     For each probe v ~ N(0, I) / |.|, `num_lanczos` Lanczos steps on H from v give T =
@@ -314,8 +333,10 @@ class HessianSpectrum(NamedTuple):
     density: jax.Array  # (grid_size,) the estimated density on `grid`; integrates to 1.
 
 
-def hessian_spectrum(loss_fn, params, batch, k=5, num_lanczos=80, key=None, num_probes=4,
-                     grid_size=1024, smoothing=0.01):
+def hessian_spectrum(loss_fn: LossFn, params: optax.Params, batch: Any, k: int = 5,
+                     num_lanczos: int = 80, key: Optional[chex.PRNGKey] = None,
+                     num_probes: int = 4, grid_size: int = 1024,
+                     smoothing: float = 0.01) -> HessianSpectrum:
     """Top-k Hessian eigenvalues (Lanczos) and the spectral density (SLQ) of `loss_fn`.
 
     Runs `spectral_quadrature`: `num_probes` Lanczos runs of `num_lanczos` Hessian-vector
@@ -384,7 +405,7 @@ def hessian_spectrum(loss_fn, params, batch, k=5, num_lanczos=80, key=None, num_
 # --- Loss landscapes (Li et al. 2018) ---------------------------------------------------
 
 
-def filter_normalize(direction, params):
+def filter_normalize(direction: optax.Params, params: optax.Params) -> optax.Params:
     """Scales each filter of `direction` to the norm of the same filter of `params`.
 
     A filter is one output unit: for a kernel of shape (..., fan_out), as Flax's Dense and
@@ -422,7 +443,8 @@ def filter_normalize(direction, params):
     return jax.tree.map(normalize, direction, params)
 
 
-def loss_surface(loss_fn, params, batch, directions, coords):
+def loss_surface(loss_fn: LossFn, params: optax.Params, batch: Any,
+                 directions: Sequence[optax.Params], coords: jax.typing.ArrayLike) -> jax.Array:
     """The loss on a 1-D or 2-D slice through `params`: `loss_fn(params + a d1 (+ b d2))`.
 
     With one direction returns `losses[i] = loss(params + coords[i] d1)`, shape (n,); with

@@ -434,8 +434,9 @@ def kron(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, weight_decay: f
       >>> solver = kron(learning_rate=0.1)
       >>> params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
       >>> state = solver.init(params)
+      >>> update = jax.jit(solver.update)  # one compiled step, not op-by-op dispatch
       >>> for _ in range(3):
-      ...   updates, state = solver.update(jax.grad(f)(params), state, params)
+      ...   updates, state = update(jax.grad(f)(params), state, params)
       ...   params = optax.apply_updates(params, updates)
       >>> print(f"{f(params):.3f}")
       19.007

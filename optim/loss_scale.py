@@ -13,6 +13,8 @@ checkpointed with it:
     loss_scale = loss_scale.adjust(finite)
     params, opt_state = select_tree(finite, (new_params, new_opt_state), (params, opt_state))
 """
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -75,15 +77,15 @@ class _LossScale:
                            for name in self._leaf_fields + self._static_fields)
         return f"{type(self).__name__}({fields})"
 
-    def scale(self, tree):
+    def scale(self, tree: Any) -> Any:
         """Multiplies every floating leaf of `tree` (usually the loss) by the loss scale."""
         return _apply_floating(jnp.multiply, tree, self.loss_scale)
 
-    def unscale(self, tree):
+    def unscale(self, tree: Any) -> Any:
         """Divides every floating leaf of `tree` (usually the gradients) by the loss scale."""
         return _apply_floating(jnp.divide, tree, self.loss_scale)
 
-    def adjust(self, grads_finite):
+    def adjust(self, grads_finite: jax.typing.ArrayLike) -> "_LossScale":
         """The loss scale for the next step; a fixed scale returns itself."""
         del grads_finite
         return self
@@ -96,13 +98,13 @@ class NoOpLossScale(_LossScale):
     __slots__ = ()
 
     @property
-    def loss_scale(self):
+    def loss_scale(self) -> jax.Array:
         return jnp.ones((), jnp.float32)
 
-    def scale(self, tree):
+    def scale(self, tree: Any) -> Any:
         return tree
 
-    def unscale(self, tree):
+    def unscale(self, tree: Any) -> Any:
         return tree
 
 
@@ -117,7 +119,7 @@ class StaticLossScale(_LossScale):
     __slots__ = ("loss_scale",)
     _leaf_fields = ("loss_scale",)
 
-    def __init__(self, scale):
+    def __init__(self, scale: float):
         _validate.greater_than("scale", scale, 0)
         self._set(loss_scale=jnp.asarray(scale, jnp.float32))
 
@@ -137,13 +139,26 @@ class DynamicLossScale(_LossScale):
       period: number of consecutive finite steps before the scale grows.
       factor: growth / shrink factor, > 1.
       min_scale: lower bound of the scale, > 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ravine.optim.loss_scale import DynamicLossScale
+      >>> loss_scale = DynamicLossScale(scale=8.0, period=2)
+      >>> loss_scale = loss_scale.adjust(jnp.array(False))  # overflow: halve
+      >>> float(loss_scale.loss_scale)
+      4.0
+      >>> for _ in range(2):  # `period` finite steps: double
+      ...   loss_scale = loss_scale.adjust(jnp.array(True))
+      >>> float(loss_scale.loss_scale)
+      8.0
     """
 
     __slots__ = ("loss_scale", "counter", "period", "factor", "min_scale")
     _leaf_fields = ("loss_scale", "counter")
     _static_fields = ("period", "factor", "min_scale")
 
-    def __init__(self, scale=2.0 ** 15, period=2000, factor=2.0, min_scale=1.0):
+    def __init__(self, scale: float = 2.0 ** 15, period: int = 2000, factor: float = 2.0,
+                 min_scale: float = 1.0):
         _validate.greater_than("scale", scale, 0)
         _validate.positive_int("period", period)
         _validate.greater_than("factor", factor, 1)
@@ -154,7 +169,7 @@ class DynamicLossScale(_LossScale):
                   counter=jnp.zeros((), jnp.int32),
                   period=period, factor=float(factor), min_scale=float(min_scale))
 
-    def adjust(self, grads_finite):
+    def adjust(self, grads_finite: jax.typing.ArrayLike) -> "DynamicLossScale":
         """Returns the loss scale for the next step given whether this step's grads were finite."""
         finite = jnp.asarray(grads_finite, bool)
         finite_steps = self.counter + 1
@@ -167,7 +182,7 @@ class DynamicLossScale(_LossScale):
         return self._replace(loss_scale=loss_scale, counter=counter)
 
 
-def all_finite(tree):
+def all_finite(tree: Any) -> jax.Array:
     """A scalar bool array: True when every element of every floating leaf is finite."""
     checks = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
               if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
@@ -176,7 +191,7 @@ def all_finite(tree):
     return jnp.stack(checks).all()
 
 
-def select_tree(pred, on_true, on_false):
+def select_tree(pred: jax.typing.ArrayLike, on_true: Any, on_false: Any) -> Any:
     """`on_true` if the scalar bool `pred` else `on_false`, leaf by leaf, without a host sync.
 
     Used to skip a step with non-finite gradients: keep the old params and optimizer state.

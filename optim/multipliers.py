@@ -25,6 +25,7 @@ References:
 """
 import math
 import numbers
+from typing import Any, Callable, Union
 
 import jax
 import numpy as np
@@ -40,7 +41,8 @@ def _check_multiplier(path, value):
                          f"{jax.tree_util.keystr(path)}")
 
 
-def scale_by_multipliers(multipliers):
+def scale_by_multipliers(multipliers: Union[Any, Callable[[optax.Params], Any]]
+                         ) -> optax.GradientTransformation:
     """Multiplies each leaf of the updates by its own constant factor.
 
     `updates[leaf] <- multipliers[leaf] * updates[leaf]`. Stateless; jit-, vmap- and
@@ -59,7 +61,13 @@ def scale_by_multipliers(multipliers):
         number (checked eagerly for a pytree, at `init` for a callable).
 
     Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> tx = optax.chain(optim.adam(1e-3), optim.scale_by_multipliers({"w": 0.25, "b": 1.0}))
+      >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+      >>> updates, state = tx.update(params, tx.init(params), params)  # grads = params here
+      >>> jax.tree.map(lambda u: round(float(u.mean()) / 1e-3, 3), updates)  # in units of lr
+      {'b': -1.0, 'w': -0.25}
     """
     def resolve(params):
         tree = multipliers(params) if callable(multipliers) else multipliers

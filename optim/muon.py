@@ -13,7 +13,7 @@ for a 2-D leaf is reduction axis 0, output axis 1 (`FLAX_LAYOUT`); a PyTorch wei
 """
 import collections
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,8 @@ import optax
 from jax import lax
 
 from ravine.optim import _blocks, _validate
-from ravine.optim.alias import add_decoupled_weight_decay, decay_per_unit_lr, scale_by_learning_rate
+from ravine.optim.alias import (MaskOrFn, add_decoupled_weight_decay, decay_per_unit_lr,
+                                scale_by_learning_rate)
 from ravine.optim.transforms import scale_by_adam
 
 # Keller Jordan's quintic coefficients: they maximize the slope at 0, so small singular values
@@ -38,6 +39,8 @@ NS_COEFFS_PRESETS = {
 # How the matrix is scaled before (or in) the first iteration, as `optax.contrib.muon`.
 PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
 NS_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Type of `ns_coeffs`: (a, b, c), one row per iteration, or (not for `orthogonalize`) a preset.
+NsCoeffs = Union[str, Sequence[float], Sequence[Sequence[float]]]
 
 MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
 FLAX_LAYOUT = MuonDimensionNumbers(reduction_axis=0, output_axis=1)   # (fan_in, fan_out)
@@ -51,6 +54,8 @@ ATTENTION_OUT_KEYS = ("out",)
 # Path keys of leaves that `hidden_matrices` keeps on AdamW by default: ravine's token
 # embedding ("embed", whose Flax param is "embedding"), learned position table and LM head.
 DEFAULT_EXCLUDE = ("embed", "embedding", "position", "head", "lm_head")
+# One `MuonDimensionNumbers` for all leaves, a pytree of them, or `params -> such a pytree`.
+DimensionNumbersOrFn = Optional[Union[MuonDimensionNumbers, Any, Callable[[optax.Params], Any]]]
 
 
 def _ns_loop(ns_steps, step, y):
@@ -103,8 +108,9 @@ def _first_iteration_scale(y, gram, preconditioning, eps):
     return y * s, gram * s * s
 
 
-def orthogonalize(x, ns_steps=5, eps=1e-8, dtype=jnp.float32, ns_coeffs=NS_COEFFS,
-                  preconditioning="frobenius"):
+def orthogonalize(x: jax.Array, ns_steps: int = 5, eps: float = 1e-8, dtype: Any = jnp.float32,
+                  ns_coeffs: NsCoeffs = NS_COEFFS,
+                  preconditioning: str = "frobenius") -> jax.Array:
     """Approximates U V^H for x = U S V^H with quintic Newton–Schulz iterations.
 
         X_0 = x / (|x|_F + eps),   A = X X^H,   X <- a X + (b A + c A^2) X,
@@ -241,9 +247,11 @@ class MuonState(NamedTuple):
     momentum: Any
 
 
-def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, eps=1e-8, ns_dtype=jnp.float32,
-                  dimension_numbers=None, *, ns_coeffs=NS_COEFFS, preconditioning="frobenius",
-                  adaptive=False):
+def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  eps: float = 1e-8, ns_dtype: Any = jnp.float32,
+                  dimension_numbers: DimensionNumbersOrFn = None, *,
+                  ns_coeffs: NsCoeffs = NS_COEFFS, preconditioning: str = "frobenius",
+                  adaptive: bool = False) -> optax.GradientTransformation:
     """Muon's direction (Jordan et al. 2024), each leaf orthogonalized as a linear map.
 
         m <- momentum * m + g
@@ -358,7 +366,9 @@ def _module_path(path):
     return {str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)}
 
 
-def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
+def hidden_matrices(exclude: Union[str, Sequence[str]] = DEFAULT_EXCLUDE,
+                    layout: MuonDimensionNumbers = FLAX_LAYOUT
+                    ) -> Callable[[optax.Params], Any]:
     """The default `muon_mask`: the hidden linear maps of a network, with their layouts.
 
     Returns a callable `params -> pytree` giving, per leaf, its `MuonDimensionNumbers` (Muon)
@@ -393,11 +403,14 @@ def hidden_matrices(exclude=DEFAULT_EXCLUDE, layout=FLAX_LAYOUT):
     return lambda params: jax.tree.map_with_path(dims, params)
 
 
-def muon(learning_rate: optax.ScalarOrSchedule, momentum=0.95, nesterov=True, ns_steps=5,
-         weight_decay=0.0, adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, muon_mask=None,
-         *, eps=1e-8, adam_eps=1e-8, mask=None, ns_dtype=jnp.float32,
-         weight_decay_mode="lr_scaled", ns_coeffs=NS_COEFFS, preconditioning="frobenius",
-         adaptive=False, muon_weight_dimension_numbers=None):
+def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.95, nesterov: bool = True,
+         ns_steps: int = 5, weight_decay: float = 0.0,
+         adam_learning_rate: Optional[optax.ScalarOrSchedule] = None, adam_b1: float = 0.9,
+         adam_b2: float = 0.95, muon_mask: MaskOrFn = None, *, eps: float = 1e-8,
+         adam_eps: float = 1e-8, mask: MaskOrFn = None, ns_dtype: Any = jnp.float32,
+         weight_decay_mode: str = "lr_scaled", ns_coeffs: NsCoeffs = NS_COEFFS,
+         preconditioning: str = "frobenius", adaptive: bool = False,
+         muon_weight_dimension_numbers: MaskOrFn = None) -> optax.GradientTransformation:
     """Muon on the linear maps chosen by `muon_mask`, AdamW on every other leaf.
 
     For a leaf W routed to Muon, seen as a (fan_in, fan_out) matrix (see `scale_by_muon`):
@@ -460,6 +473,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, momentum=0.95, nesterov=True, ns
       An `optax.GradientTransformation`.
 
     Example:
+      >>> from ravine import optim
+      >>> from ravine.optim.muon import muon
       >>> tx = muon(0.02, adam_learning_rate=3e-4, weight_decay=0.1,
       ...           mask=optim.decay_mask)
     """

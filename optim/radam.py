@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from ravine.optim import _validate
-from ravine.optim.alias import decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale
 from ravine.optim.transforms import AdamState
 
 
-def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0):
+def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+                   threshold: float = 5.0) -> optax.GradientTransformation:
     """The RAdam direction (no learning rate, no sign flip), as `optax.scale_by_radam`.
 
     With `m`, `v` Adam's moments and `m^`, `v^` their bias corrections at step t (from 1),
@@ -81,8 +82,10 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0):
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0,
-          weight_decay=0.0, mask=None, weight_decay_mode="lr_scaled"):
+def radam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, eps_root: float = 0.0, threshold: float = 5.0,
+          weight_decay: float = 0.0, mask: MaskOrFn = None,
+          weight_decay_mode: str = "lr_scaled") -> optax.GradientTransformation:
     """RAdam (Liu et al., 2020): step `-lr * (radam_direction + wd * params)`.
 
     See `scale_by_radam`. Equals `optax.radam` (which has no weight decay); with
@@ -103,6 +106,8 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0
       https://arxiv.org/abs/1908.03265
 
     Example:
+      >>> from ravine import optim
+      >>> from ravine.optim.radam import radam
       >>> tx = radam(1e-3, weight_decay=0.01, mask=optim.decay_mask)
     """
     return optax.chain(scale_by_radam(b1, b2, eps, eps_root, threshold),

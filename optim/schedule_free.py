@@ -15,14 +15,14 @@ Only `z` is stored (x is recovered from y and z), so the memory is AdamW's.
 References:
   Defazio et al., 2024, "The Road Less Scheduled", https://arxiv.org/abs/2405.15682
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ravine.optim import _validate
-from ravine.optim.alias import decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale
 
 
 class ScheduleFreeState(NamedTuple):
@@ -39,7 +39,8 @@ class RmsBiasCorrectedState(NamedTuple):
     nu: optax.Updates
 
 
-def scale_by_bias_corrected_rms(b2=0.999, eps=1e-8):
+def scale_by_bias_corrected_rms(b2: float = 0.999,
+                                eps: float = 1e-8) -> optax.GradientTransformation:
     """Adam without momentum: `g / (sqrt(v_t / (1 - b2^t)) + eps)`, `v` the EMA of `g^2`.
 
     (`optax.scale_by_rms(b2, eps, eps_in_sqrt=False, bias_correction=True)`; Adam with b1=0
@@ -63,8 +64,10 @@ def scale_by_bias_corrected_rms(b2=0.999, eps=1e-8):
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def schedule_free(base_optimizer, learning_rate, b1=0.9, weight_lr_power=2.0,
-                  state_dtype=None):
+def schedule_free(base_optimizer: optax.GradientTransformation,
+                  learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+                  weight_lr_power: float = 2.0, state_dtype: Optional[Any] = None
+                  ) -> optax.GradientTransformationExtraArgs:
     """Makes `base_optimizer` (without momentum, lr included) schedule-free.
 
     Args:
@@ -136,9 +139,12 @@ def _warmup_constant(learning_rate, warmup_steps):
     return schedule
 
 
-def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule, warmup_steps=None, b1=0.9,
-                        b2=0.999, eps=1e-8, weight_decay=0.0, weight_lr_power=2.0, mask=None,
-                        weight_decay_mode="lr_scaled", state_dtype=None):
+def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule,
+                        warmup_steps: Optional[int] = None, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                        weight_lr_power: float = 2.0, mask: MaskOrFn = None,
+                        weight_decay_mode: str = "lr_scaled", state_dtype: Optional[Any] = None
+                        ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free AdamW (Defazio et al., 2024): AdamW without momentum, made schedule-free.
 
     Same numbers as `optax.contrib.schedule_free_adamw` (which has no `mask`). Use a constant
@@ -163,10 +169,18 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule, warmup_steps=None
       https://arxiv.org/abs/2405.15682
 
     Example:
-      >>> tx = schedule_free_adamw(3e-3, warmup_steps=100)
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine.optim.schedule_free import schedule_free_adamw, schedule_free_eval_params
+      >>> def f(x): return jnp.sum(x ** 2)
+      >>> params = jnp.array([1.0, 2.0, 3.0])
+      >>> tx = schedule_free_adamw(0.1, warmup_steps=2)
       >>> state = tx.init(params)
-      >>> ...  # train: updates, state = tx.update(grads, state, params)
+      >>> for _ in range(5):  # train: updates, state = tx.update(grads, state, params)
+      ...   updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...   params = optax.apply_updates(params, updates)
       >>> eval_params = schedule_free_eval_params(state, params)
+      >>> print(f"{f(params):.3f} {f(eval_params):.3f}")
+      11.716 11.885
     """
     _validate.learning_rate(learning_rate)
     if warmup_steps is not None:
@@ -181,7 +195,7 @@ def _is_schedule_free_state(node):
     return isinstance(node, ScheduleFreeState)
 
 
-def schedule_free_eval_params(state, params):
+def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> optax.Params:
     """The averaged params `x = (y - (1 - b1) z) / b1` to evaluate a schedule-free model at.
 
     Args:

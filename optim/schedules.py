@@ -15,10 +15,12 @@ weight decay follows the schedule's shape but not its size (`weight_decay_mode="
 divide by it to get the multiplier `s_t = lr_t / peak_value`.
 """
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ravine.optim import _validate
 
@@ -75,7 +77,7 @@ def _check_horizon(peak_value, total_steps, warmup_steps, init_value, end_value)
             f"warmup_steps must be <= total_steps ({total_steps}), got {warmup_steps!r}")
 
 
-def constant(value):
+def constant(value: float) -> optax.Schedule:
     """`lr(t) = value` for every step.
 
     Args:
@@ -90,7 +92,8 @@ def constant(value):
     return schedule
 
 
-def linear(peak_value, total_steps, warmup_steps=0, init_value=0.0, end_value=0.0):
+def linear(peak_value: float, total_steps: int, warmup_steps: int = 0, init_value: float = 0.0,
+           end_value: float = 0.0) -> optax.Schedule:
     """Linear warmup, then linear decay: `lr(t) = peak + (end - peak) * (t - W) / (T - W)`.
 
     Args:
@@ -109,7 +112,8 @@ def linear(peak_value, total_steps, warmup_steps=0, init_value=0.0, end_value=0.
     return _with_warmup(decay, init_value, peak_value, warmup_steps)
 
 
-def warmup_cosine(peak_value, total_steps, warmup_steps=0, init_value=0.0, end_value=None):
+def warmup_cosine(peak_value: float, total_steps: int, warmup_steps: int = 0,
+                  init_value: float = 0.0, end_value: Optional[float] = None) -> optax.Schedule:
     """Linear warmup, then half-cosine decay (Loshchilov & Hutter, 2017, "SGDR", one period).
 
     `lr(t) = end + (peak - end) * 0.5 * (1 + cos(pi * (t - W) / (T - W)))` for W <= t <= T.
@@ -121,6 +125,12 @@ def warmup_cosine(peak_value, total_steps, warmup_steps=0, init_value=0.0, end_v
       warmup_steps: W, length of the linear warmup from `init_value`.
       init_value: learning rate at step 0 when W > 0.
       end_value: final learning rate; None means 0.1 * peak_value.
+
+    Example:
+      >>> from ravine.optim.schedules import warmup_cosine
+      >>> lr = warmup_cosine(1.0, total_steps=10, warmup_steps=2)
+      >>> print([round(float(lr(t)), 3) for t in (0, 1, 2, 6, 10, 20)])
+      [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]
     """
     if end_value is None:
         _validate.non_negative("peak_value", peak_value)
@@ -134,8 +144,9 @@ def warmup_cosine(peak_value, total_steps, warmup_steps=0, init_value=0.0, end_v
     return _with_warmup(decay, init_value, peak_value, warmup_steps)
 
 
-def wsd(peak_value, total_steps, warmup_steps=0, decay_steps=None, init_value=0.0,
-        end_value=0.0, decay_shape="linear"):
+def wsd(peak_value: float, total_steps: int, warmup_steps: int = 0,
+        decay_steps: Optional[int] = None, init_value: float = 0.0, end_value: float = 0.0,
+        decay_shape: str = "linear") -> optax.Schedule:
     """Warmup-stable-decay (Hu et al., 2024, "MiniCPM"; Hägele et al., 2024, "Scaling Laws
     and Compute-Optimal Training beyond Fixed Training Durations").
 
@@ -187,8 +198,9 @@ def _integer_power(base, exponent, bits):
     return result
 
 
-def cosine_restarts(peak_value, first_period, period_mult=1.0, end_value=0.0,
-                    warmup_steps=0, init_value=0.0):
+def cosine_restarts(peak_value: float, first_period: int, period_mult: float = 1.0,
+                    end_value: float = 0.0, warmup_steps: int = 0,
+                    init_value: float = 0.0) -> optax.Schedule:
     """Cosine annealing with warm restarts (Loshchilov & Hutter, 2017, "SGDR").
 
     After the warmup, period i lasts `P_i = first_period * period_mult**i` steps; within it,
@@ -240,7 +252,8 @@ def cosine_restarts(peak_value, first_period, period_mult=1.0, end_value=0.0,
     return _with_warmup(restarts, init_value, peak_value, warmup_steps)
 
 
-def inverse_sqrt(peak_value, warmup_steps, init_value=0.0):
+def inverse_sqrt(peak_value: float, warmup_steps: int,
+                 init_value: float = 0.0) -> optax.Schedule:
     """Linear warmup, then inverse square-root decay (Vaswani et al., 2017, "Attention Is
     All You Need"): `lr(t) = peak * sqrt(W / t)` for t >= W.
 

@@ -53,7 +53,7 @@ References:
   Pre-training", https://arxiv.org/abs/2305.14342
 """
 import difflib
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ import numpy as np
 import optax
 
 from ravine.optim import _validate, sophia_estimates
-from ravine.optim.alias import decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale
 
 ESTIMATORS = ("gnb", "hutchinson")
 # The ways to hand `update` a Hessian estimate (see the module docstring).
@@ -100,8 +100,10 @@ class SophiaState(NamedTuple):
     hessian: optax.Updates  # EMA h of the diagonal Hessian estimates
 
 
-def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10, *, seed=0,
-                    gamma=None, update_interval=None):
+def scale_by_sophia(b1: float = 0.965, b2: float = 0.99, rho: float = 0.04, eps: float = 1e-15,
+                    hessian_every: int = 10, *, seed: int = 0, gamma: Optional[float] = None,
+                    update_interval: Optional[int] = None
+                    ) -> optax.GradientTransformationExtraArgs:
     """The Sophia direction `sign(m) * min(|m| / (rho * max(h, 0) + eps), 1)`.
 
     Args:
@@ -120,8 +122,16 @@ def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10, *,
       hessian_diag=None, hessian_fn=None, obj_fn=None)` (see the module docstring).
 
     Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from ravine.optim.sophia import scale_by_sophia
       >>> tx = optax.chain(scale_by_sophia(), optax.scale(-1e-4))
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.array([0.4, 0.4])}
+      >>> estimate = {"w": jnp.array([100.0, 0.0])}  # e.g. from optim.sophia_estimates.gnb
       >>> updates, state = tx.update(grads, state, params, hessian_diag=estimate)
+      >>> [round(float(u) / 1e-4, 3) for u in updates["w"]]  # in units of lr; 1 where h = 0
+      [-0.35, -1.0]
     """
     rho = _alias("rho", rho, 0.04, "gamma", gamma)
     hessian_every = _alias("hessian_every", hessian_every, 10, "update_interval",
@@ -176,9 +186,12 @@ def scale_by_sophia(b1=0.965, b2=0.99, rho=0.04, eps=1e-15, hessian_every=10, *,
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def sophia(learning_rate: optax.ScalarOrSchedule, b1=0.965, b2=0.99, rho=0.04, eps=1e-15,
-           weight_decay=0.1, hessian_every=10, estimator="gnb", mask=None,
-           weight_decay_mode="lr_scaled", *, seed=0, gamma=None, update_interval=None):
+def sophia(learning_rate: optax.ScalarOrSchedule, b1: float = 0.965, b2: float = 0.99,
+           rho: float = 0.04, eps: float = 1e-15, weight_decay: float = 0.1,
+           hessian_every: int = 10, estimator: str = "gnb", mask: MaskOrFn = None,
+           weight_decay_mode: str = "lr_scaled", *, seed: int = 0,
+           gamma: Optional[float] = None, update_interval: Optional[int] = None
+           ) -> optax.GradientTransformationExtraArgs:
     """Sophia (Liu et al., 2023): clipped, diagonally preconditioned momentum; see the module.
 
     Defaults are the official SophiaG code's; `optax.contrib.sophia`'s differ (see the
@@ -206,9 +219,18 @@ def sophia(learning_rate: optax.ScalarOrSchedule, b1=0.965, b2=0.99, rho=0.04, e
       https://arxiv.org/abs/2305.14342; https://github.com/Liuhong99/Sophia
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from ravine.optim import sophia_estimates
+      >>> from ravine.optim.sophia import sophia
+      >>> def logits_fn(p, x): return x @ p["w"]  # a linear model: 3 features, 4 classes
+      >>> params, inputs = {"w": jnp.zeros((3, 4))}, jnp.ones((2, 3))
+      >>> grads, key = {"w": jnp.ones((3, 4))}, jax.random.key(0)
       >>> tx = sophia(1e-4)
+      >>> state = tx.init(params)
       >>> fn = lambda p: sophia_estimates.gnb(logits_fn, p, inputs, key)
       >>> updates, state = tx.update(grads, state, params, hessian_fn=fn)
+      >>> updates["w"].shape
+      (3, 4)
     """
     _validate.one_of("estimator", estimator, ESTIMATORS)
     return optax.chain(scale_by_sophia(b1, b2, rho, eps, hessian_every, seed=seed, gamma=gamma,

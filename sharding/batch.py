@@ -1,4 +1,6 @@
 """Global batches from per-process data, split over the data-parallel axes."""
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -8,7 +10,7 @@ from ravine.sharding.mesh import DATA, FSDP
 BATCH_AXES = (DATA, FSDP)
 
 
-def batch_sharding(mesh, batch_dim=0):
+def batch_sharding(mesh: jax.sharding.Mesh, batch_dim: int = 0) -> NamedSharding:
     """`NamedSharding` splitting dimension `batch_dim` over ("data", "fsdp").
 
     `batch_dim=1` suits a batch stacked as [micro_steps, micro_batch, ...] for gradient
@@ -17,7 +19,7 @@ def batch_sharding(mesh, batch_dim=0):
     return NamedSharding(mesh, PartitionSpec(*([None] * batch_dim), BATCH_AXES))
 
 
-def shard_batch(local_batch, mesh, batch_dim=0):
+def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh, batch_dim: int = 0) -> Any:
     """Builds global `jax.Array`s from this process's slice of the batch.
 
     Args:

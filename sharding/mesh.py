@@ -1,5 +1,5 @@
 """Named device meshes with the three axes every ravine model is laid out on."""
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType
@@ -11,11 +11,16 @@ DATA, STAGE, FSDP, TENSOR = "data", "stage", "fsdp", "tensor"
 AXES = (DATA, STAGE, FSDP, TENSOR)
 
 
-def parse_mesh_spec(spec):
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     """Parses `"data=2,fsdp=1,tensor=4"` (or a mapping) into `{axis: size}` over `AXES`.
 
     Missing axes get size 1; at most one size may be -1 (resolved by `make_mesh`).
     Raises ValueError naming an unknown axis, a repeated axis, or a bad size.
+
+    Example:
+      >>> from ravine.sharding import parse_mesh_spec
+      >>> parse_mesh_spec("data=2,tensor=-1")
+      {'data': 2, 'stage': 1, 'fsdp': 1, 'tensor': -1}
     """
     if isinstance(spec, Mapping):
         items = list(spec.items())
@@ -51,18 +56,27 @@ def parse_mesh_spec(spec):
     return sizes
 
 
-def make_mesh(spec, devices=None):
+def make_mesh(spec: str | Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """Builds a `jax.sharding.Mesh` with axes ("data", "stage", "fsdp", "tensor"), all Auto.
 
     Args:
-      spec: `"data=2,fsdp=1,tensor=4"` (`"stage=4,data=2"` for a pipeline) or a mapping `{"data": 2, "tensor": 4}`. Missing axes
-        have size 1; one axis may be -1 and takes all remaining devices.
+      spec: `"data=2,fsdp=1,tensor=4"` (`"stage=4,data=2"` for a pipeline) or a mapping
+        `{"data": 2, "tensor": 4}`. Missing axes have size 1; one axis may be -1 and takes
+        all remaining devices.
       devices: the devices to lay out (default: `jax.devices()`, every process's devices).
 
     Auto axes let GSPMD propagate shardings from the named in/out shardings and flax's
     logical constraints (jax's newer default, Explicit, breaks linen logical partitioning).
     Raises ValueError when the sizes' product does not equal the number of devices,
     stating both numbers.
+
+    Example:
+      >>> import jax
+      >>> from ravine.sharding import make_mesh
+      >>> mesh = make_mesh("data=-1", devices=jax.devices()[:1])
+      >>> mesh.axis_names, dict(mesh.shape)
+      (('data', 'stage', 'fsdp', 'tensor'), {'data': 1, 'stage': 1, 'fsdp': 1, 'tensor': 1})
     """
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)

@@ -12,13 +12,16 @@ Example::
 
     opt_sh = sharding.host_offload(sharding.optimizer_state_shardings(tx, params, param_sh))
 """
+from collections.abc import Iterable
+from typing import Any
+
 import jax
 
 HOST = "pinned_host"
 DEVICE = "device"
 
 
-def check_host_memory(devices):
+def check_host_memory(devices: Iterable[jax.Device]) -> None:
     """Raises ValueError unless every device in `devices` can address "pinned_host" memory."""
     for device in devices:
         kinds = [memory.kind for memory in device.addressable_memories()]
@@ -28,7 +31,7 @@ def check_host_memory(devices):
                 f"({device.platform}) has only {kinds}; run without offloading")
 
 
-def host_offload(shardings):
+def host_offload(shardings: Any) -> Any:
     """`shardings` (a tree of `NamedSharding`) moved to host memory ("pinned_host").
 
     Raises ValueError (saying which memory kinds exist) where the backend has no host
@@ -40,12 +43,12 @@ def host_offload(shardings):
     return jax.tree.map(lambda s: s.with_memory_kind(HOST), shardings)
 
 
-def is_offloaded(sharding):
+def is_offloaded(sharding: jax.sharding.Sharding) -> bool:
     """Whether `sharding` puts its array in host memory."""
     return getattr(sharding, "memory_kind", None) == HOST
 
 
-def to_device(tree, shardings):
+def to_device(tree: Any, shardings: Any) -> Any:
     """Inside jit: the leaves of `tree` whose sharding is offloaded, copied to device memory."""
     return jax.tree.map(
         lambda x, s: jax.device_put(x, s.with_memory_kind(DEVICE)) if is_offloaded(s) else x,

@@ -15,8 +15,12 @@ replicated over "data"; GSPMD then turns the update into reduce-scatter + sharde
 
 ZeRO stages 2 and 3 (gradients, params) build on the same split: see `sharding.zero`.
 """
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -26,7 +30,7 @@ from ravine.sharding.rules import fit_spec
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-def replicated(mesh):
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     """`NamedSharding` holding a full copy on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
@@ -39,7 +43,8 @@ def _entry(axes):
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def zero1_spec(spec, shape, mesh):
+def zero1_spec(spec: PartitionSpec, shape: Sequence[int],
+               mesh: jax.sharding.Mesh) -> PartitionSpec:
     """Adds the "data" axis to the largest dimension of `shape` it evenly divides (in front).
 
     The dimension with the largest per-device extent is chosen so that the split is even;
@@ -96,7 +101,7 @@ def _find_param(path, by_path, max_len):
     return None
 
 
-def follow_param_shardings(tree, params, param_shardings, zero=0):
+def follow_param_shardings(tree: Any, params: Any, param_shardings: Any, zero: int = 0) -> Any:
     """Shardings for a tree derived from params (optimizer state, EMA, accumulators).
 
     Args:
@@ -153,12 +158,13 @@ def follow_param_shardings(tree, params, param_shardings, zero=0):
     return jax.tree.map_with_path(one, tree)
 
 
-def check_zero(zero):
+def check_zero(zero: int) -> None:
     if isinstance(zero, bool) or zero not in ZERO_STAGES:
         raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
 
 
-def optimizer_state_shardings(tx, params, param_shardings, zero=0):
+def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any,
+                              param_shardings: Any, zero: int = 0) -> Any:
     """Shardings for `tx.init(params)`, following the params' (see `follow_param_shardings`).
 
     Works for any Optax `GradientTransformation`: the state's shapes come from
@@ -171,7 +177,7 @@ def optimizer_state_shardings(tx, params, param_shardings, zero=0):
     return follow_param_shardings(state_shapes, params, param_shardings, zero=zero)
 
 
-def bytes_per_device(tree):
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
     """`{device: bytes}` of the shards of `tree`'s arrays stored on each local device."""
     totals = {}
     for leaf in jax.tree.leaves(tree):

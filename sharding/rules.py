@@ -1,5 +1,6 @@
 """Logical axis names -> mesh axes, and the NamedShardings they give boxed params."""
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -24,10 +25,20 @@ RULES = (
 )
 
 
-def override_rules(overrides, rules=RULES):
+# Logical-name -> mesh-axes pairs, as `RULES`: an axis name, a tuple of them, or None.
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def override_rules(overrides: Mapping[str, str | Sequence[str] | None],
+                   rules: Rules = RULES) -> Rules:
     """Returns `rules` with the logical names in `overrides` (a mapping) remapped.
 
     `override_rules({"embed": None})` turns FSDP off; a name not in `rules` is added.
+
+    Example:
+      >>> from ravine.sharding import RULES, override_rules
+      >>> dict(override_rules({"embed": None}))["embed"] is None, dict(RULES)["embed"]
+      (True, 'fsdp')
     """
     if not isinstance(overrides, Mapping):
         raise ValueError(f"overrides must be a mapping of logical name -> mesh axes, "
@@ -36,7 +47,7 @@ def override_rules(overrides, rules=RULES):
     return tuple(overrides.items()) + kept
 
 
-def fit_spec(spec, shape, mesh):
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
     """Drops mesh axes that do not evenly divide their dimension (jax requires even shards).
 
     A dimension sharded over `("data", "fsdp")` keeps the longest prefix of axes whose
@@ -61,7 +72,7 @@ def _is_box(x):
     return isinstance(x, nn.Partitioned)
 
 
-def logical_to_shardings(tree, mesh, rules=RULES):
+def logical_to_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Rules = RULES) -> Any:
     """NamedShardings for the unboxed version of a tree of logically-boxed params.
 
     Args:

@@ -1,15 +1,19 @@
 """A train step compiled once for a mesh: named in/out shardings, donated state."""
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import linen as nn
 
 from ravine.sharding.offload import is_offloaded, to_device
 from ravine.sharding.partition import replicated
-from ravine.sharding.rules import RULES
+from ravine.sharding.rules import RULES, Rules
 
 
-def jit_train_step(step_fn, mesh, state_shardings, batch_sharding, rules=RULES, donate=True):
+def jit_train_step(step_fn: Callable[[Any, Any], tuple[Any, Any]], mesh: jax.sharding.Mesh,
+                   state_shardings: Any, batch_sharding: Any, rules: Rules = RULES,
+                   donate: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
     """Jits `step_fn(state, batch) -> (state, metrics)` for `mesh` (GSPMD).
 
     Args:

@@ -30,6 +30,8 @@ Wiring (what a train job adds)::
     opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero)
 """
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -39,7 +41,7 @@ from ravine.sharding.mesh import DATA
 from ravine.sharding.partition import check_zero, zero1_spec
 
 
-def param_shardings_for_zero(params, param_shardings, zero):
+def param_shardings_for_zero(params: Any, param_shardings: Any, zero: int) -> Any:
     """The params' shardings at ZeRO stage `zero`: at 3 also split over "data".
 
     Args:
@@ -59,7 +61,7 @@ def param_shardings_for_zero(params, param_shardings, zero):
         nn.unbox(params), param_shardings)
 
 
-def gradient_shardings(params, param_shardings, zero):
+def gradient_shardings(params: Any, param_shardings: Any, zero: int) -> Any:
     """Where the gradients live at ZeRO stage `zero`: split over "data" for zero >= 2.
 
     `param_shardings` itself for zero < 2 (the gradients are all-reduced); otherwise each
@@ -114,7 +116,8 @@ def _reduce_scatter_backward(dim, _, cotangent):
 _reduce_scatter_gradient.defvjp(_reduce_scatter_forward, _reduce_scatter_backward)
 
 
-def with_sharded_gradients(loss_fn, param_shardings, grad_shardings):
+def with_sharded_gradients(loss_fn: Callable[..., jax.Array], param_shardings: Any,
+                           grad_shardings: Any) -> Callable[..., jax.Array]:
     """`loss_fn(params, *batch)` whose gradient w.r.t. params comes out as `grad_shardings`.
 
     Where some gradient leaf is split over "data" (zero >= 2), the loss runs per data shard
