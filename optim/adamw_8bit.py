@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from ravine.optim import _blocks, _validate, quantization
-from ravine.optim.alias import decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale
 from ravine.optim.quantization import QuantizedArray
 
 
@@ -38,8 +38,9 @@ class Adam8bitState(NamedTuple):
     nu: optax.Updates  # per leaf: QuantizedArray (uint8 codes) or a float32 array
 
 
-def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_size=4096,
-                       nu_rounds_to_zero=False):
+def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                       block_size: int = 2048, min_8bit_size: int = 4096,
+                       nu_rounds_to_zero: bool = False) -> optax.GradientTransformation:
     """Adam's direction `m^ / (sqrt(v^) + eps)` with 8-bit block-wise quantized moments.
 
     Args:
@@ -147,9 +148,11 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mask=None,
-               block_size=2048, min_8bit_size=4096, weight_decay_mode="lr_scaled",
-               nu_rounds_to_zero=False):
+def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+               eps: float = 1e-8, weight_decay: float = 1e-4, mask: MaskOrFn = None,
+               block_size: int = 2048, min_8bit_size: int = 4096,
+               weight_decay_mode: str = "lr_scaled",
+               nu_rounds_to_zero: bool = False) -> optax.GradientTransformation:
     """8-bit AdamW (Dettmers et al., 2022): AdamW with block-wise dynamic 8-bit moments.
 
     Step `-lr * (m^ / (sqrt(v^) + eps) + wd * params)` as `optim.adamw`, with `m`, `v`
@@ -171,6 +174,7 @@ def adamw_8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, mas
       https://arxiv.org/abs/2110.02861
 
     Example:
+      >>> from ravine import optim
       >>> tx = adamw_8bit(1e-3, weight_decay=0.1, mask=optim.decay_mask)
     """
     return optax.chain(scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size,

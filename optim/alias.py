@@ -149,7 +149,8 @@ def decay_and_scale(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0,
     Examples:
       With a constant learning rate, "independent" gives `w <- (1 - λ) w - η g`:
 
-      >>> import jax.numpy as jnp, optim
+      >>> import jax.numpy as jnp
+      >>> from ravine import optim
       >>> tx = optim.decay_and_scale(0.1, weight_decay=0.5, weight_decay_mode="independent")
       >>> w, g = jnp.array([2.0]), jnp.array([1.0])
       >>> updates, _ = tx.update(g, tx.init(w), w)
@@ -162,7 +163,8 @@ def decay_and_scale(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0,
         scale_by_learning_rate(learning_rate))
 
 
-def decay_per_unit_lr(learning_rate, weight_decay, weight_decay_mode):
+def decay_per_unit_lr(learning_rate: ScalarOrSchedule, weight_decay: float,
+                      weight_decay_mode: str) -> float:
     """The coefficient c such that the decay term of the step is `lr_t * c * w`."""
     _validate.one_of("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
     _validate.non_negative("weight_decay", weight_decay)
@@ -217,7 +219,8 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = 0.0,
       <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.sgd(learning_rate=0.1, momentum=0.9)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -259,7 +262,8 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
       Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, 2011.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.adagrad(learning_rate=1.0)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -312,7 +316,8 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
       <https://arxiv.org/abs/1308.0850>`_, 2013.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.rmsprop(learning_rate=0.1)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -364,7 +369,8 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
       <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.adam(learning_rate=0.1)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -414,7 +420,8 @@ def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
       <https://arxiv.org/abs/1412.6980>`_, 2015.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.adamw(learning_rate=0.1, weight_decay=0.1)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -456,7 +463,8 @@ def lion(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99,
       <https://arxiv.org/abs/2302.06675>`_, 2023.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.lion(learning_rate=0.1)
       >>> params = jnp.array([1.0, 2.0, 3.0])
@@ -524,7 +532,8 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None,
       <https://arxiv.org/abs/1804.04235>`_, 2018.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, optim
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from ravine import optim
       >>> def f(x): return jnp.sum(x ** 2)
       >>> solver = optim.adafactor(learning_rate=0.1)
       >>> params = jnp.array([1.0, 2.0, 3.0])

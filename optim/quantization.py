@@ -22,7 +22,7 @@ References:
   https://arxiv.org/abs/2110.02861; Dettmers, 2016, "8-Bit Approximations for Parallelism
   in Deep Learning", https://arxiv.org/abs/1511.04561
 """
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ EXPONENT_BITS = 7  # exponents 10^0 .. 10^-6
 _TINY = np.finfo(np.float32).tiny  # blocks whose absmax is below this are stored as zeros
 
 
-def dynamic_code_map(signed):
+def dynamic_code_map(signed: bool) -> np.ndarray:
     """The 256 sorted values of the dynamic tree data type, as float32 numpy.
 
     Args:
@@ -91,7 +91,7 @@ def _magnitude(rank, signed):
     return jnp.where(rank <= 0, 0.0, jnp.where(rank >= top, 1.0, value))
 
 
-def encode(normalized, signed, keep_nonzero=False):
+def encode(normalized: jax.Array, signed: bool, keep_nonzero: bool = False) -> jax.Array:
     """Index of the nearest code value for each float32 in [-1, 1] (uint8).
 
     O(1) arithmetic, no search and no table: six comparisons give the exponent group, the
@@ -131,7 +131,7 @@ def encode(normalized, signed, keep_nonzero=False):
     return rank.astype(jnp.uint8)
 
 
-def decode(indices, signed):
+def decode(indices: jax.Array, signed: bool) -> jax.Array:
     """The code values at `indices` (float32), computed from the index (no table read)."""
     i = indices.astype(jnp.int32)
     if not signed:
@@ -150,7 +150,7 @@ class QuantizedArray(NamedTuple):
     scales: jax.Array
 
 
-def to_blocks(x, block_size):
+def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
     """`x` flattened, zero-padded and reshaped to `[num_blocks, block_size]`."""
     flat = x.reshape(-1)
     pad = -flat.size % block_size
@@ -159,16 +159,17 @@ def to_blocks(x, block_size):
     return flat.reshape(-1, block_size)
 
 
-def from_blocks(blocks, shape):
+def from_blocks(blocks: jax.Array, shape: Sequence[int]) -> jax.Array:
     """The inverse of `to_blocks`: the first `prod(shape)` values, reshaped to `shape`."""
     return blocks.reshape(-1)[:int(np.prod(shape))].reshape(shape)
 
 
-def num_blocks(size, block_size):
+def num_blocks(size: int, block_size: int) -> int:
     return -(-size // block_size)
 
 
-def quantize(x, block_size, signed, keep_nonzero=False):
+def quantize(x: jax.Array, block_size: int, signed: bool,
+             keep_nonzero: bool = False) -> QuantizedArray:
     """Block-wise dynamic quantization of `x` (any shape) -> `QuantizedArray`.
 
     Each value gets the nearest code of its block; with `keep_nonzero` a nonzero value gets
@@ -178,7 +179,8 @@ def quantize(x, block_size, signed, keep_nonzero=False):
                            keep_nonzero)
 
 
-def quantize_blocks(blocks, shape, signed, keep_nonzero=False):
+def quantize_blocks(blocks: jax.Array, shape: Sequence[int], signed: bool,
+                    keep_nonzero: bool = False) -> QuantizedArray:
     """`quantize` of the array of `shape` whose `to_blocks` are `blocks` (float32)."""
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     usable = absmax >= _TINY
@@ -192,19 +194,19 @@ def quantize_blocks(blocks, shape, signed, keep_nonzero=False):
     return QuantizedArray(codes, scales)
 
 
-def dequantize(quantized, block_size, signed):
+def dequantize(quantized: QuantizedArray, block_size: int, signed: bool) -> jax.Array:
     """The float32 array `quantized` stands for."""
     return from_blocks(dequantize_blocks(quantized, block_size, signed), quantized.codes.shape)
 
 
-def dequantize_blocks(quantized, block_size, signed):
+def dequantize_blocks(quantized: QuantizedArray, block_size: int, signed: bool) -> jax.Array:
     """`to_blocks` of `dequantize(quantized)`: `[num_blocks, block_size]` float32."""
     codes, scales = quantized
     indices = codes.astype(jnp.int32) + 128 if signed else codes
     return to_blocks(decode(indices, signed), block_size) * scales[:, None]
 
 
-def zeros(shape, block_size, signed):
+def zeros(shape: Sequence[int], block_size: int, signed: bool) -> QuantizedArray:
     """The `QuantizedArray` of zeros of `shape` (`quantize(jnp.zeros(shape))`, allocated
     directly)."""
     size = int(np.prod(shape))

@@ -7,7 +7,7 @@ PyTorch Implementation of the Distributed Shampoo Optimizer" (Adam grafting, mom
 grafted direction).
 """
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ import optax
 from jax import lax
 
 from ravine.optim import _blocks, _validate
-from ravine.optim.alias import decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale
 
 GRAFTINGS = ("adam", "rmsprop", "sgd", None)
 
@@ -60,10 +60,13 @@ def _debias(decay, count):
 
 
 
-def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1024,
-                     precondition_every=10, start_preconditioning_step=10, grafting="adam",
-                     inverse_root="eigh", statistics_dtype=jnp.float32, nesterov=False,
-                     graft_eps=1e-8, newton_precision="float32"):
+def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                     relative_eps: bool = True, block_size: int = 1024,
+                     precondition_every: int = 10, start_preconditioning_step: int = 10,
+                     grafting: Optional[str] = "adam", inverse_root: str = "eigh",
+                     statistics_dtype: Any = jnp.float32, nesterov: bool = False,
+                     graft_eps: float = 1e-8,
+                     newton_precision: str = "float32") -> optax.GradientTransformation:
     """Shampoo's direction (Gupta et al. 2018) with blocking and grafting (Anil et al. 2020).
 
     Every leaf with ndim k >= 2 is cut into blocks of at most `block_size` per dim (see
@@ -290,11 +293,14 @@ def scale_by_shampoo(b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, block_size=1
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def shampoo(learning_rate, b1=0.9, b2=0.999, eps=1e-6, relative_eps=True, weight_decay=0.0,
-            block_size=1024, precondition_every=10, start_preconditioning_step=10,
-            grafting="adam", inverse_root="eigh", statistics_dtype=jnp.float32,
-            nesterov=False, mask=None, graft_eps=1e-8, newton_precision="float32",
-            weight_decay_mode="lr_scaled"):
+def shampoo(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-6, relative_eps: bool = True, weight_decay: float = 0.0,
+            block_size: int = 1024, precondition_every: int = 10,
+            start_preconditioning_step: int = 10, grafting: Optional[str] = "adam",
+            inverse_root: str = "eigh", statistics_dtype: Any = jnp.float32,
+            nesterov: bool = False, mask: MaskOrFn = None, graft_eps: float = 1e-8,
+            newton_precision: str = "float32",
+            weight_decay_mode: str = "lr_scaled") -> optax.GradientTransformation:
     """Shampoo with grafting, momentum and decoupled weight decay.
 
     Step `-lr * (shampoo_direction + weight_decay * params)`, the direction from

@@ -4,7 +4,7 @@ Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam"
 (https://arxiv.org/abs/2409.11321); the update follows the authors' released code,
 github.com/nikhilvyas/SOAP `soap.py` on `main` at commit a1e5535.
 """
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import optax
 from jax import lax
 
 from ravine.optim import _blocks, _validate
-from ravine.optim.alias import decay_and_scale, scale_by_learning_rate
+from ravine.optim.alias import MaskOrFn, decay_and_scale, scale_by_learning_rate
 
 HIGHEST = _blocks.HIGHEST
 
@@ -51,8 +51,9 @@ def _power_step(stats, basis):
     return q, order
 
 
-def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, precondition_every=10, max_precond_dim=10000,
-                  shampoo_b2=None):
+def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
+                  precondition_every: int = 10, max_precond_dim: int = 10000,
+                  shampoo_b2: Optional[float] = None) -> optax.GradientTransformation:
     """SOAP's direction (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's factors.
 
     For a leaf G with ndim >= 2, every dim j with `d_j <= max_precond_dim` keeps Shampoo's
@@ -222,9 +223,11 @@ class SoapWithDecayState(NamedTuple):
     decay: Any       # the decay chain's state (weight decay, then the learning rate)
 
 
-def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondition_every=10,
-         max_precond_dim=10000, shampoo_b2=None, mask=None,
-         weight_decay_mode="lr_scaled"):
+def soap(learning_rate: optax.ScalarOrSchedule, b1: float = 0.95, b2: float = 0.95,
+         eps: float = 1e-8, weight_decay: float = 0.01, precondition_every: int = 10,
+         max_precond_dim: int = 10000, shampoo_b2: Optional[float] = None,
+         mask: MaskOrFn = None,
+         weight_decay_mode: str = "lr_scaled") -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024) as released, with decoupled weight decay after the step.
 
     The direction D is `scale_by_soap`'s (see there for the update rule and the released
@@ -249,6 +252,7 @@ def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.01, precondit
       An `optax.GradientTransformationExtraArgs`.
 
     Example:
+      >>> from ravine import optim
       >>> tx = soap(3e-3, weight_decay=0.01, mask=optim.decay_mask)
     """
     direction = scale_by_soap(b1, b2, eps, precondition_every, max_precond_dim, shampoo_b2)

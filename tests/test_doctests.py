@@ -37,19 +37,7 @@ MODULES = _module_names()
 
 # Modules whose examples still fail, in files other work is changing now; remove an entry
 # once its examples pass (strict: a passing example fails the mark).
-DOCTEST_XFAIL = {
-    "ravine.optim.alias": "optim/alias.py is being edited; fix its examples: each starts "
-                          "with `import jax, jax.numpy as jnp, optax, optim`, which loads the "
-                          "repo's optim/ a second time as `optim` (from the repo root only; "
-                          "elsewhere ModuleNotFoundError); write `from ravine import optim`",
-    "ravine.optim.adamw_8bit": "optim/adamw_8bit.py is being edited; fix its example: "
-                               "adamw_8bit's `mask=optim.decay_mask` uses `optim`, which the "
-                               "example never imports (NameError); add "
-                               "`>>> from ravine import optim`",
-    "ravine.optim.soap": "optim/soap.py is being edited; fix its example: soap's "
-                         "`mask=optim.decay_mask` uses `optim`, which the example never "
-                         "imports (NameError); add `>>> from ravine import optim`",
-}
+DOCTEST_XFAIL = {}
 
 
 def _marked(names, xfails):
@@ -103,14 +91,7 @@ def test_doctests(name):
 # The factories of `optim.available()` (and the other public functions below) whose
 # annotations are still missing, in files other work is changing now; remove an entry once
 # annotated (strict: an annotated function fails the mark).
-FACTORY_XFAIL = {
-    "shampoo": "optim/shampoo.py is being edited; annotate shampoo (arguments and "
-               "`-> optax.GradientTransformation`)",
-    "soap": "optim/soap.py is being edited; annotate soap (arguments and "
-            "`-> optax.GradientTransformation`)",
-    "adamw_8bit": "optim/adamw_8bit.py is being edited; annotate adamw_8bit (arguments "
-                  "and `-> optax.GradientTransformation`)",
-}
+FACTORY_XFAIL = {}
 
 
 @pytest.mark.parametrize("name", _marked(optim.available(), FACTORY_XFAIL))
@@ -149,17 +130,7 @@ def _missing_annotations(function):
 
 
 # Public modules (no `_` in the path) whose public functions are not all annotated yet.
-ANNOTATION_XFAIL = {
-    "ravine.optim.alias": "optim/alias.py is being edited; annotate decay_per_unit_lr "
-                          "(learning_rate, weight_decay, weight_decay_mode, return)",
-    "ravine.optim.adamw_8bit": "optim/adamw_8bit.py is being edited; annotate "
-                               "scale_by_adam_8bit, adamw_8bit",
-    "ravine.optim.quantization": "optim/quantization.py is being edited; annotate its "
-                                 "public functions",
-    "ravine.optim.shampoo": "optim/shampoo.py is being edited; annotate scale_by_shampoo, "
-                            "shampoo",
-    "ravine.optim.soap": "optim/soap.py is being edited; annotate scale_by_soap, soap",
-}
+ANNOTATION_XFAIL = {}
 PUBLIC_MODULES = [name for name in MODULES
                   if not any(part.startswith("_") for part in name.split("."))]
 
