@@ -1,6 +1,10 @@
 """Helpers shared by the demos: PRNG keys, list flags, saving figures, log-log slopes."""
+import datetime
+import json
 import math
 import os
+import platform
+import sys
 
 import matplotlib
 
@@ -70,3 +74,19 @@ def loglog_slope(x, y):
     """Least-squares slope of log(y) against log(x): the exponent p in y ~ x^p."""
     slope, _ = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
     return float(slope)
+
+
+def write_results(name, numbers, outdir):
+    """`outdir/<name>.json`: a demo's numbers (what its printout and README quote) with the
+    machine, date and command that made them; returns the path."""
+    record = {"processor": platform.processor() or platform.machine(),
+              "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
+              "date": datetime.date.today().isoformat(),
+              "command": " ".join([f"python -m ravine.experiments.demos.{name}",
+                                   *sys.argv[1:]]),
+              **numbers}
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
