@@ -44,3 +44,41 @@ def test_stability_row_is_its_output():
     assert f"LR sensitivity: {listed}" in row
     losses = " / ".join(sensitivity[k][1] for k in names)
     assert f"(best losses {losses})" in row
+
+
+def lesson_rows(demo):
+    return [line for line in README.splitlines() if line.startswith(f"| {demo} |")]
+
+
+def test_lessons_table_is_the_demos_results():
+    import json
+    eos = json.load(open(os.path.join(ROOT, "docs/demos/eos_toy.json")))
+    constant = eos["constant"]["0.05"]
+    first = lesson_rows("eos_toy")[0]
+    assert (f"{constant['initial_sharpness']:.2f} → {constant['max_sharpness']:.1f} → "
+            f"{constant['final_sharpness']:.2f} = "
+            f"{constant['final_sharpness_over_2_over_lr']:.3f} × 2/η") in first
+    assert f"converged at step {constant['steps_to_converge']}" in first
+    ratios = ", ".join(f"{row['ratio']:.3f}" for row in eos["self_stabilization"]["rows"])
+    assert f"measured / predicted {ratios}" in lesson_rows("eos_toy")[2]
+    decay = json.load(open(os.path.join(ROOT, "docs/demos/lr_decay.json")))
+    at_1000 = decay["results"]["100000"]["1000.0"]
+    slopes = decay["slopes"]["100000"]
+    polynomial = lesson_rows("lr_decay")[0]
+    assert f"1/t: {at_1000['inverse_time']['ratio']:.2f}" in polynomial
+    assert f"1/√t: {at_1000['inverse_sqrt']['ratio']:.2f}" in polynomial
+    assert (f"κ^{slopes['inverse_time']:.2f} and κ^{slopes['inverse_sqrt']:.2f}" in polynomial)
+    steps = [decay["results"]["100000"][k]["step"]["ratio"] for k in ("10.0", "100.0", "1000.0")]
+    assert " → ".join(f"{x:.2f}" for x in steps) in lesson_rows("lr_decay")[1]
+    best = lesson_rows("lr_decay")[2]
+    assert f"eigencurve {at_1000['eigencurve']['ratio']:.2f}, cosine " \
+           f"{at_1000['cosine']['ratio']:.2f}" in best
+    assert f"tail averaging {at_1000['constant_tail_average']['ratio']:.2f}" in best
+    newton = json.load(open(os.path.join(ROOT, "docs/demos/second_order.json")))
+    row = lesson_rows("second_order")[0]
+    assert f"1 step (GD {newton['quadratic']['gd']['steps']})" in row
+    assert (f"Rosenbrock: {newton['rosenbrock']['newton']['steps']} steps "
+            f"(GD {newton['rosenbrock']['gd']['steps']})") in row
+    masses = " → ".join(f"{v['negative_mass']:.2f}"
+                        for v in newton["transformer"]["along_training"].values())
+    assert f"negative spectral mass {masses}" in lesson_rows("second_order")[3]
