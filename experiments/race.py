@@ -32,7 +32,13 @@ vmapped program (optimizers whose spec is not `vmappable` fall back to loop). Ea
 equals the same (lr, seed) trained alone by the train job. Every run's metrics are kept in
 `DIR/runs/<optimizer>/lr<lr>_seed<seed>.jsonl` and the report is computed from them; a
 killed race resumes: finished runs are read back and an interrupted group of runs restarts
-from its own checkpoint (`DIR/groups/`) to the same numbers.
+from its own checkpoint (`DIR/groups/`) to the same numbers. A metrics file that is damaged
+(empty, cut short, not JSON rows) or a damaged `timing.json` is retrained / measured again
+with one warning line naming it; a damaged `race.json` exits 2 naming it. One race per
+workdir: `DIR/lock` (as the train job's, `runtime/workdir.py`) refuses a second one,
+naming the holder's pid. `DIR/race.json` records the workload and the corpus' SHA-256: a
+rerun with another workload or changed data is refused. `--config.init_from` (a branch of
+another run) is refused: every run starts from its seed's initial params.
 
 Everything optimizer-specific comes from its record, `optim.spec(name)`: the grid's centre,
 hyperparameters the race fixes (`race_hparams`, e.g. the peak lr of Muon's AdamW leaves;
@@ -42,6 +48,7 @@ warning line, as in the train job), a train step of its own (K-FAC, one compiled
 run; `--optimizers=adamw,kfac`).
 """
 import ast
+import contextlib
 import copy
 import hashlib
 import json
@@ -49,6 +56,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 
 import jax
 import numpy as np
@@ -57,6 +65,7 @@ from absl import flags, logging
 from ravine.experiments.runtime import run_identity, setup
 from ravine import optim
 from ravine.experiments.runtime import builders, cli, sweep
+from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments import race_stats, train
 
 # --config and --workdir as in experiments.train; the race's default workload is tiny. (The
@@ -107,18 +116,40 @@ def _flatten(record, prefix=""):
     return out
 
 
-def check_same_race(workdir, base, evals, hparams):
+def check_same_race(workdir, base, evals, hparams, corpus=None):
     """Records what every run's numbers depend on in DIR/race.json; a workdir holding runs
     of another workload raises ValueError listing the changed fields (finished runs are
-    read back by (optimizer, lr, seed) only, so they must come from the same workload)."""
+    read back by (optimizer, lr, seed) only, so they must come from the same workload).
+
+    `corpus` (a `data.Corpus`): its SHA-256 is recorded too; changed data is refused naming
+    the corpus (its path may change: `FREE_FIELDS`). A race.json from before it was recorded
+    is not checked for it."""
     record = {"config": run_identity.config_record(base), "evals": evals,
               "hparams": hparams}
+    if corpus is not None:
+        record["corpus_sha256"] = corpus.sha256
     for field in FREE_FIELDS:
         record["config"].pop(field, None)
     path = os.path.join(workdir, RACE_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            old = _flatten(json.load(f))
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ValueError(f"{path!r} cannot be read ({reason}); restore it, or use a new "
+                             "--workdir") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError(f"{path!r} is not a race record (a JSON object with a config); "
+                             "restore it, or use a new --workdir")
+        if corpus is not None and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
+            raise ValueError(f"--workdir {workdir!r} holds a race on other data: the corpus "
+                             f"{corpus.path!r} changed (SHA-256 {saved['corpus_sha256'][:12]} "
+                             f"-> {corpus.sha256[:12]}); restore it, or use a new --workdir")
+        if corpus is None or "corpus_sha256" not in saved:
+            record.pop("corpus_sha256", None)
+            saved.pop("corpus_sha256", None)
+        old = _flatten(saved)
         new = _flatten(json.loads(json.dumps(record)))
         changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
         if changed:
@@ -127,6 +158,25 @@ def check_same_race(workdir, base, evals, hparams):
         return
     os.makedirs(workdir, exist_ok=True)
     _write_atomic(path, json.dumps(record, indent=1))
+
+
+@contextlib.contextmanager
+def claim_workdir(workdir, base, evals, hparams, corpus=None):
+    """Holds the race's workdir while the block runs: its lock (`runtime/workdir.py`: one
+    race per workdir; another live holder raises `WorkdirBusy` naming its pid; a --workdir
+    that cannot be a folder raises `cli.UsageError`), then `check_same_race`."""
+    with workdir_lib.lock(workdir):
+        check_same_race(workdir, base, evals, hparams, corpus)
+        yield
+
+
+def check_base(base):
+    """ValueError for config the race does not apply: every run starts from its seed's
+    initial params, so `init_from` (a branch of another run) is refused."""
+    if base.get("init_from"):
+        raise ValueError(f"--config.init_from={base.init_from!r}: the race trains every run "
+                         "from its seed's initial params and cannot branch; drop it, or "
+                         "branch single runs with experiments.train")
 
 
 def default_sweep_mode():
@@ -267,6 +317,63 @@ def summarize(rows, steps):
     return {"final_eval_loss": final, "curve": curve, "diverged": diverged}
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_rows(path, steps):
+    """`(rows, None)` from a finished run's metrics file, or `(None, what is wrong)` when it
+    is damaged: unreadable, empty, a line that is not a JSON row, or ending before `steps`
+    with no sign of divergence (a diverged run ends early on a non-finite loss, or counts
+    skipped steps; a file cut short has only finite losses)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"cannot be read ({getattr(error, 'strerror', None) or error})"
+    if not lines:
+        return None, "is empty"
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not _is_number(row.get("step")):
+            return None, f"line {number} is not a JSON metrics row"
+        rows.append(row)
+    losses = [row[key] for row in rows for key in ("loss", "eval_loss") if key in row]
+    if not all(_is_number(v) for v in losses):
+        return None, "holds a loss that is not a number"
+    skipped = rows[-1].get("skipped_steps", 0)
+    ended = (rows[-1]["step"] >= steps or (_is_number(skipped) and skipped > 0)
+             or not all(math.isfinite(v) for v in losses))
+    if not ended:
+        return None, (f"ends at step {rows[-1]['step']} of {steps} with finite losses "
+                      "(cut short)")
+    return rows, None
+
+
+def read_timing(path):
+    """`(timing, None)` from a timing file, or `(None, what is wrong)`."""
+    try:
+        with open(path) as f:
+            timing = json.load(f)
+    except (OSError, ValueError) as error:
+        return None, f"cannot be read ({getattr(error, 'strerror', None) or error})"
+    if not isinstance(timing, dict):
+        return None, "is not a JSON object"
+    for key in ("seconds_per_step", "state_bytes", "params"):
+        value = timing.get(key)
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            return None, f"has no valid {key!r}"
+    return timing, None
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _finite_or_inf(value):
     return value if value is not None and math.isfinite(value) else math.inf
 
@@ -290,6 +397,7 @@ class OptimizerSweep:
         self.groups_dir = os.path.join(workdir, GROUPS_DIR, self.name)
         self._engine = None
         self.rows = {}   # SweepRun -> metrics rows
+        self.damaged = set()  # runs whose file was damaged (retrained)
 
     @property
     def engine(self):
@@ -301,15 +409,25 @@ class OptimizerSweep:
         return os.path.join(self.runs_dir, run.key + ".jsonl")
 
     def _read(self, run):
+        """The finished rows of `run`, or None: not trained yet, or its file is damaged
+        (`read_rows`; warned about once, then retrained)."""
         path = self._path(run)
-        if run not in self.rows and os.path.exists(path):
-            with open(path) as f:
-                self.rows[run] = [json.loads(line) for line in f]
+        if run not in self.rows and os.path.exists(path) and run not in self.damaged:
+            rows, problem = read_rows(path, self.config.steps)
+            if problem:
+                self.damaged.add(run)
+                _warn(f"race: {path} {problem}; training that run again")
+            else:
+                self.rows[run] = rows
         return self.rows.get(run)
+
+    def missing(self, runs):
+        """Those of `runs` with no finished, intact metrics file."""
+        return [run for run in runs if self._read(run) is None]
 
     def train(self, runs):
         """Trains those of `runs` that are not finished; returns {run: record}."""
-        missing = [run for run in runs if self._read(run) is None]
+        missing = self.missing(runs)
         size = self.runs_per_program if self.mode == "vmap" else 1
         for start in range(0, len(missing), size):
             group = missing[start:start + size]
@@ -323,6 +441,7 @@ class OptimizerSweep:
             for run, run_rows in rows.items():
                 _write_atomic(self._path(run), "".join(json.dumps(r) + "\n" for r in run_rows))
                 self.rows[run] = run_rows
+                self.damaged.discard(run)
             shutil.rmtree(group_dir, ignore_errors=True)
         return {run: dict(summarize(self._read(run), self.config.steps), lr=run.lr,
                           seed=run.seed) for run in runs}
@@ -332,8 +451,10 @@ class OptimizerSweep:
         back from DIR/runs/<optimizer>/timing.json)."""
         path = os.path.join(self.runs_dir, TIMING_FILE)
         if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+            timing, problem = read_timing(path)
+            if not problem:
+                return timing
+            _warn(f"race: {path} {problem}; measuring again")
         result = {"seconds_per_step": self.engine.seconds_per_step(lr),
                   "state_bytes": self.engine.state_bytes(), "params": self.engine.setup.n_params}
         os.makedirs(self.runs_dir, exist_ok=True)
@@ -573,7 +694,8 @@ def main(argv):
     workdir = _WORKDIR.value
     if not workdir:
         cli.fail("--workdir is required")
-    with cli.usage_errors():
+    with contextlib.ExitStack() as stack, cli.usage_errors():
+        check_base(base)
         lrs, max_points, baseline, hparams = validate_flags(
             _OPTIMIZERS.value, _LRS.value, _LR_POINTS.value, _LR_SPACING.value, _TARGET.value,
             _EVALS.value, _HPARAMS.value, _MAX_LR_POINTS.value, _SEEDS.value,
@@ -584,8 +706,15 @@ def main(argv):
                               _EVALS.value) for name in _OPTIMIZERS.value]
         for config in configs:
             sweep.check_config(config)
-        setup.setup(configs[0])
-        check_same_race(workdir, base, _EVALS.value, hparams)
+        corpus = setup.setup(configs[0]).corpus
+        stack.enter_context(claim_workdir(workdir, base, _EVALS.value, hparams, corpus))
+        holder = stack.pop_all()  # the lock outlives the set-up's error handling
+    with holder:
+        run_race(base, workdir, lrs, max_points, baseline, hparams)
+
+
+def run_race(base, workdir, lrs, max_points, baseline, hparams):
+    """The race of `main`'s flags in `workdir` (held), its report, plots and printout."""
     mode = _SWEEP.value or default_sweep_mode()
     results, target, source = race(
         base, _OPTIMIZERS.value, workdir, lrs=lrs, points=_LR_POINTS.value,

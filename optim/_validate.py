@@ -73,8 +73,11 @@ def non_negative_int(name: str, value: Any) -> None:
 
 @_accepts_injected
 def one_of(name: str, value: Any, choices: Collection[Any]) -> None:
+    """`value` is one of `choices`; a `range` of choices is named by its ends ("0-255")."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        listed = (f"{choices.start}-{choices[-1]}" if isinstance(choices, range)
+                  and choices.step == 1 and len(choices) else list(choices))
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
 
 
 @_accepts_injected

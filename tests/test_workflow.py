@@ -94,7 +94,7 @@ def test_layer_norms_match_numpy_also_when_blocks_are_stacked(stacked):
 
 def test_layer_norm_groups_of_the_transformer():
     config = tiny_config()
-    params = jax.eval_shape(builders.make_train_step(config).init, jax.random.key(0))["params"]
+    params = jax.eval_shape(builders.make_train_step(config).init, jax.random.key(0)).params
     groups = {layer_norms.group_of(path)[0] for path, _ in jax.tree.leaves_with_path(params)}
     assert groups == {"embed", "final_norm", "head", "block_0/attn", "block_0/mlp",
                       "block_1/attn", "block_1/mlp"}
@@ -236,7 +236,8 @@ def test_token_file_split_and_batches(tmp_path):
 @pytest.mark.parametrize("make, kwargs, message", [
     (lambda p: p.write_bytes(b"abc"), {"vocab_size": 10}, "3 bytes, not a multiple of uint16"),
     (lambda p: np.arange(8, dtype=np.uint16).tofile(p), {}, "needs config.vocab_size"),
-    (lambda p: np.arange(8, dtype=np.uint16).tofile(p), {"vocab_size": 5}, "token id 7"),
+    (lambda p: np.arange(8, dtype=np.uint16).tofile(p), {"vocab_size": 5},
+     "token id 5 at position 5 .*largest id 7"),
     (lambda p: np.arange(8, dtype=np.uint16).tofile(p), {"vocab_size": 9,
                                                          "token_dtype": "float32"}, "token_dtype"),
     (lambda p: p.write_bytes(b""), {"vocab_size": 9}, "empty"),
@@ -304,7 +305,7 @@ def test_token_file_run_resumes_exactly(tmp_path):
     resumed = loop.train(config, str(tmp_path / "cut"), progress=False)
     losses = lambda summary: [(r["step"], r["loss"]) for r in summary["history"]]  # noqa: E731
     assert losses(resumed) == losses(whole)
-    embedding = setup.setup(config).abstract_state["params"]["embed"]["embedding"]
+    embedding = setup.setup(config).abstract_state.params["embed"]["embedding"]
     assert embedding.shape[0] == 300  # config.vocab_size
 
 
@@ -324,10 +325,10 @@ def test_scripts_on_token_files(tmp_path):
                           f"--workdir={tmp_path / 'w'}", f"--config.corpus={out}",
                           "--config.vocab_size=100"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2  # the largest id in the sample: "x" (120)
+    assert bad.returncode == 2  # the first id >= 100: "s" (115) at 0; the largest "x" (120)
     assert bad.stderr.strip().splitlines() == [
-        f"error: token file {out!r} holds token id 120, outside [0, config.vocab_size=100) "
-        "(wrong vocab_size or token_dtype?)"]
+        f"error: token file {out!r} holds token id 115 at position 0 (the first outside "
+        "[0, config.vocab_size=100); largest id 120; wrong vocab_size or token_dtype?)"]
     assert not os.path.exists(tmp_path / "w")
 
 
@@ -350,8 +351,16 @@ def test_optimizer_module_adds_its_factory_to_the_config():
     assert "signum" in optim.available()
     # what a user's spec declares reaches the runtime: polyak_sgd's eval params
     from tests import user_optimizer
-    config = tiny_config(**{"optimizer.name": "polyak_sgd"})
+    config = tiny_config(**{"optimizer.name": "polyak_sgd", "clip_norm": 0.0})
     assert builders.make_train_step(config).eval_params is user_optimizer.polyak_eval_params
+    # under the runtime's clipping it is handed polyak_sgd's own state, not the chain's
+    config.clip_norm = 1.0
+    fns = builders.make_train_step(config)
+    state = fns.init(jax.random.key(0))
+    leaves_equal = jax.tree.map(lambda a, b: bool((a == b).all()),
+                                fns.eval_params(state.params, state.opt_state),
+                                state.opt_state[1]["average"])
+    assert all(jax.tree.leaves(leaves_equal))
     config = tiny_config(**{"optimizer.name": "signum", "optimizer.sign_eps": 0.5,
                             "optimizer.learning_rate": 0.1, "clip_norm": 0.0})
     config.schedule.name = "constant"
@@ -398,7 +407,7 @@ def test_race_with_optimizer_module_uses_each_optimizers_spec(tmp_path):
     tests/test_race.py::test_sweep_runs_equal_solo_train_runs.)"""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("some text to learn " * 300)
-    small = {**SMALL, "eval_every": None, "checkpoint_every": 0}
+    small = {**SMALL, "eval_every": None, "checkpoint_every": 0, "schedule.warmup_steps": 1}
     done = subprocess.run(
         [sys.executable, "-m", "ravine.experiments.race", "--optimizer_module=tests.user_optimizer",
          "--optimizers=signum,polyak_sgd", "--lr_points=3", "--seeds_at_best=1", "--evals=2",

@@ -44,8 +44,8 @@ def check_same_run(s, workdir, meta):
     record = config_record(s.config)
     changes = workdir_lib.changed_fields(meta["config"], record) if "config" in meta else []
     if meta.get("corpus_sha256", s.corpus.sha256) != s.corpus.sha256:
-        changes.append(("corpus (SHA-256 of its documents)", meta["corpus_sha256"][:12],
-                        s.corpus.sha256[:12]))
+        changes.append((f"corpus (SHA-256 of {s.corpus.path!r}: its data changed)",
+                        meta["corpus_sha256"][:12], s.corpus.sha256[:12]))
     if meta.get("signature") != s.signature:
         listed = "; changed: " + ", ".join(c[0] for c in changes) if changes else ""
         raise cli.UsageError(

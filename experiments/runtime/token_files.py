@@ -6,30 +6,39 @@
 - `.bin`: headerless, native byte order, `config.token_dtype` (default uint16, as nanoGPT's
   prepare scripts write; uint32 for vocabularies above 65536). `.npy`: its own dtype
   (a 1-D integer array). Either is memory-mapped: nothing is read until a batch needs it.
-- `config.vocab_size` is required (the model's embedding size); ids must be < it. A sample
-  is checked at start-up (`CHECK_CHUNKS` evenly spaced chunks of `CHUNK` tokens, plus the
-  file's ends), not the whole file.
+- `config.vocab_size` is required (the model's embedding size); ids must be < it. Every id
+  is checked at start-up (an id outside [0, vocab_size) is named with its first position),
+  before anything trains.
 - Split by position: the last `config.valid_fraction` of the tokens (default 5%) is the
   validation split, the rest the training split. Batches are drawn exactly as from the
   text corpus (`data.sample_batch`: seekable, each process reads its own rows), so resumes
   are exact and several hosts read one shared file.
-- The corpus' `sha256` (what a resume compares) covers the dtype, the length and the
-  sampled chunks, not every byte: hashing a multi-GB file at each start would take seconds.
+- The corpus' `sha256` (what a resume compares, so a resume on changed data is refused)
+  covers the dtype, the length and every token. It is computed in one pass with the ids'
+  range, once per file version, and cached beside the file in `FILE.ravine-sha256.json`
+  (`CACHE_SUFFIX`), keyed by the file's size, mtime_ns, ctime_ns and inode, and the dtype:
+  any rewrite or replacement of the file changes the key and the next start re-hashes it
+  (about 1 s per GB). A cache that is stale, unreadable or damaged is ignored and rewritten;
+  one that cannot be written (a read-only folder) costs only the re-hash at each start.
 
 `python -m ravine.experiments.prepare_data --corpus=DIR --out=tokens.bin` writes a token file
 from a text corpus (bytes as tokens, vocab 256).
 """
 import hashlib
+import json
 import os
+import tempfile
 
 import numpy as np
+from absl import logging
 
 from ravine.experiments.runtime import data
 
 SUFFIXES = (".bin", ".npy")
 BIN_DTYPES = ("uint8", "uint16", "uint32", "int32")
 DEFAULT_BIN_DTYPE = "uint16"
-CHUNK, CHECK_CHUNKS = 4096, 256
+SCAN_TOKENS = 1 << 22  # tokens per block of the hashing / range scan
+CACHE_SUFFIX = ".ravine-sha256.json"
 BYTE_VOCAB = 256
 
 
@@ -70,12 +79,88 @@ def _open(path, token_dtype):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _sample(tokens):
-    """`CHECK_CHUNKS` evenly spaced chunks of `CHUNK` tokens (the whole array if small)."""
-    if tokens.size <= CHUNK * CHECK_CHUNKS:
-        return [np.asarray(tokens)]
-    starts = np.linspace(0, tokens.size - CHUNK, CHECK_CHUNKS).astype(np.int64)
-    return [np.asarray(tokens[s:s + CHUNK]) for s in starts]
+def cache_path(path):
+    """Where the hash and id range of token file `path` are cached (beside it)."""
+    return path + CACHE_SUFFIX
+
+
+def _cache_key(path, tokens):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "dtype": tokens.dtype.str, "tokens": int(tokens.size)}
+
+
+def _read_cache(path, key):
+    """The cached `{"sha256", "min", "max"}` of `path` if its key is `key`, else None."""
+    try:
+        with open(cache_path(path)) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return {"sha256": str(cached["sha256"]), "min": int(cached["min"]),
+                    "max": int(cached["max"])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # none, stale or damaged: hash again
+    return None
+
+
+def _write_cache(path, key, scanned):
+    """Writes the cache atomically; a folder that cannot be written costs only time."""
+    folder = os.path.dirname(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ravine-sha256-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, **scanned}, f)
+            os.replace(tmp, cache_path(path))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as error:
+        logging.warning("token file %s: cannot cache its hash in %s (%s); it is hashed "
+                        "again at each start", path, cache_path(path),
+                        error.strerror or error)
+
+
+def _blocks(tokens):
+    for start in range(0, tokens.size, SCAN_TOKENS):
+        yield start, np.ascontiguousarray(tokens[start:start + SCAN_TOKENS])
+
+
+def _scan(tokens):
+    """`{"sha256", "min", "max"}`: the hash of dtype, length and every token, in one pass."""
+    digest = hashlib.sha256(f"{tokens.dtype.str}:{tokens.size}:".encode())
+    low, high = None, None
+    for _, block in _blocks(tokens):
+        digest.update(memoryview(block).cast("B"))
+        block_low, block_high = int(block.min()), int(block.max())
+        low = block_low if low is None else min(low, block_low)
+        high = block_high if high is None else max(high, block_high)
+    return {"sha256": digest.hexdigest(), "min": low, "max": high}
+
+
+def fingerprint(path, tokens):
+    """`{"sha256", "min", "max"}` of token file `path` (memory-mapped as `tokens`): from the
+    cache beside the file when its key still matches, else scanned and cached."""
+    key = _cache_key(path, tokens)
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached
+    if tokens.nbytes > 1 << 30:
+        logging.info("hashing token file %s (%.1f GB) once; cached in %s", path,
+                     tokens.nbytes / 1e9, cache_path(path))
+    scanned = _scan(tokens)
+    if _cache_key(path, tokens) == key:  # not rewritten while it was read
+        _write_cache(path, key, scanned)
+    return scanned
+
+
+def _first_outside(tokens, vocab_size):
+    """`(position, id)` of the first token outside [0, vocab_size), or None."""
+    for start, block in _blocks(tokens):
+        bad = np.flatnonzero((block >= vocab_size) | (block < 0))
+        if bad.size:
+            return start + int(bad[0]), int(block[bad[0]])
+    return None
 
 
 def load(path, valid_fraction=0.05, vocab_size=None, token_dtype=None):
@@ -84,7 +169,7 @@ def load(path, valid_fraction=0.05, vocab_size=None, token_dtype=None):
     Raises:
       ValueError: naming the file and the problem: missing, not a regular file, empty, a
         size that is not a whole number of tokens, a .npy that is not 1-D integers, no
-        `vocab_size`, or an id outside [0, vocab_size) in the sample.
+        `vocab_size`, or an id outside [0, vocab_size) (with its first position).
     """
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
@@ -93,19 +178,17 @@ def load(path, valid_fraction=0.05, vocab_size=None, token_dtype=None):
     if not vocab_size:
         raise ValueError(f"token file {path!r} needs config.vocab_size (the number of "
                          "token ids; e.g. 50257 for GPT-2's tokenizer)")
-    digest = hashlib.sha256(f"{tokens.dtype.str}:{tokens.size}:".encode())
-    for chunk in _sample(tokens):
-        digest.update(chunk.tobytes())
-        low, high = int(chunk.min()), int(chunk.max())
-        if high >= vocab_size or low < 0:
-            bad = high if high >= vocab_size else low
-            raise ValueError(f"token file {path!r} holds token id {bad}, outside "
-                             f"[0, config.vocab_size={vocab_size}) (wrong vocab_size or "
-                             "token_dtype?)")
+    scanned = fingerprint(path, tokens)
+    if scanned["max"] >= vocab_size or scanned["min"] < 0:
+        found = _first_outside(tokens, vocab_size)
+        position, bad = found if found else ("?", scanned["max"])
+        raise ValueError(f"token file {path!r} holds token id {bad} at position {position} "
+                         f"(the first outside [0, config.vocab_size={vocab_size}); largest "
+                         f"id {scanned['max']}; wrong vocab_size or token_dtype?)")
     cut = tokens.size - max(1, int(tokens.size * valid_fraction))
     return data.Corpus(path=path, train=tokens[:cut], valid=tokens[cut:],
                        n_bytes=int(tokens.size * tokens.dtype.itemsize),
-                       sha256=digest.hexdigest(), n_documents=1)
+                       sha256=scanned["sha256"], n_documents=1)
 
 
 def corpus_for_config(config):

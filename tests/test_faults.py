@@ -1,0 +1,295 @@
+"""Issue 28, runs under faults: a changed token file, damaged race files, one lock per race
+workdir, one-line errors. In-process and without training where the check allows it."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ravine.experiments import race
+from ravine.experiments.configs import lm
+from ravine.optim import _validate
+from ravine.experiments.runtime import builders, cli, run_identity, sweep, token_files
+from ravine.experiments.runtime import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+# ----------------------------------------------------------------------------- token files
+
+OLD_CHUNK, OLD_CHECK_CHUNKS = 4096, 256  # what the fingerprint used to sample
+
+
+def _old_sampled(size):
+    """Whether each position was in the sampled chunks of the old fingerprint."""
+    starts = np.linspace(0, size - OLD_CHUNK, OLD_CHECK_CHUNKS).astype(np.int64)
+    covered = np.zeros(size, bool)
+    for start in starts:
+        covered[start:start + OLD_CHUNK] = True
+    return covered
+
+
+def test_a_same_size_token_file_changed_anywhere_is_refused_on_resume(tmp_path):
+    size = 3 * OLD_CHUNK * OLD_CHECK_CHUNKS
+    tokens = np.random.default_rng(0).integers(0, 1000, size).astype(np.uint16)
+    path = str(tmp_path / "tokens.bin")
+    tokens.tofile(path)
+    before = token_files.load(path, vocab_size=1000)
+    assert os.path.exists(token_files.cache_path(path))
+    position = int(np.flatnonzero(~_old_sampled(size))[size // 10 % 1000])
+    changed = tokens.copy()
+    changed[position] = (changed[position] + 1) % 1000
+    stat = os.stat(path)
+    changed.tofile(path + ".new")
+    os.replace(path + ".new", path)  # same size; even the old mtime restored:
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = token_files.load(path, vocab_size=1000)
+    assert after.sha256 != before.sha256
+
+    config = lm.get_config("tiny")
+    config.corpus = path
+    meta = {"step": 10, "signature": "same", "corpus_sha256": before.sha256,
+            "config": run_identity.config_record(config)}
+    resumed = types.SimpleNamespace(config=config, corpus=after, signature="same")
+    with pytest.raises(cli.UsageError, match=f"corpus \\(SHA-256 of '{path}'"):
+        run_identity.check_same_run(resumed, str(tmp_path / "w"), meta)
+    same = types.SimpleNamespace(config=config, corpus=before, signature="same")
+    run_identity.check_same_run(same, str(tmp_path / "w"), meta)  # unchanged: resumes
+
+
+def test_a_stale_damaged_or_unwritable_hash_cache_is_harmless(tmp_path, monkeypatch):
+    path = str(tmp_path / "t.bin")
+    np.arange(5000, dtype=np.uint16).tofile(path)
+    truth = token_files.load(path, vocab_size=5000).sha256
+    with open(token_files.cache_path(path)) as f:
+        assert json.load(f)["sha256"] == truth
+    for garbage in ("{not json", "[]", '{"key": 3}', ""):
+        with open(token_files.cache_path(path), "w") as f:
+            f.write(garbage)
+        assert token_files.load(path, vocab_size=5000).sha256 == truth
+    with open(token_files.cache_path(path)) as f:  # rewritten
+        assert json.load(f)["sha256"] == truth
+    with open(token_files.cache_path(path)) as f:
+        cached = json.load(f)
+    cached["sha256"] = "0" * 64
+    cached["key"]["mtime_ns"] -= 1  # a stale entry: another version of the file
+    with open(token_files.cache_path(path), "w") as f:
+        json.dump(cached, f)
+    assert token_files.load(path, vocab_size=5000).sha256 == truth
+
+    os.remove(token_files.cache_path(path))
+
+    def unwritable(**_):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(token_files.tempfile, "mkstemp", unwritable)
+    assert token_files.load(path, vocab_size=5000).sha256 == truth
+    assert not os.path.exists(token_files.cache_path(path))
+    assert os.listdir(tmp_path) == ["t.bin"]
+
+
+def test_an_out_of_range_id_anywhere_is_named_with_its_position(tmp_path):
+    size = 3 * OLD_CHUNK * OLD_CHECK_CHUNKS + 7
+    tokens = np.random.default_rng(1).integers(0, 1000, size).astype(np.uint16)
+    tokens[-1] = 1000
+    path = str(tmp_path / "tokens.bin")
+    tokens.tofile(path)
+    with pytest.raises(ValueError, match=f"'{path}' holds token id 1000 at position "
+                                         f"{size - 1} "):
+        token_files.load(path, vocab_size=1000)
+    tokens[size // 2 + 3] = 4000  # the first one is named, with the largest
+    tokens.tofile(path + ".new")
+    os.replace(path + ".new", path)
+    with pytest.raises(ValueError, match=f"token id 4000 at position {size // 2 + 3} .*"
+                                         "largest id 4000"):
+        token_files.load(path, vocab_size=1000)
+    assert token_files.load(path, vocab_size=4001).train.size > 0
+
+
+def test_a_race_on_changed_data_is_refused_naming_the_corpus(tmp_path):
+    base, workdir = lm.get_config("tiny"), str(tmp_path)
+    corpus = types.SimpleNamespace(path="/data/tokens.bin", sha256="a" * 64)
+    race.check_same_race(workdir, base, 4, {}, corpus)  # records it
+    race.check_same_race(workdir, base, 4, {}, corpus)  # the same data: fine
+    changed = types.SimpleNamespace(path="/data/tokens.bin", sha256="b" * 64)
+    with pytest.raises(ValueError, match="corpus '/data/tokens.bin' changed"):
+        race.check_same_race(workdir, base, 4, {}, changed)
+    with open(tmp_path / race.RACE_FILE) as f:
+        saved = json.load(f)
+    del saved["corpus_sha256"]  # a race.json from before the hash was recorded
+    (tmp_path / race.RACE_FILE).write_text(json.dumps(saved))
+    race.check_same_race(workdir, base, 4, {}, changed)
+
+
+# ----------------------------------------------------------------------------- race files
+
+
+def _rows(steps, every=4, loss=2.0):
+    return [{"step": step, "loss": loss, "eval_loss": loss} for step in range(0, steps + 1,
+                                                                              every)]
+
+
+class _FakeEngine:
+    """Stands for `sweep.Engine`: "trains" a run into finite rows, measures a timing."""
+
+    def __init__(self, steps):
+        self.steps, self.trained, self.measured = steps, [], 0
+        self.setup = types.SimpleNamespace(n_params=1234)
+
+    def train_group(self, runs, group_dir, vectorized=False):
+        self.trained += list(runs)
+        return {run: _rows(self.steps, loss=1.5) for run in runs}
+
+    def seconds_per_step(self, lr):
+        self.measured += 1
+        return 0.25
+
+    def state_bytes(self):
+        return 4096
+
+
+def _job(workdir):
+    config = race.run_config(lm.get_config("tiny"), "adamw", 1e-3, evals=4)
+    job = race.OptimizerSweep(config, str(workdir), "loop", 1)
+    job._engine = _FakeEngine(config.steps)  # noqa: SLF001 - no training in this test
+    return job, config.steps
+
+
+def test_damaged_run_files_are_retrained_with_one_warning_never_diverged(tmp_path, capsys):
+    job, steps = _job(tmp_path)
+    runs = [sweep.SweepRun(1e-3, seed) for seed in range(8)]
+    os.makedirs(job.runs_dir)
+    good = "".join(json.dumps(row) + "\n" for row in _rows(steps))
+    diverged = [{"step": 0, "loss": 5.0, "eval_loss": 5.0},
+                {"step": 4, "loss": math.nan}]  # a loop run stops on a non-finite loss
+    contents = {
+        0: good,                                         # finished: read back
+        1: "".join(json.dumps(r) + "\n" for r in diverged),  # diverged: read back as such
+        2: good[:len(good) // 2],                        # cut inside a line
+        3: "".join(json.dumps(row) + "\n" for row in _rows(steps)[:2]),  # cut at a line end
+        4: "",                                           # empty
+        5: "not json at all\n",                          # garbage
+        6: good.replace("\n", "\n[1, 2]\n", 1),          # a line that is not a row
+        # 7: no file yet: trained
+    }
+    for seed, text in contents.items():
+        with open(job._path(runs[seed]), "w") as f:  # noqa: SLF001
+            f.write(text)
+    records = job.train(runs)
+    assert job.engine.trained == runs[2:]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 5, err
+    for seed, line in zip(range(2, 7), err):
+        assert line.startswith(f"warning: race: {job._path(runs[seed])} ")  # noqa: SLF001
+        assert line.endswith("; training that run again")
+    assert "ends at step 4 of" in err[1] and "is empty" in err[2]
+    assert not records[runs[0]]["diverged"] and records[runs[1]]["diverged"]
+    assert all(not records[run]["diverged"] for run in runs[2:])
+    assert all(records[run]["final_eval_loss"] == 1.5 for run in runs[2:])
+    # Read back by a later invocation: nothing trained, nothing warned.
+    again, _ = _job(tmp_path)
+    assert again.missing(runs) == [] and capsys.readouterr().err == ""
+
+
+def test_a_garbage_timing_file_is_measured_again_with_one_warning(tmp_path, capsys):
+    job, _ = _job(tmp_path)
+    os.makedirs(job.runs_dir)
+    path = os.path.join(job.runs_dir, race.TIMING_FILE)
+    for garbage in ('{"seconds_per_step": 0.1', "[]", '{"seconds_per_step": "x"}', ""):
+        with open(path, "w") as f:
+            f.write(garbage)
+        assert job.timing(1e-3) == {"seconds_per_step": 0.25, "state_bytes": 4096,
+                                    "params": 1234}
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"warning: race: {path} ") and "measuring again" in line
+    assert job.timing(1e-3)["seconds_per_step"] == 0.25  # read back now
+    assert job.engine.measured == 4 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("garbage", ["{bad json", "[1, 2]", '{"evals": 4}', ""])
+def test_a_garbage_race_json_is_one_error_naming_it(tmp_path, garbage):
+    path = tmp_path / race.RACE_FILE
+    path.write_text(garbage)
+    with pytest.raises(ValueError) as error:
+        race.check_same_race(str(tmp_path), lm.get_config("tiny"), 4, {})
+    message = cli.one_line(error.value)
+    assert message.startswith(f"{str(path)!r} ") and "new --workdir" in message
+
+
+# ----------------------------------------------------------------------------- race workdir
+
+
+def test_a_second_race_on_a_workdir_is_refused_naming_the_holder(tmp_path):
+    workdir = str(tmp_path / "race")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom ravine.experiments.runtime import workdir\n"
+         "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n"
+         "    time.sleep(600)\n", workdir],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    base = lm.get_config("tiny")
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lib.WorkdirBusy) as error:
+            with race.claim_workdir(workdir, base, 4, {}):
+                pytest.fail("the race ran beside another")
+        message = cli.one_line(error.value)
+        assert f"pid {holder.pid}" in message and repr(workdir) in message
+        assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_FILE]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    with race.claim_workdir(workdir, base, 4, {}):  # the kernel released the lock
+        assert os.path.exists(os.path.join(workdir, race.RACE_FILE))
+        with pytest.raises(workdir_lib.WorkdirBusy, match=f"pid {os.getpid()}"):
+            with race.claim_workdir(workdir, base, 4, {}):
+                pass
+
+
+def test_a_race_workdir_that_is_a_file_is_one_line(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a folder")
+    with pytest.raises(cli.UsageError) as error:
+        with race.claim_workdir(str(path), lm.get_config("tiny"), 4, {}):
+            pass
+    message = cli.one_line(error.value)
+    assert message.startswith(f"--workdir {str(path)!r} cannot be used") and "\n" not in str(
+        error.value)
+    assert path.read_text() == "not a folder"
+
+
+def test_the_race_script_exits_2_with_one_line_on_a_file_workdir(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run(
+        [sys.executable, "-m", "ravine.experiments.race", "--workdir=file",
+         "--optimizers=adamw", "--lrs=1e-3,2e-3"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "error: --workdir 'file' cannot be used: File exists (file)"]
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+
+def test_an_exit_code_out_of_range_is_one_short_line(capsys):
+    config = lm.get_config("tiny")
+    config.preempt_exit_code = 300
+    with pytest.raises(SystemExit) as done, cli.usage_errors():
+        builders.validate(config)
+    assert done.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: config.preempt_exit_code must be one of 0-255, got 300\n")
+    with pytest.raises(ValueError, match=r"must be one of \[1, 2, 4\], got 3"):  # listed
+        _validate.one_of("x", 3, (1, 2, 4))
+
+
+def test_the_race_refuses_init_from_in_one_line():
+    base = lm.get_config("tiny")
+    race.check_base(base)  # unset: fine
+    base.init_from = "runs/other:10"
+    with pytest.raises(ValueError, match="init_from='runs/other:10': the race .*cannot "
+                                         "branch"):
+        race.check_base(base)
