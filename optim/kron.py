@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ravine.optim import _validate
+from ravine.optim import _blocks, _validate
 from ravine.optim.alias import MaskOrFn, decay_and_scale
 
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
@@ -319,14 +319,17 @@ def scale_by_kron(b1: float = 0.9,
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
+        boxed, box_layout = _blocks.wrapped_leaves(params)
         if any(np.ndim(leaf) > 13 for leaf in leaves):
             raise ValueError("scale_by_kron supports leaves of at most 13 dims")
         return KronState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype) if with_momentum else None,
-            preconditioners=tuple(
+            # laid out like the params (Flax boxes opened, as Shampoo's blocks), each leaf a
+            # tuple of its factors, so optax's tree_map_params finds the params' places
+            preconditioners=box_layout.unflatten([
                 _init_factors(np.shape(leaf), layout(leaf), preconditioner_init_scale,
-                              precond_dtype) for leaf in leaves),
+                              precond_dtype) for leaf in map(_blocks.unwrap, boxed)]),
             update_counter=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
@@ -339,6 +342,7 @@ def scale_by_kron(b1: float = 0.9,
         else:
             mu, momentum = None, updates
         grads, treedef = jax.tree.flatten(updates)
+        box_layout = _blocks.wrapped_leaves(updates)[1]
         momentum = treedef.flatten_up_to(momentum)
         layouts = [layout(g) for g in grads]
         fitted = momentum if momentum_into_precond_update else grads
@@ -371,7 +375,8 @@ def scale_by_kron(b1: float = 0.9,
         counter = jnp.where(due, 0, counter)
         _, update_key = jax.random.split(key)
         preconditioners = jax.lax.cond(due, update_preconditioners, lambda _, qs: qs,
-                                       update_key, state.preconditioners)
+                                       update_key, tuple(box_layout.flatten_up_to(
+                                           state.preconditioners)))
 
         directions = []
         with _precision(precond_grads_precision):
@@ -383,7 +388,7 @@ def scale_by_kron(b1: float = 0.9,
                 directions.append(u.reshape(g.shape).astype(g.dtype))
         return treedef.unflatten(directions), KronState(
             count=count, mu=None if mu is None else optax.tree.cast_like(mu, state.mu),
-            preconditioners=preconditioners, update_counter=counter)
+            preconditioners=box_layout.unflatten(preconditioners), update_counter=counter)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

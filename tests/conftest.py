@@ -25,7 +25,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 HEAVY_FILES_FIRST = ("test_race.py", "test_train.py", "test_sharding.py",
                      "test_first_order.py", "test_benchmarks.py", "test_demos.py",
                      "test_pipeline.py", "test_kfac.py", "test_workflow.py",
-                     "test_train_sophia_schedule_free.py", "test_shampoo.py")
+                     "test_train_sophia_schedule_free.py", "test_clients.py",
+                     "test_optax_contrib.py", "test_new_optimizers.py", "test_lessons.py",
+                     "test_shampoo.py", "test_bench.py", "test_faults.py", "test_packaging.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -32,7 +32,19 @@ CONFIGS = {
     "adamw_8bit": dict(learning_rate=0.1),
     "sophia": dict(learning_rate=3e-2, weight_decay=0.0),
     "schedule_free_adamw": dict(learning_rate=0.1),
+    "ademamix": dict(learning_rate=1e-2),
+    "adopt": dict(learning_rate=1e-2),
+    # 1-D params go to MARS's AdamW branch: no decay there, the same lr
+    "mars": dict(learning_rate=1e-2, weight_decay=0.0, adam_weight_decay=0.0,
+                 adam_learning_rate=1e-2),
+    "kron": dict(learning_rate=1e-2),
+    "adamsage": dict(learning_rate=1e-2),
 }
+# Deliberate: optimizers that cannot converge on these toy problems, and why.
+STALLS = {"adamsage": "SAGE scales each step by the sensitivity |theta * g|, which is 0 where "
+                      "a coordinate starts or crosses 0 (Rosenbrock starts at 0; the parabola's "
+                      "coordinates cross it), so they stall; the authors apply it to pretrained "
+                      "layers (optim/adamsage.py, sage_mask)"}
 # Optimizers that optax runs on complex parameters (Lion: its sign is z/|z| there, as optax's).
 COMPLEX = ("sgd", "adagrad", "rmsprop", "adam", "adamw", "lion", "adafactor")
 # Structural integers (shapes of the state, Python control flow) and dtypes (a dtype class is a
@@ -47,7 +59,8 @@ STATIC_ARGS = {"adafactor": ("min_dim_size_to_factor",),
                "soap": ("precondition_every", "max_precond_dim"),
                "muon": ("ns_steps", "ns_dtype"),
                "adamw_8bit": ("block_size", "min_8bit_size"),
-               "sophia": ("hessian_every", "estimator")}
+               "sophia": ("hessian_every", "estimator"),
+               "kron": ("max_size_triangular", "min_ndim_triangular")}
 STEPS = 10_000
 
 
@@ -87,7 +100,10 @@ def _rosenbrock(dtype):
     return initial, final, objective
 
 
-CASES = [(name, target, dtype) for name in _names() for target in ("parabola", "rosenbrock")
+CASES = [pytest.param(name, target, dtype, marks=pytest.mark.xfail(
+             reason=STALLS[name], raises=AssertionError, strict=True)) if name in STALLS
+         else (name, target, dtype)
+         for name in _names() for target in ("parabola", "rosenbrock")
          for dtype in ("float32", "complex64") if dtype == "float32" or name in COMPLEX]
 
 
