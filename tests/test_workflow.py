@@ -410,7 +410,8 @@ def test_race_with_optimizer_module_uses_each_optimizers_spec(tmp_path):
     small = {**SMALL, "eval_every": None, "checkpoint_every": 0, "schedule.warmup_steps": 1}
     done = subprocess.run(
         [sys.executable, "-m", "ravine.experiments.race", "--optimizer_module=tests.user_optimizer",
-         "--optimizers=signum,polyak_sgd", "--lr_points=3", "--seeds_at_best=1", "--evals=2",
+         "--optimizers=signum,polyak_sgd", "--lr_points=3", "--max_lr_points=3",
+         "--seeds_at_best=1", "--evals=2",
          "--sweep=vmap", f"--workdir={tmp_path / 'race'}", f"--config.corpus={tmp_path / 'docs'}",
          *[f"--config.{k}={v}" for k, v in small.items() if v is not None]],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
