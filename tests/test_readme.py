@@ -47,6 +47,8 @@ def defined_flags(module):
     calls (the demos' output flags, the train job's --config / --workdir / --multihost)."""
     source = open(os.path.join(ROOT, *module.split(".")) + ".py").read()
     names = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source))
+    # a flag defined through a helper: `_flag(flags.DEFINE_string, "preset", ...)`
+    names |= set(re.findall(r"DEFINE_\w+,\s*\"(\w+)\"", source))
     names |= set(re.findall(r"define_number_list\(\s*\"(\w+)\"", source))
     if "define_output_flags" in source:
         names |= {"outdir", "dpi"}
