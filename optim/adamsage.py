@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from ravine.optim import _validate
-from ravine.optim.alias import MaskOrFn, decay_and_scale
+from ravine.optim.alias import MaskOrFn, decay_and_scale, mask_per_leaf
 
 
 class AdamSageState(NamedTuple):
@@ -27,16 +27,6 @@ class AdamSageState(NamedTuple):
     mu: optax.Updates  # EMA of the gradients (decay b1)
     nu: optax.Updates  # EMA of the squared gradients (decay b2)
     sensitivity: optax.Updates  # EMA of |theta * g| (decay b3); a 0-d zero where not used
-
-
-def _per_leaf(spec, params):
-    """`spec` (None: all True; a pytree of bools, possibly a prefix; or a callable
-    `params -> such a pytree`) as one Python bool per leaf of `params`."""
-    if spec is None:
-        return jax.tree.map(lambda _: True, params)
-    tree = spec(params) if callable(spec) else spec
-    return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
-                        tree, params)
 
 
 def scale_by_adamsage(b1: float = 0.9, b2: float = 0.999, b3: float = 0.75,
@@ -104,7 +94,7 @@ def scale_by_adamsage(b1: float = 0.9, b2: float = 0.999, b3: float = 0.75,
             nu=optax.tree.zeros_like(params),
             sensitivity=jax.tree.map(
                 lambda p, on: jnp.zeros_like(p) if on else jnp.zeros([], jnp.asarray(p).dtype),
-                params, _per_leaf(sage_mask, params)))
+                params, mask_per_leaf(sage_mask, params)))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -131,7 +121,7 @@ def scale_by_adamsage(b1: float = 0.9, b2: float = 0.999, b3: float = 0.75,
             return adam * (jnp.abs(s - s_hat) / (s_hat + eps ** 2)), s_bar
 
         both = jax.tree.map(leaf, updates, params, mu, nu, state.sensitivity,
-                            _per_leaf(sage_mask, params))
+                            mask_per_leaf(sage_mask, params))
         # `both` holds an (update, sensitivity) pair where `updates` holds a leaf.
         new_updates = jax.tree.map(lambda _, pair: pair[0], updates, both)
         sensitivity = jax.tree.map(lambda _, pair: pair[1], updates, both)

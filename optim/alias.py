@@ -27,6 +27,17 @@ from ravine.optim.transforms import (scale_by_adafactor, scale_by_adagrad, scale
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+
+
+def mask_per_leaf(spec: MaskOrFn, params: optax.Params) -> Any:
+    """A mask (None: all True; a pytree of bools, possibly a prefix of `params`; or a
+    callable `params -> such a pytree`) as one Python bool per leaf of `params`, for
+    optimizers that route leaves in Python (MARS's and AdamSAGE's branches)."""
+    if spec is None:
+        return jax.tree.map(lambda _: True, params)
+    tree = spec(params) if callable(spec) else spec
+    return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
+                        tree, params)
 WEIGHT_DECAY_MODES = ("lr_scaled", "independent")
 
 

@@ -27,7 +27,7 @@ import optax
 
 from ravine.optim import _validate
 from ravine.optim.alias import (MaskOrFn, add_decoupled_weight_decay, decay_per_unit_lr,
-                                scale_by_learning_rate)
+                                mask_per_leaf, scale_by_learning_rate)
 from ravine.optim.transforms import scale_by_adam
 
 
@@ -137,16 +137,6 @@ def matrices(params: Any) -> Any:
     return jax.tree.map(lambda p: len(p.shape) >= 2, params)
 
 
-def _per_leaf(spec, params):
-    """`spec` (None: all True; a pytree of bools, possibly a prefix; or a callable
-    `params -> such a pytree`) as one Python bool per leaf of `params`."""
-    if spec is None:
-        return jax.tree.map(lambda _: True, params)
-    tree = spec(params) if callable(spec) else spec
-    return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
-                        tree, params)
-
-
 def mars(learning_rate: optax.ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
          eps: float = 1e-8, gamma: float = 0.025, weight_decay: float = 0.0,
          mask: MaskOrFn = None, weight_decay_mode: str = "lr_scaled", *,
@@ -225,12 +215,13 @@ def mars(learning_rate: optax.ScalarOrSchedule, b1: float = 0.95, b2: float = 0.
         mars_mask = matrices
 
     def labels(params):
-        return jax.tree.map(lambda on: "mars" if on else "adam", _per_leaf(mars_mask, params))
+        return jax.tree.map(lambda on: "mars" if on else "adam",
+                            mask_per_leaf(mars_mask, params))
 
     def decayed(on_mars):
         return lambda params: jax.tree.map(lambda d, on: d and on == on_mars,
-                                           _per_leaf(mask, params),
-                                           _per_leaf(mars_mask, params))
+                                           mask_per_leaf(mask, params),
+                                           mask_per_leaf(mars_mask, params))
 
     adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     if adam_learning_rate is None:
