@@ -19,7 +19,6 @@ training step pays that once for the model, loss and optimizer together. With
         --reps=2 --calls=2 --steps_per_call=2                 # smoke test
 """
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from absl import flags
 
 from ravine import optim
 from ravine.experiments.runtime import cli
+from ravine.experiments.runtime.timing import time_calls
 
 _D_MODEL = flags.DEFINE_integer("d_model", 512, "Model width.", lower_bound=1)
 _N_LAYERS = flags.DEFINE_integer("n_layers", 6, "Transformer blocks.", lower_bound=0)
@@ -112,16 +112,6 @@ def copy_step(i, tree, scale):
     """An elementwise copy `x * scale` of every array (scale passed in, so it is not folded)."""
     del i
     return jax.tree.map(lambda x: x * scale, tree)
-
-
-def time_calls(run, carry, calls):
-    """Runs `carry = run(carry)` `calls` times; returns the new carry and seconds per call."""
-    jax.block_until_ready(carry)
-    start = time.perf_counter()
-    for _ in range(calls):
-        carry = run(carry)
-    jax.block_until_ready(carry)
-    return carry, (time.perf_counter() - start) / calls
 
 
 def main(argv):
