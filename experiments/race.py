@@ -32,13 +32,15 @@ vmapped program (optimizers whose spec is not `vmappable` fall back to loop). Ea
 equals the same (lr, seed) trained alone by the train job. Every run's metrics are kept in
 `DIR/runs/<optimizer>/lr<lr>_seed<seed>.jsonl` and the report is computed from them; a
 killed race resumes: finished runs are read back and an interrupted group of runs restarts
-from its own checkpoint (`DIR/groups/`) to the same numbers. A metrics file that is damaged
-(empty, cut short, not JSON rows) or a damaged `timing.json` is retrained / measured again
-with one warning line naming it; a damaged `race.json` exits 2 naming it. One race per
-workdir: `DIR/lock` (as the train job's, `runtime/workdir.py`) refuses a second one,
-naming the holder's pid. `DIR/race.json` records the workload and the corpus' SHA-256: a
-rerun with another workload or changed data is refused. `--config.init_from` (a branch of
-another run) is refused: every run starts from its seed's initial params.
+from its own checkpoint (`DIR/groups/`) to the same numbers (a damaged one is skipped as
+the train job skips one: one warning line naming it, then the one before, or the group's
+start). A metrics file that is damaged (empty, cut short, not JSON rows) or a damaged
+`timing.json` is retrained / measured again with one warning line naming it; a damaged
+`race.json` exits 2 naming it. One race per workdir: `DIR/lock` (as the train job's,
+`runtime/workdir.py`) refuses a second one, naming the holder's pid. `DIR/race.json`
+records the workload and the corpus' SHA-256: a rerun with another workload or changed data
+is refused. `--config.init_from` (a branch of another run) is refused: every run starts from
+its seed's initial params.
 
 Everything optimizer-specific comes from its record, `optim.spec(name)`: the grid's centre,
 hyperparameters the race fixes (`race_hparams`, e.g. the peak lr of Muon's AdamW leaves;

@@ -15,6 +15,8 @@ checkpoint exit 2, listing them); `--config.init_from=DIR[:STEP]` starts a new w
 from another run's checkpoint (params; with `--config.init_from_optimizer=true` also the
 optimizer state, step and data position). SIGTERM or Ctrl-C: the step finishes, a
 checkpoint is saved, one line says where it stopped; exit `config.preempt_exit_code` (143).
+A second signal (e.g. during the first compilation) stops at once without saving: one
+line, exit `config.preempt_exit_code` for SIGTERM, 130 for SIGINT; later ones are ignored.
 
 This file only parses flags and calls the runtime (`ravine.experiments.runtime`): in Python,
 `summary = loop.train(lm.get_config("tiny"), workdir)`; `setup.setup(config)` and
@@ -25,6 +27,7 @@ import contextlib
 import os
 
 import jax
+import tqdm
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -64,7 +67,7 @@ def main(argv, flag_holders):
     workdir = workdir_flag.value
     if not workdir:
         cli.fail("--workdir is required")
-    stop = preemption.StopSignal()
+    stop = preemption.StopSignal(exit_now=_exit_now(workdir, config.preempt_exit_code))
     try:
         with stop.installed():
             with cli.usage_errors():
@@ -73,7 +76,7 @@ def main(argv, flag_holders):
                                  raise_on_divergence=True)
     except cli.UsageError as error:  # a bad workdir, another run in it, a changed config
         cli.fail(error)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run got going
+    except KeyboardInterrupt:  # a Ctrl-C the handler did not see (a second one exits at once)
         cli.stopped(f"interrupted; re-running the same command resumes from "
                     f"{_latest(workdir)}", 130)
     except (loop.Diverged, OSError, checkpointing.RestoreError) as error:
@@ -85,12 +88,37 @@ def main(argv, flag_holders):
 
 
 def _latest(workdir):
-    folder = os.path.join(workdir, CHECKPOINT_DIR)
-    with contextlib.suppress(Exception):
-        step = checkpointing.Checkpoints(folder, read_only=True).latest_step()
-        if step is not None:
-            return f"checkpoint {step}"
+    """Where a rerun resumes, from a listing of the checkpoint folder (no Orbax: this runs in
+    a signal handler too). Orbax names a checkpoint its step once it is complete."""
+    with contextlib.suppress(OSError):
+        steps = [int(name) for name in os.listdir(os.path.join(workdir, CHECKPOINT_DIR))
+                 if name.isdigit()]
+        if steps:
+            return f"checkpoint {max(steps)}"
     return "the start (no checkpoint yet)"
+
+
+def _exit_now(workdir, preempt_exit_code):
+    """`StopSignal`'s `exit_now`: a second signal ends the process at once with one line on
+    stderr and exit `preempt_exit_code` (SIGTERM) or 130 (SIGINT). `os._exit`, as a SIGKILL:
+    no exception unwinds through a compilation in progress or Orbax's threads and no
+    interpreter shutdown runs beside them (that crashed, exit 139); the lock goes with the
+    process and a half-written checkpoint is ignored and removed by the next run."""
+    valid = isinstance(preempt_exit_code, int) and 0 <= preempt_exit_code <= 255
+    code = preempt_exit_code if valid else 143  # (an invalid one exits 2 at set-up)
+
+    def exit_now(name):
+        try:
+            bar_open = any(not bar.disable for bar in list(tqdm.tqdm._instances))  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - only decides whether to end the bar's line
+            bar_open = False
+        line = (f"interrupted by a second {name}; re-running the same command resumes from "
+                f"{_latest(workdir)}")
+        # os.write, not print: the handler may run while the main thread writes to stderr
+        os.write(2, (("\n" if bar_open else "") + line + "\n").encode())
+        os._exit(code if name == "SIGTERM" else 130)
+
+    return exit_now
 
 
 def run_script():

@@ -53,6 +53,13 @@ class Checkpoints:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_names=ITEMS)
         self._pending = None  # the step being saved in the background
+        # Orbax removes a killed save's leftovers in a background thread it waits for only
+        # at the first save: a run that stops before one (a bad init_from) would leave the
+        # thread running into interpreter shutdown ("cannot schedule new futures after
+        # interpreter shutdown", a 43-line traceback after the run's one line). Wait now.
+        cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if cleanup is not None:
+            cleanup()
 
     def steps(self):
         """The steps of the complete checkpoints, ascending."""
@@ -106,17 +113,22 @@ class Checkpoints:
             shutil.rmtree(leftover, ignore_errors=True)
         good = [s for s in self.steps() if s != step]
         last = f"checkpoint {good[-1]} is the last good one" if good else "no checkpoint saved"
-        reason = getattr(error, "strerror", None) or error
-        raise SaveError(f"saving checkpoint {step} failed: {reason}; {last}") from error
+        why = getattr(error, "strerror", None) or error
+        raise SaveError(f"saving checkpoint {step} failed: {why}; {last}") from error
 
     def restore(self, step, abstract_state):
         """`(state, meta)` of checkpoint `step`, laid out as `abstract_state`'s shardings."""
         self._manager.wait_until_finished()
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception:
+            _hush_failed_reads()
+            raise
         return restored.state, restored.meta
 
-    def restore_newest(self, abstract_state, check_meta=None, warn=print):
+    def restore_newest(self, abstract_state, check_meta=None, warn=print,
+                       start_over=False):
         """`(state, meta)` of the newest checkpoint that can be restored, or None if there is
         no checkpoint. Newer ones that cannot be restored are reported through `warn` (one
         line each, naming the step and why) and deleted, so the run saves them anew.
@@ -126,19 +138,23 @@ class Checkpoints:
           check_meta: `meta -> None`, called before the arrays are read; what it raises (a
             checkpoint of another run) propagates instead of falling back.
           warn: called with a one-line message for each checkpoint skipped.
+          start_over: when none can be restored, delete them all and return None (the
+            caller starts from the beginning: a race's group of runs), instead of raising.
 
         Raises:
-          RestoreError: when there are checkpoints but none can be restored.
+          RestoreError: when there are checkpoints but none can be restored (and not
+            `start_over`).
         """
         steps = self.steps()
         failures = []
-        for step in reversed(steps):
+        for i, step in reversed(list(enumerate(steps))):
+            then = ("trying the one before" if i else
+                    "starting from the beginning" if start_over else "none is left")
             try:
                 meta = self.read_meta(step)
             except Exception as error:  # noqa: BLE001 - a damaged file, whatever it raises
                 failures.append((step, error))
-                warn(f"checkpoint {step} cannot be restored ({_reason(error)}); trying the "
-                     "one before")
+                warn(f"checkpoint {step} cannot be restored ({reason(error)}); {then}")
                 continue
             if check_meta is not None:
                 check_meta(meta)
@@ -146,14 +162,15 @@ class Checkpoints:
                 restored = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001
                 failures.append((step, error))
-                warn(f"checkpoint {step} cannot be restored ({_reason(error)}); trying the "
-                     "one before")
+                warn(f"checkpoint {step} cannot be restored ({reason(error)}); {then}")
                 continue
             self.delete_after(step)
             return restored
-        if failures:
+        if failures and start_over:
+            self.delete_after(-1)
+        elif failures:
             raise RestoreError(f"no checkpoint in {self.directory} can be restored "
-                               f"(newest: {failures[0][0]}, {_reason(failures[0][1])})")
+                               f"(newest: {failures[0][0]}, {reason(failures[0][1])})")
         return None
 
     def read_meta(self, step):
@@ -179,6 +196,25 @@ class Checkpoints:
             self._manager = None
 
 
+class _FailedReadFilter(std_logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of Orbax's array reads.
+    Reading a damaged checkpoint fails in several of Orbax's parallel read tasks; the first
+    failure is raised (and reported in one line), the others are left to the garbage
+    collector, which logs each with a 60-line spec of the array, at any later moment
+    (often as the process exits, after its last line)."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved")
+                    and "orbax" in message)
+
+
+def _hush_failed_reads():
+    logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadFilter) for f in logger.filters):
+        logger.addFilter(_FailedReadFilter())
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silences Orbax's warnings that a read-only manager is read-only (it says so for every
@@ -191,8 +227,12 @@ def _quiet():
         std_logging.disable(previous)
 
 
-def _reason(error):
-    """The last line of an exception's message, shortened: why a restore failed."""
+def reason(error):
+    """Why a restore failed, in one short line: the last line of the message of the error's
+    root cause (Orbax wraps TensorStore's "Truncated Zstd-compressed stream" in an error
+    whose message is a many-line spec of the array)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     lines = str(error).strip().splitlines() or [type(error).__name__]
     text = f"{type(error).__name__}: {lines[-1].strip()}"
     return text if len(text) <= 200 else text[:197] + "..."

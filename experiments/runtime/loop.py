@@ -241,6 +241,8 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
     config = s.config  # as the optimizer runs it (see `setup`)
     check_workdir(s, workdir)
     is_main, stop = jax.process_index() == 0, stop or preemption.NoStop()
+    if is_main:
+        profiling.check(config.profile_steps, workdir, config.steps)
     with workdir_lib.lock(workdir, enabled=is_main), contextlib.ExitStack() as cleanup:
         # -- state: the newest checkpoint that restores, a branch, or a fresh start
         checkpoints = checkpointing.Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
@@ -257,10 +259,13 @@ def train(config, workdir, progress=True, *, prepared=None, stop=None,
         monitor.load(meta["spike"])
         same_run = {"init_from": meta.get("init_from"), "signature": s.signature,
                     "corpus_sha256": s.corpus.sha256, "config": config_record(config)}
+        if "init_from_optimizer" in meta:  # the branch point, as recorded when branched
+            same_run["init_from_optimizer"] = meta["init_from_optimizer"]
         board = cleanup.enter_context(writers.for_run(config, workdir, meta, is_main))
         same_run.update(board.checkpoint_meta())  # the W&B run id: a resume continues it
         profiler = cleanup.enter_context(
             profiling.Profiler(config.profile_steps, workdir, is_main))
+        profiler.warn_if_done(step)
         bar = cleanup.enter_context(tqdm.tqdm(
             total=config.steps, initial=step, unit="step", dynamic_ncols=True,
             disable=not (progress and is_main)))

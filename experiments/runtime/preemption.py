@@ -8,7 +8,11 @@
                 save(step); break
 
 On one process, the first signal only sets a flag; the loop finishes the step it is in,
-saves and stops. A second signal aborts at once (KeyboardInterrupt). On several processes
+saves and stops. A second signal aborts at once: `StopSignal(exit_now=...)` calls
+`exit_now(name)` (the train job's prints one line and ends the process with `os._exit`,
+as a SIGKILL would, so nothing unwinds through a compilation or Orbax's threads; the
+interpreter crashed doing that), otherwise it raises KeyboardInterrupt. Any later signal
+is ignored (recorded in `second`). On several processes
 every process must stop at the same step: no handler is installed and `reached` is JAX's
 preemption sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`),
 which the coordination service (started by `jax.distributed.initialize()`) triggers on all
@@ -26,13 +30,25 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopSignal:
     """Whether a stop was asked for, and by which signal (`name`, e.g. "SIGTERM")."""
 
-    def __init__(self):
+    def __init__(self, exit_now=None):
+        """`exit_now`: `signal name -> None`, called on a second signal (it should end the
+        process); None raises KeyboardInterrupt instead."""
         self.name = None
+        self.second = None  # the signal that asked to stop at once
+        self.exit_now = exit_now
 
     def _handle(self, signum, frame):
-        if self.name is not None:  # a second signal: stop now, without saving
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
+        del frame
+        name = signal.Signals(signum).name
+        if self.name is None:  # the first: finish the step, save, stop
+            self.name = name
+            return
+        if self.second is not None:  # a third or later: already on the way out
+            return
+        self.second = name  # a second signal: stop now, without saving
+        if self.exit_now is not None:
+            self.exit_now(name)
+        raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self):

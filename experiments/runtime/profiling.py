@@ -11,10 +11,18 @@ Perfetto `*.trace.json.gz`), where TensorBoard's profile plugin (`pip install
 tensorboard-plugin-profile`, then `tensorboard --logdir workdir`) and xprof find it.
 Each step is a `jax.profiler.StepTraceAnnotation("train", step_num=step)`, so the trace
 viewer and the overview page split the timeline by step. Only process 0 traces.
+
+`check(profile_steps, workdir, steps)` runs before anything is written: a START past the
+run's last step, or a file where the trace's folder goes (`workdir/plugins`), is a
+`cli.UsageError` (one line); a range the run ends inside is traced up to its end, with one
+warning line, and one a resumed run has passed already is one warning line too.
 """
 import os
+import sys
 
 import jax
+
+from ravine.experiments.runtime import cli
 
 PROFILE_DIR = os.path.join("plugins", "profile")
 
@@ -35,6 +43,33 @@ def parse_steps(spec):
     return start, count
 
 
+def check(spec, workdir, steps):
+    """Before training: `cli.UsageError` (one line) when `profile_steps` cannot give a trace in
+    `workdir` for a run of `steps` steps (see the module docstring); a warning line when
+    it gives only part of the range."""
+    parsed = parse_steps(spec)
+    if parsed is None:
+        return
+    start, count = parsed
+    if start > steps:
+        raise cli.UsageError(f"config.profile_steps={spec!r}: START {start} is past the "
+                             f"run's last step ({steps}); no trace would be written")
+    folder = workdir
+    for part in PROFILE_DIR.split(os.sep):
+        folder = os.path.join(folder, part)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise cli.UsageError(f"config.profile_steps={spec!r}: the trace goes under "
+                                 f"{os.path.join(workdir, PROFILE_DIR)!r}, but {folder!r} "
+                                 "is a file; move it, or use another --workdir")
+    if start + count - 1 > steps:
+        _warn(f"config.profile_steps={spec!r}: the run ends at step {steps}, so the trace "
+              f"covers steps {start}-{steps} only")
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class Profiler:
     """Traces steps [START, START + COUNT) of `profile_steps` into `workdir` (see above)."""
 
@@ -44,6 +79,12 @@ class Profiler:
         self.enabled = enabled and parsed is not None
         self.directory = workdir  # jax writes under <dir>/plugins/profile/<run>
         self.active = False
+
+    def warn_if_done(self, step):
+        """One warning line when a run resuming after `step` has passed the range."""
+        if self.enabled and self.start + self.count - 1 <= step:
+            _warn(f"config.profile_steps: steps {self.start}-{self.start + self.count - 1} "
+                  f"ran before this resume from step {step}; no trace is written")
 
     def run(self, step, function, *args):
         """`function(*args)` as step `step` (counted from 1); inside the range it runs in a

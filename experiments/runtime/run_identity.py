@@ -1,8 +1,12 @@
 """Which run a workdir holds: config.json, the checkpoint's identity, resume or branch.
 
 A workdir holds one run (experiments/runtime/workdir.py has the rules): a resume is the
-same run (a changed trajectory field, corpus or state signature is refused, listing what
-changed), `config.init_from=DIR[:STEP]` starts a new run from another's checkpoint.
+same run (a changed trajectory field, corpus, state signature or branch point is refused,
+listing what changed), `config.init_from=DIR[:STEP]` starts a new run from another's
+checkpoint. The branch point (`init_from`, `init_from_optimizer`) is part of the run's
+identity, recorded in its checkpoints: resuming with another one is refused. Without STEP a
+branch starts from DIR's newest checkpoint that restores (one warning line for each newer,
+damaged one); a damaged STEP, or DIR with none that restores, exits 2 naming it.
 """
 import dataclasses
 import json
@@ -39,10 +43,40 @@ def run_info(s):
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
 
 
+def parse_init_from(spec):
+    """`(DIR, STEP or None)` of `config.init_from="DIR[:STEP]"` (DIR as written)."""
+    match = re.fullmatch(r"(.*?)(?::(\d+))?", spec)
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
+
+
+def _branch_point(spec):
+    """What a resume compares of `init_from`: "" (none) or (normalized DIR, STEP)."""
+    if not spec:
+        return ""
+    source, step = parse_init_from(spec)
+    return os.path.normpath(source), step
+
+
+def branch_changes(s, meta):
+    """`[(field, recorded, now)]` where the branch point recorded in checkpoint `meta`
+    differs from `s.config`'s (checkpoints from before it was recorded: not compared)."""
+    changes = []
+    if "init_from" in meta:
+        recorded, now = meta["init_from"] or "", s.config.init_from or ""
+        if _branch_point(recorded) != _branch_point(now):
+            changes.append(("init_from", recorded, now))
+        elif recorded and "init_from_optimizer" in meta and (
+                bool(meta["init_from_optimizer"]) != bool(s.config.init_from_optimizer)):
+            changes.append(("init_from_optimizer", meta["init_from_optimizer"],
+                            s.config.init_from_optimizer))
+    return changes
+
+
 def check_same_run(s, workdir, meta):
     """ValueError when checkpoint `meta` is of another run than `s` (see workdir.py)."""
     record = config_record(s.config)
     changes = workdir_lib.changed_fields(meta["config"], record) if "config" in meta else []
+    changes += branch_changes(s, meta)
     if meta.get("corpus_sha256", s.corpus.sha256) != s.corpus.sha256:
         changes.append((f"corpus (SHA-256 of {s.corpus.path!r}: its data changed)",
                         meta["corpus_sha256"][:12], s.corpus.sha256[:12]))
@@ -57,18 +91,26 @@ def check_same_run(s, workdir, meta):
 
 
 def check_workdir(s, workdir):
-    """Before anything is written: a checkpoint in `workdir` must be of the same run."""
+    """Before anything is written: a checkpoint in `workdir` must be of the same run; with
+    none, `config.init_from` must name a checkpoint (`branch_source`)."""
     folder = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return
-    checkpoints = checkpointing.Checkpoints(folder, read_only=True)
-    for step in reversed(checkpoints.steps()):
+    if os.path.isdir(folder):
+        checkpoints = checkpointing.Checkpoints(folder, read_only=True)
         try:
-            meta = checkpoints.read_meta(step)
-        except Exception:  # noqa: BLE001 - a damaged checkpoint: restore falls back past it
-            continue
-        check_same_run(s, workdir, meta)
-        return
+            steps = checkpoints.steps()
+            for step in reversed(steps):
+                try:
+                    meta = checkpoints.read_meta(step)
+                except Exception:  # noqa: BLE001 - damaged: restore falls back past it
+                    continue
+                check_same_run(s, workdir, meta)
+                return
+        finally:
+            checkpoints.close()
+        if steps:  # all damaged: the restore says so
+            return
+    if s.config.init_from:
+        branch_source(s.config.init_from)
 
 
 def _fresh(s):
@@ -76,18 +118,64 @@ def _fresh(s):
         "step": 0, "data_offset": 0, "rollbacks": 0, "spike": {}}
 
 
+def branch_source(spec):
+    """`(DIR, STEP or None, DIR's checkpoint steps)` of `config.init_from=spec`; UsageError
+    (one line) when DIR is no run folder or has no checkpoint (STEP)."""
+    source, step = parse_init_from(spec)
+    if not os.path.isdir(source):
+        head, colon, tail = spec.rpartition(":")
+        if colon and os.path.isdir(head):
+            raise cli.UsageError(f"config.init_from={spec!r}: STEP must be a checkpoint's "
+                                 f"step (DIR:STEP, an integer), got {tail!r}")
+        what = ("is a file, not a run's workdir" if os.path.exists(source)
+                else "does not exist")
+        raise cli.UsageError(f"config.init_from={spec!r}: {source!r} {what}")
+    folder = os.path.join(source, CHECKPOINT_DIR)
+    steps = []
+    if os.path.isdir(folder):
+        checkpoints = checkpointing.Checkpoints(folder, read_only=True)
+        try:
+            steps = checkpoints.steps()
+        finally:
+            checkpoints.close()
+    if (step if step is not None else (steps[-1] if steps else None)) not in steps:
+        raise cli.UsageError(f"config.init_from={spec!r}: no checkpoint"
+                             f"{'' if step is None else f' {step}'} in {source!r} (it has "
+                             f"{', '.join(map(str, steps)) or 'none'})")
+    return source, step, steps
+
+
 def branch_from(s, spec):
     """`(state, meta)` for `config.init_from=DIR[:STEP]` (see the module docstring)."""
-    match = re.fullmatch(r"(.*?)(?::(\d+))?", spec)
-    source, step = match.group(1), match.group(2)
+    source, step, steps = branch_source(spec)
+    candidates = [step] if step is not None else steps[::-1]
     checkpoints = checkpointing.Checkpoints(os.path.join(source, CHECKPOINT_DIR),
                                             read_only=True)
-    steps = checkpoints.steps() if os.path.isdir(checkpoints.directory) else []
-    step = int(step) if step is not None else (steps[-1] if steps else None)
-    if step is None or step not in steps:
-        raise cli.UsageError(f"config.init_from={spec!r}: no checkpoint "
-                             f"{'' if step is None else step} in {source!r} (it has "
-                             f"{', '.join(map(str, steps)) or 'none'})")
+    skipped = []
+    try:
+        for at in candidates:
+            try:
+                branched = _branch_at(s, spec, source, checkpoints, at)
+            except cli.UsageError:  # another model, another optimizer state: not damage
+                raise
+            except Exception as error:  # noqa: BLE001 - a damaged file, whatever it raises
+                skipped.append((at, checkpointing.reason(error)))
+                continue
+            for bad, why in skipped:
+                _warn(f"config.init_from={spec!r}: checkpoint {bad} of {source!r} cannot be "
+                      f"restored ({why}); branching from the one before")
+            return branched
+    finally:
+        checkpoints.close()
+    if step is not None:
+        raise cli.UsageError(f"config.init_from={spec!r}: checkpoint {step} of {source!r} "
+                             f"cannot be restored ({skipped[0][1]})")
+    raise cli.UsageError(f"config.init_from={spec!r}: no checkpoint of {source!r} can be "
+                         f"restored (newest: {skipped[0][0]}, {skipped[0][1]})")
+
+
+def _branch_at(s, spec, source, checkpoints, step):
+    """`branch_from` at checkpoint `step` of `source` (raises what a damaged one raises)."""
     meta = checkpoints.read_meta(step)
     same = meta.get("signature") == s.signature
     if s.config.init_from_optimizer and not same:
@@ -110,13 +198,12 @@ def branch_from(s, spec):
         if want != got:
             raise cli.UsageError(f"config.init_from={spec!r}: its model has other "
                                  "parameters than this config's model")
-    checkpoints.close()
+    branch = {"init_from": spec, "init_from_optimizer": bool(s.config.init_from_optimizer)}
     if s.config.init_from_optimizer:
         return restored, {"step": int(meta["step"]), "data_offset": meta["data_offset"],
-                          "rollbacks": 0, "spike": meta["spike"], "init_from": spec}
+                          "rollbacks": 0, "spike": meta["spike"], **branch}
     state = s.init_from_params(restored.params)
-    return state, {"step": 0, "data_offset": 0, "rollbacks": 0, "spike": {},
-                   "init_from": spec}
+    return state, {"step": 0, "data_offset": 0, "rollbacks": 0, "spike": {}, **branch}
 
 
 def restore_or_start(s, checkpoints, workdir):

@@ -32,6 +32,7 @@ killed sweep resumes to the same numbers.
 import copy
 import math
 import statistics
+import sys
 import time
 from typing import NamedTuple
 
@@ -234,7 +235,8 @@ class Engine:
     def train_group(self, runs, checkpoint_dir, vectorized=False):
         """Trains `runs` together (vmap) or the single run in `runs` (loop) with the train
         job's loop (`loop.run_loop`), resuming from `checkpoint_dir` if it holds a
-        checkpoint; returns `{run: metrics rows}`.
+        checkpoint that restores (a damaged one: one warning line naming it, and the one
+        before or the start); returns `{run: metrics rows}`.
 
         A loop run stops early once its loss is non-finite (diverged); a vmapped group
         stops when every run has.
@@ -245,7 +247,11 @@ class Engine:
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
             state)
-        restored = checkpoints.restore_newest(abstract)
+        # A damaged checkpoint (the train job's rule): one warning line naming it, then the
+        # one before, or the group from the start; its runs' numbers are the same either way.
+        restored = checkpoints.restore_newest(
+            abstract, warn=lambda message: _warn(f"{checkpoint_dir}: {message}"),
+            start_over=True)
         if restored is not None:
             state, meta = restored
             rows = meta["rows"]
@@ -282,6 +288,10 @@ class Engine:
         """Bytes of one run's optimizer state."""
         return sum(leaf.size * leaf.dtype.itemsize
                    for leaf in jax.tree.leaves(self.setup.abstract_state.opt_state))
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class _LoopRun:
