@@ -23,7 +23,7 @@ from ravine.models.attention import causal_attention, chunked_causal_attention
 from ravine.models.loss import cross_entropy, lm_loss
 from ravine.models.mlp import MLP
 from ravine.models.mup import mup_lr_multipliers, param_kind, param_kinds
-from ravine.models.policy import Policy, get_policy
+from ravine.models.policy import FP8_COLLECTION, Policy, get_policy
 from ravine.models.transformer import (Block, CausalSelfAttention, FeedForward, Transformer,
                                 TransformerConfig, max_attention_logit, rotary_embedding)
 
@@ -34,4 +34,6 @@ __all__ = [
     "rotary_embedding",
     # μP, QK-norm and z-loss (mup.py, transformer.py, loss.py)
     "lm_loss", "max_attention_logit", "mup_lr_multipliers", "param_kind", "param_kinds",
+    # float8 matmuls' scales (policy.py, `Policy.matmul == "fp8"`)
+    "FP8_COLLECTION",
 ]

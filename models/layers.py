@@ -29,7 +29,9 @@ class Dense(nn.Module):
       features: output dims, e.g. `(heads, head_dim)`.
       names: logical axis names of the kernel, inputs first then outputs; the bias (if any)
         is named after the output dims.
-      policy: the dtype policy.
+      policy: the dtype policy; with `policy.matmul == "fp8"` the matmul runs in float8
+        (flax's `nn.Fp8DirectDotGeneralOp`, a child named "fp8" whose scales live in the
+        `FP8_COLLECTION` variables, see `models.policy`).
       kernel_init: an unboxed initializer; `names` are attached here.
       contract: how many trailing input axes are contracted.
       use_bias: add a zero-initialised bias.
@@ -49,7 +51,12 @@ class Dense(nn.Module):
                             self.policy.param_dtype)
         x, kernel = self.policy.cast_to_compute((x, kernel))
         contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-        y = jax.lax.dot_general(x, kernel, (contracting, ((), ())))
+        if self.policy.matmul == "fp8":
+            # flax's op quantizes x and kernel to e4m3 and the output gradient to e5m2, each
+            # with a per-tensor scale kept in the FP8_COLLECTION (delayed scaling).
+            y = nn.Fp8DirectDotGeneralOp(name="fp8")(x, kernel, (contracting, ((), ())))
+        else:
+            y = jax.lax.dot_general(x, kernel, (contracting, ((), ())))
         if self.use_bias:
             bias = self.param("bias", logical_init(nn.initializers.zeros_init(),
                                                    tuple(self.names)[-len(features):]),

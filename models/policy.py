@@ -11,6 +11,22 @@ jmp library), reimplemented here so ravine does not depend on jmp:
 
 "full" is float32; "half" is bfloat16 on TPU and float16 elsewhere (as in jmp), so a "half"
 policy on GPU/CPU needs loss scaling (`optim.DynamicLossScale`).
+
+One key beyond jmp's: `matmul` (short `m`) chooses how `models.layers.Dense` multiplies.
+"compute" (the default) multiplies in the compute dtype; "fp8" runs the matmul on float8
+operands, e4m3 for inputs and kernels in the forward pass and e5m2 for the output gradient
+in the backward pass, each tensor with one scale (per-tensor scaling), through flax's
+`nn.Fp8DirectDotGeneralOp` (the successor of the deprecated `nn.Fp8DotGeneralOp`):
+
+    "p=f32,c=bf16,o=f32,matmul=fp8"
+
+flax's fp8 op scales with *delayed* scaling: the scale of step t comes from the largest
+|value| (amax) of that tensor over the previous steps (a history of 1024), kept as variables
+in the `_overwrite_with_gradient` collection (`FP8_COLLECTION`), whose "gradient" is the new
+value. (torchao's float8 training recipe, the seed's, scales *dynamically*, from the amax of
+the current tensor.) A train step must therefore differentiate with respect to that
+collection too and store its gradient as is, never hand it to the optimizer (see
+`experiments.demos.precision_limits.train_step`, flax's `TrainState.apply_gradients`).
 """
 import dataclasses
 from typing import Any
@@ -18,6 +34,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen import fp8_ops
+
+# The flax collection holding fp8 scales and amax histories: overwritten by its "gradient",
+# never updated by an optimizer.
+FP8_COLLECTION = fp8_ops.OVERWRITE_WITH_GRADIENT
+MATMULS = ("compute", "fp8")
 
 _DTYPE_NAMES = {
     "float32": jnp.float32, "f32": jnp.float32, "full": jnp.float32, "single": jnp.float32,
@@ -27,7 +49,9 @@ _DTYPE_NAMES = {
 }
 _KEYS = {"params": "param_dtype", "p": "param_dtype",
          "compute": "compute_dtype", "c": "compute_dtype",
-         "output": "output_dtype", "o": "output_dtype"}
+         "output": "output_dtype", "o": "output_dtype",
+         "matmul": "matmul", "m": "matmul"}
+_DTYPE_FIELDS = ("param_dtype", "compute_dtype", "output_dtype")
 
 
 def _cast_floating(tree, dtype):
@@ -45,18 +69,23 @@ def _cast_floating(tree, dtype):
 class Policy:
     """Dtypes for params (storage, e.g. fp32 master weights), compute and outputs.
 
-    Hashable, so it can be a field of a flax module or a static jit argument.
+    Hashable, so it can be a field of a flax module or a static jit argument. `matmul` is
+    "compute" (matmuls in the compute dtype) or "fp8" (float8 matmuls with per-tensor
+    delayed scaling, see the module docstring).
     """
     param_dtype: np.dtype = np.dtype(jnp.float32)
     compute_dtype: np.dtype = np.dtype(jnp.float32)
     output_dtype: np.dtype = np.dtype(jnp.float32)
+    matmul: str = "compute"
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            dtype = np.dtype(getattr(self, field.name))
+        for name in _DTYPE_FIELDS:
+            dtype = np.dtype(getattr(self, name))
             if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"{field.name} must be a floating dtype, got {dtype}")
-            object.__setattr__(self, field.name, dtype)
+                raise ValueError(f"{name} must be a floating dtype, got {dtype}")
+            object.__setattr__(self, name, dtype)
+        if self.matmul not in MATMULS:
+            raise ValueError(f"matmul must be one of {list(MATMULS)}, got {self.matmul!r}")
 
     def cast_to_param(self, tree: Any) -> Any:
         """Casts the floating leaves of `tree` to the param dtype."""
@@ -71,8 +100,9 @@ class Policy:
         return _cast_floating(tree, self.output_dtype)
 
     def __str__(self):
+        matmul = "" if self.matmul == "compute" else f",matmul={self.matmul}"
         return (f"params={self.param_dtype.name},compute={self.compute_dtype.name},"
-                f"output={self.output_dtype.name}")
+                f"output={self.output_dtype.name}{matmul}")
 
 
 def _parse_dtype(name):
@@ -90,8 +120,8 @@ def get_policy(spec: str | Policy) -> Policy:
 
     Args:
       spec: a string such as "params=float32,compute=bfloat16,output=float32" or
-        "p=f32,c=bf16,o=f32" or a single dtype name ("full", "half", "bf16"), or a `Policy`
-        (returned as is).
+        "p=f32,c=bf16,o=f32" or a single dtype name ("full", "half", "bf16"), optionally
+        with "matmul=fp8" ("m=fp8"), or a `Policy` (returned as is).
 
     Raises:
       ValueError naming an unknown key, an unknown dtype name, a repeated key or a malformed
@@ -105,6 +135,8 @@ def get_policy(spec: str | Policy) -> Policy:
       params=float32,compute=bfloat16,output=bfloat16
       >>> policy.cast_to_compute({"x": jnp.ones(2), "ids": jnp.arange(2)})["x"].dtype
       dtype(bfloat16)
+      >>> get_policy("p=f32,c=bf16,o=f32,m=fp8").matmul
+      'fp8'
     """
     if isinstance(spec, Policy):
         return spec
@@ -115,18 +147,24 @@ def get_policy(spec: str | Policy) -> Policy:
     if "=" not in spec:
         dtype = _parse_dtype(spec)
         return Policy(dtype, dtype, dtype)
-    dtypes = {}
+    fields = {}
     for part in spec.split(","):
         key, sep, value = (s.strip() for s in part.partition("="))
         if not sep:
             raise ValueError(f"policy entry {part!r} in {spec!r} is not of the form key=dtype")
         if key not in _KEYS:
             raise ValueError(f"unknown policy key {key!r} in {spec!r}; the keys are "
-                             "params (p), compute (c), output (o)")
-        if _KEYS[key] in dtypes:
+                             "params (p), compute (c), output (o), matmul (m)")
+        if _KEYS[key] in fields:
             raise ValueError(f"policy key {key!r} is given twice in {spec!r}")
-        dtypes[_KEYS[key]] = _parse_dtype(value)
-    param_dtype = dtypes.get("param_dtype", jnp.float32)
-    compute_dtype = dtypes.get("compute_dtype", param_dtype)
-    output_dtype = dtypes.get("output_dtype", compute_dtype)
-    return Policy(param_dtype, compute_dtype, output_dtype)
+        if _KEYS[key] == "matmul":
+            if value not in MATMULS:
+                raise ValueError(f"unknown matmul {value!r} in policy {spec!r}; known: "
+                                 f"{', '.join(MATMULS)}")
+            fields["matmul"] = value
+            continue
+        fields[_KEYS[key]] = _parse_dtype(value)
+    param_dtype = fields.get("param_dtype", jnp.float32)
+    compute_dtype = fields.get("compute_dtype", param_dtype)
+    output_dtype = fields.get("output_dtype", compute_dtype)
+    return Policy(param_dtype, compute_dtype, output_dtype, fields.get("matmul", "compute"))

@@ -17,6 +17,9 @@ position="learned", tie_embeddings=True`):
   et al. 2023).
 - Mixed precision by `policy`: params stored in param dtype (fp32 master weights), matmuls
   in compute dtype, attention softmax and norms in float32, logits returned in output dtype.
+  A policy with `matmul=fp8` runs the attention and MLP projections in float8 (the head and
+  the attention scores stay in the compute dtype); its variables then hold the collection
+  `models.FP8_COLLECTION` beside "params".
 - Every param is boxed with logical axis names ("vocab", "embed", "mlp", "heads", "kv",
   "length") and activations are constrained to ("batch", "length", "embed"); the sharding
   rules map those onto a mesh without touching the model.
@@ -91,6 +94,12 @@ class TransformerConfig:
       norm: "rmsnorm" (Zhang & Sennrich, 2019) or "layernorm".
       remat: "none", "block" (recompute each block in the backward pass, save nothing) or
         "dots" (save the weight-matmul outputs, recompute the rest).
+      remat_every: with remat "block", checkpoint segments of this many consecutive blocks
+        (Chen et al. 2016, https://arxiv.org/abs/1604.06174): only each segment's input is
+        kept and the backward pass recomputes the segment's blocks at once, so memory is
+        ceil(L / n) inputs + n blocks' activations (`sharding.accounting.
+        checkpointed_activation_bytes`); 1 (default) checkpoints every block. The params are
+        the same at any value; the pipelined blocks (`models.pipeline`) checkpoint each one.
       attention: "xla", "cudnn" or "chunked" (see `models.attention`).
       policy: a dtype policy spec (see `models.get_policy`).
       position: "rope" or "learned".
@@ -137,6 +146,7 @@ class TransformerConfig:
     parametrization: str = "sp"
     base_width: int | None = None
     qk_norm: bool = False
+    remat_every: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len",
@@ -144,6 +154,7 @@ class TransformerConfig:
             _check_positive_int(name, getattr(self, name))
         if self.d_ff is not None:
             _check_positive_int("d_ff", self.d_ff)
+        _check_positive_int("remat_every", self.remat_every)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         if self.position == "rope" and self.head_dim % 2:
@@ -310,6 +321,21 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def _run_blocks(module, cfg, x):
+    """`block_0 ... block_{L-1}` of `module` on x, rematerialised in segments of
+    `cfg.remat_every` blocks (a function-level `nn.remat`: the blocks keep their names)."""
+    def segment(module, x, start, stop):
+        for i in range(start, stop):
+            x = Block(cfg, name=f"block_{i}", parent=module)(x)
+        return x
+
+    if cfg.remat != "none":
+        segment = nn.remat(segment, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2, 3))
+    for start in range(0, cfg.n_layers, cfg.remat_every):
+        x = segment(module, x, start, min(start + cfg.remat_every, cfg.n_layers))
+    return x
+
+
 class Transformer(nn.Module):
     """Causal decoder-only LM: `apply(variables, tokens[B, T]) -> logits[B, T, vocab]`.
 
@@ -337,11 +363,7 @@ class Transformer(nn.Module):
             x = x + policy.cast_to_compute(table[:length])
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
-        for i in range(cfg.n_layers):
-            x = block(cfg, name=f"block_{i}")(x)
+        x = _run_blocks(self, cfg, x)
 
         x = _norm(cfg, "final_norm")(x)
         if cfg.width_ratio != 1.0:
@@ -351,7 +373,11 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), policy,
+            # The readout stays out of float8 (as torchao's float8 example leaves the last
+            # layer): it sets the logits' precision directly, and in an LLM it is a small share
+            # of the FLOPs.
+            head_policy = dataclasses.replace(policy, matmul="compute")
+            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), head_policy,
                            nn.initializers.normal(cfg.init_std), name="head")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return policy.cast_to_output(logits)

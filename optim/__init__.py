@@ -62,3 +62,6 @@ def __getattr__(name):
 
 # --- per-leaf learning-rate multipliers, e.g. μP's (multipliers.py) ---
 from ravine.optim.multipliers import scale_by_multipliers
+
+# --- low-precision params: stochastic rounding (low_precision.py) ---
+from ravine.optim.low_precision import apply_updates_stochastic, stochastic_round

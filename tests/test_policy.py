@@ -71,3 +71,27 @@ def test_casts_work_under_jit():
     policy = models.get_policy("c=bf16")
     out = jax.jit(policy.cast_to_compute)({"x": jnp.ones(3), "n": jnp.arange(3)})
     assert out["x"].dtype == BF16 and out["n"].dtype == jnp.arange(3).dtype
+
+
+@pytest.mark.parametrize("spec,matmul", [
+    ("p=f32,c=bf16,o=f32", "compute"),           # default: matmuls in the compute dtype
+    ("p=f32,c=bf16,o=f32,matmul=fp8", "fp8"),
+    ("c=bf16,m=fp8", "fp8"),
+    ("p=f32,c=bf16,matmul=compute", "compute"),
+])
+def test_matmul_key_parses_and_round_trips(spec, matmul):
+    policy = models.get_policy(spec)
+    assert policy.matmul == matmul
+    assert models.get_policy(str(policy)) == policy
+    assert ("matmul" in str(policy)) == (matmul != "compute")  # default str unchanged
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("c=bf16,matmul=int8", "unknown matmul 'int8'"),
+    ("c=bf16,m=fp8,matmul=fp8", "'matmul' is given twice"),
+])
+def test_bad_matmul_specs_raise(spec, match):
+    with pytest.raises(ValueError, match=match):
+        models.get_policy(spec)
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        models.Policy(jnp.float32, jnp.bfloat16, jnp.float32, matmul="fp4")
