@@ -77,3 +77,47 @@ def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> in
     seq_len = config.max_len if seq_len is None else seq_len
     matmul_params = non_embedding_params(config) + config.d_model * config.vocab_size
     return 6 * matmul_params + 12 * config.n_layers * config.d_model * seq_len
+
+
+def recompute_flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> int:
+    """FLOPs per token that `config.remat` adds by recomputing activations in the backward pass.
+
+    "none": 0; "block": one forward pass of the blocks, `2 N + 4 n_layers d_model seq_len`
+    (N = `non_embedding_params`), at any `remat_every`; "dots" keeps the weight matmuls'
+    outputs and recomputes the attention's score and weighted-sum matmuls (the
+    dot_generals with batch dimensions), `4 n_layers d_model seq_len`. Elementwise recomputation is not counted (as
+    `flops_per_token` counts no elementwise work).
+
+    Example:
+      >>> import dataclasses
+      >>> from ravine.models import TransformerConfig
+      >>> from ravine.models.accounting import recompute_flops_per_token
+      >>> c = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, max_len=32)
+      >>> [recompute_flops_per_token(dataclasses.replace(c, remat=r)) for r in ("none", "dots")]
+      [0, 16384]
+    """
+    seq_len = config.max_len if seq_len is None else seq_len
+    attention = 4 * config.n_layers * config.d_model * seq_len
+    if config.remat == "none":
+        return 0
+    if config.remat == "dots":
+        return attention
+    return 2 * non_embedding_params(config) + attention
+
+
+def hardware_flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> int:
+    """FLOPs per token the hardware runs: `flops_per_token` plus the recomputation of
+    `config.remat` (`recompute_flops_per_token`). Hardware FLOPs utilisation (HFU) divides
+    this by the peak where model FLOPs utilisation (MFU) divides `flops_per_token`
+    (Chowdhery et al. 2022, PaLM, Appendix B; Korthikanti et al. 2022, Section 6).
+
+    Example:
+      >>> import dataclasses
+      >>> from ravine.models import TransformerConfig
+      >>> from ravine.models.accounting import hardware_flops_per_token
+      >>> c = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, max_len=32)
+      >>> round(hardware_flops_per_token(dataclasses.replace(c, remat="block"))
+      ...       / flops_per_token(c), 3)
+      1.292
+    """
+    return flops_per_token(config, seq_len) + recompute_flops_per_token(config, seq_len)

@@ -42,12 +42,18 @@ and `with_sharded_gradients(loss_fn, param_sh, grad_sh)`; host offload of a tree
 (`sharding.offload`): `state_sh["opt_state"] = sharding.host_offload(opt_sh)`. Pipeline
 stages live on the "stage" axis: see `models.pipeline`.
 
+Memory and communication by formula (`sharding.accounting`: activations per layer by remat
+policy, ZeRO bytes per stage and precision, collective bytes of data / ZeRO / tensor /
+pipeline parallelism) and as compiled (`sharding.hlo.collectives(compiled.as_text())`: each
+collective, its group and the bytes it sends); `bench_parallel` puts them side by side.
+
 Other trees that mirror params (EMA copies, gradient accumulators) get shardings from
 `follow_param_shardings(tree, params, param_sh)`. With grad accumulation, a batch shaped
 [accum, micro, ...] uses `batch_sharding(mesh, batch_dim=1)` / `shard_batch(..., batch_dim=1)`.
 Multi-host: call `jax.distributed.initialize()` before any other JAX call; everything else
 is unchanged (each process feeds its own rows to `shard_batch`).
 """
+from ravine.sharding import accounting, hlo
 from ravine.sharding.batch import BATCH_AXES, batch_sharding, shard_batch
 from ravine.sharding.mesh import AXES, DATA, FSDP, STAGE, TENSOR, make_mesh, parse_mesh_spec
 from ravine.sharding.offload import HOST, check_host_memory, host_offload

@@ -108,6 +108,7 @@ def get_config(variant="small"):
     config.zero = 0                     # ZeRO over "data": 1 state, 2 + grads, 3 + params
     config.microbatches = 1             # pipeline micro-batches per row batch (mesh stage > 1)
     config.offload_optimizer_state = False  # keep optimizer state in host memory
+    config.offload = ""                 # host-memory trees: "params", "optimizer_state"
     config.precision = "params=float32,compute=float32,output=float32"  # models.get_policy
     config.loss_scale = "auto"          # auto (dynamic iff float16 anywhere) | none | dynamic
     config.corpus = ""                  # file or folder; "" = the Python stdlib's source

@@ -209,7 +209,7 @@ class OneRun:
 
     def log_rows(self, step, out, state, rollbacks, clock):
         return [metrics.train_row(step, out, state, rollbacks, clock, self.s.flops_per_token,
-                                  self.s.peak_flops)]
+                                  self.s.peak_flops, self.s.hardware_flops_per_token)]
 
     def evaluate(self, state):
         return [evaluate(self.s, state)]

@@ -101,14 +101,20 @@ class Throughput:
         return time.perf_counter() - self.start
 
 
-def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flops):
+def train_row(step, metrics, state, rollbacks, clock, flops_per_token, peak_flops,
+              hardware_flops_per_token=None):
     """The metrics.jsonl row of a logged step (`metrics`: the train step's, on the host;
-    `clock`: the run's Throughput)."""
-    rate, mfu = clock.rate(step), None
+    `clock`: the run's Throughput). "mfu" counts the model's FLOPs per token, "hfu" the
+    hardware's (the model's plus remat's recomputation, `models.accounting.
+    hardware_flops_per_token`; equal without remat)."""
+    rate, mfu, hfu = clock.rate(step), None, None
     if rate and peak_flops:
         mfu = rate * flops_per_token / (peak_flops * jax.device_count())
+        hfu = rate * (hardware_flops_per_token or flops_per_token) / (
+            peak_flops * jax.device_count())
     return {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": rate, "mfu": mfu,
+            "hfu": hfu,
             "loss_scale": float(metrics["loss_scale"]),
             "skipped_steps": int(state.skipped), "rollbacks": rollbacks,
             "wall_time": clock.elapsed(),

@@ -40,31 +40,71 @@ def _peak_flops(config):
     return next((peak for key, peak in PEAK_FLOPS.items() if key in kind), None)
 
 
-def state_layout(fns, mesh, zero, offload=False):
-    """`(abstract_state, state_shardings)` of `builders.make_train_step`'s state on `mesh`:
-    params by their logical axes (also split over `data` at ZeRO-3), optimizer state
-    following them (split over `data` from ZeRO-1 on; in host memory when `offload`)."""
-    key = jax.random.key(0)
-    abstract = jax.eval_shape(fns.init, key)
+# State trees the train config's `offload` may keep in host memory between steps.
+OFFLOADABLE = ("optimizer_state", "params")
+
+
+def offload_trees(config):
+    """The state trees `config` keeps in host memory ("pinned_host"), in `OFFLOADABLE` order:
+    the comma-separated names of `config.offload`, plus "optimizer_state" when
+    `config.offload_optimizer_state` (the older, one-tree spelling of the same knob).
+
+    Raises ValueError naming an unknown tree, or "gradients" with why it is not offered."""
+    names = {name.strip() for name in config.get("offload", "").split(",") if name.strip()}
+    if config.offload_optimizer_state:
+        names.add("optimizer_state")
+    if "gradients" in names:
+        raise ValueError(
+            "config.offload: 'gradients' is not offered: the gradients are temporaries of "
+            "one step (no state between steps), and with jax 0.10 an array moved to host "
+            f"memory inside the step must come back before any arithmetic; offload "
+            f"{list(OFFLOADABLE)}")
+    unknown = names - set(OFFLOADABLE)
+    if unknown:
+        raise ValueError(f"config.offload must name trees among {list(OFFLOADABLE)} "
+                         f"(comma-separated), got {config.offload!r}")
+    return tuple(name for name in OFFLOADABLE if name in names)
+
+
+def train_state_layout(abstract, boxed_params, tx, mesh, zero, offload=()):
+    """`(abstract_state, state_shardings)` of the `TrainState` `abstract` (shapes) around
+    params `boxed_params` (shapes with logical axis names) on `mesh`: params by their
+    logical axes (also split over `data` at ZeRO-3), optimizer state, EMA and tail average
+    following them (the optimizer state split over `data` from ZeRO-1 on); the trees named
+    in `offload` ("params", "optimizer_state") in host memory."""
     params = abstract.params
     param_sh = sharding.param_shardings_for_zero(
-        params, sharding.logical_to_shardings(jax.eval_shape(fns.init_params, key), mesh), zero)
+        params, sharding.logical_to_shardings(boxed_params, mesh), zero)
     replicated = sharding.replicated(mesh)
-    opt_sh = sharding.optimizer_state_shardings(fns.tx, params, param_sh, zero)
+    opt_sh = sharding.optimizer_state_shardings(tx, params, param_sh, zero)
 
     def follow_params(tree):  # EMA / tail average: None when the run keeps none
         return None if tree is None else sharding.follow_param_shardings(tree, params,
                                                                          param_sh)
 
+    def placed(name, tree):
+        return sharding.host_offload(tree) if name in offload else tree
+
     state_sh = TrainState(
-        step=replicated, skipped=replicated, params=param_sh,
+        step=replicated, skipped=replicated, params=placed("params", param_sh),
         loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
-        opt_state=sharding.host_offload(opt_sh) if offload else opt_sh,
+        opt_state=placed("optimizer_state", opt_sh),
         ema=follow_params(abstract.ema), average=follow_params(abstract.average))
     abstract_state = jax.tree.map(
         lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
         abstract, state_sh)
     return abstract_state, state_sh
+
+
+def state_layout(fns, mesh, zero, offload=()):
+    """`train_state_layout` of `builders.make_train_step`'s state (`fns`) on `mesh`.
+    `offload`: tree names (see `offload_trees`); True means ("optimizer_state",)."""
+    if isinstance(offload, bool):
+        offload = ("optimizer_state",) if offload else ()
+    key = jax.random.key(0)
+    return train_state_layout(jax.eval_shape(fns.init, key),
+                              jax.eval_shape(fns.init_params, key), fns.tx, mesh, zero,
+                              offload)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +127,7 @@ class Setup:
     flops_per_token: float
     peak_flops: float | None
     loss_scaled: bool      # whether a loss scale skips non-finite steps (dynamic scaling)
+    hardware_flops_per_token: float | None = None   # + remat's recomputation (for HFU)
 
     @contextlib.contextmanager
     def in_mesh(self):
@@ -116,8 +157,7 @@ def setup(config):
                          f"{jax.process_count()} processes")
     corpus = token_files.corpus_for_config(config)  # text, or a .bin / .npy token file
     data.check_length(corpus, config.seq_len)
-    abstract_state, state_sh = state_layout(fns, mesh, config.zero,
-                                            config.offload_optimizer_state)
+    abstract_state, state_sh = state_layout(fns, mesh, config.zero, offload_trees(config))
     if config.zero >= 2:  # ZeRO-2/3: gradients reduce-scattered onto each device's shard
         if fns.step_for_loss is None:
             raise ValueError(f"config.zero={config.zero}: optimizer "
@@ -141,15 +181,29 @@ def setup(config):
                                  out_shardings=state_sh),
         abstract_state=abstract_state,
         train_step=sharding.jit_train_step(fns.train_step, mesh, state_sh, batch_sh),
-        eval_step=jax.jit(fns.eval_step, in_shardings=(state_sh.params, batch_sh),
+        eval_step=jax.jit(_on_device(fns.eval_step, state_sh.params),
+                          in_shardings=(state_sh.params, batch_sh),
                           out_shardings=sharding.replicated(mesh)),
         eval_params=(fns.eval_params if fns.eval_params is train_lib.params_of else
-                     jax.jit(fns.eval_params, out_shardings=state_sh.params)),
+                     jax.jit(_on_device(fns.eval_params, state_sh.params, state_sh.opt_state),
+                             out_shardings=state_sh.params)),
         eval_batch=sharding.shard_batch(eval_rows, mesh, batch_dim=1),
         signature=state_signature(abstract_state),
         flops_per_token=models.flops_per_token(fns.model_config, config.seq_len),
         peak_flops=_peak_flops(config),
+        hardware_flops_per_token=models.accounting.hardware_flops_per_token(
+            fns.model_config, config.seq_len),
         loss_scaled=not isinstance(fns.loss_scale, optim.NoOpLossScale))
+
+
+def _on_device(fn, *shardings):
+    """`fn` whose leading arguments (laid out as `shardings`) are first copied to device
+    memory where they live in host memory (`config.offload`): jax computes on neither
+    "pinned_host" arrays nor a mix of memories."""
+    def wrapped(*args):
+        moved = [sharding.offload.to_device(a, s) for a, s in zip(args, shardings)]
+        return fn(*moved, *args[len(shardings):])
+    return wrapped
 
 
 def _state_around(fns, config, params):

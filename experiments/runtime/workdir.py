@@ -24,7 +24,8 @@ LOCK_FILE = "lock"
 RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
     "mesh", "zero", "peak_flops", "corpus", "preempt_exit_code", "init_from",
-    "init_from_optimizer", "profile_steps", "offload_optimizer_state", "microbatches",
+    "init_from_optimizer", "profile_steps", "offload_optimizer_state", "offload",
+    "microbatches",
     "wandb", "tensorboard", "layer_norms"})
 
 
