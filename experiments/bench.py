@@ -65,9 +65,11 @@ from scipy.stats import qmc
 
 from ravine import optim
 from ravine.experiments import race_stats, scoring, workloads
-from ravine.experiments.runtime import cli, timing, user_modules
+from ravine.experiments.runtime import cli, user_modules
 from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments.runtime.metrics import write_atomically
+from ravine.experiments.runtime.state import shared_counters
+from ravine.experiments.runtime.timing import matmul_flops_per_second
 
 R_MAX = 4.0
 BOOTSTRAP_RESAMPLES = 2000
@@ -383,13 +385,6 @@ def trial_fns(workload, name, static, total_steps) -> TrialFns:
 
 # ------------------------------------------------------------- a group of trials, compiled
 
-def _shared_mask(opt_state):
-    """True for the optimizer state's integer scalars (step counters): shared by a vmapped
-    group, so a `lax.cond` on them stays a cond (as `runtime.state.shared_leaves`)."""
-    return jax.tree.map(lambda leaf: leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer),
-                        opt_state)
-
-
 class Program:
     """The compiled programs of a group of trials of one (workload, optimizer, static knobs):
     `init` (the optimizer states) and `chunk` (a `lax.scan` of `every` steps, then an
@@ -405,7 +400,7 @@ class Program:
         self.vectorized, self.every = vectorized, every
         fns = trial_fns(workload, name, static, total_steps)
         abstract = jax.eval_shape(fns.init, example_params, example_hparams)
-        mask = _shared_mask(abstract)
+        mask = shared_counters(abstract)
         axes = jax.tree.map(lambda shared: None if shared else 0, mask)
         if vectorized:
             def init(params, hparams):
@@ -603,13 +598,6 @@ def model_flops_per_step(workload):
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
-
-
-def matmul_flops_per_second(size=1024):
-    """Measured peak: FLOP/s of a float32 [size, size] matmul (best of 5, this process)."""
-    a = jnp.ones((size, size), jnp.float32)
-    seconds = timing.best_seconds(jax.jit(lambda x: x @ x), a, repeats=5)
-    return 2 * size ** 3 / seconds
 
 
 # ------------------------------------------------------------------------ the whole study

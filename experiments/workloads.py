@@ -344,17 +344,27 @@ def digits_autoencoder(widths=AUTOENCODER_WIDTHS, batch_size=64, steps=1000) -> 
 
 # ------------------------------------------------------------------------ byte-level LMs
 
-# The LM size ladder (shared with the speedup-against-size study, issue 29 item 4): total
-# params 5.9k..108k (18x), non-embedding 1.8k..83k (46x). Budgets are Chinchilla's 1x, 20
-# tokens per parameter: `steps = 20 * params / (batch_size * seq_len)` rounded up to a
-# multiple of 20. Sized for that study on 2 CPU cores: AdamW at 1x, 2x and 4x plus two
-# other optimizers at 1x, 2 seeds, is ~21 1x-runs per size; the ladder's 1x training FLOPs
-# sum to 1.8e12 (the largest 1.5e12), so ~3.8e13 FLOPs, about 45 min at ~15 GFLOP/s. A
-# ladder starting at the race's 0.14M-param `tiny` config would need ~100x that.
+# The LM size ladder, one recipe (pre-norm SwiGLU, RoPE, RMSNorm; d_ff the config's default),
+# by width and depth, shared by the benchmark (its `scale` preset runs each rung as a
+# workload) and the scaling study (`ravine-scaling`, experiments/scaling_study.py). Total
+# params 5.9k..108k (18x), non-embedding 1.8k..83k (46x); `ladder_table()` lists them with
+# FLOPs per token. The middle rungs small, compact, medium and wide share depth 2 and 2 heads,
+# so they are also a width ladder (16..48, 3x) for learning-rate transfer. mini, compact and
+# wide (added for the scaling study) put ~1.6x between neighbours, so an IsoFLOP profile has
+# 5 or more sizes. Benchmark budgets are Chinchilla's 1x, 20 tokens per parameter: `steps =
+# 20 * params / (batch_size * seq_len)` rounded up to a multiple of 20; the seven rungs' 1x
+# training FLOPs sum to 2.7e12 (the largest 1.5e12; the four rungs before mini, compact and
+# wide were added: 1.8e12). The speedup-against-size study (issue 29 item 4) planned AdamW at
+# 1x, 2x and 4x plus two other optimizers at 1x, 2 seeds, ~21 1x-runs per size: ~5.6e13
+# FLOPs on all seven rungs, about 60 min at ~15 GFLOP/s (45 min on the first four). A ladder
+# starting at the race's 0.14M-param `tiny` config would need ~100x that.
 LM_LADDER = {
     "tiny": dict(d_model=8, n_layers=1, n_heads=1, batch_size=16, seq_len=64),
+    "mini": dict(d_model=12, n_layers=1, n_heads=1, batch_size=16, seq_len=64),
     "small": dict(d_model=16, n_layers=2, n_heads=2, batch_size=16, seq_len=64),
+    "compact": dict(d_model=24, n_layers=2, n_heads=2, batch_size=16, seq_len=64),
     "medium": dict(d_model=32, n_layers=2, n_heads=2, batch_size=32, seq_len=64),
+    "wide": dict(d_model=48, n_layers=2, n_heads=2, batch_size=32, seq_len=64),
     "large": dict(d_model=48, n_layers=3, n_heads=4, batch_size=32, seq_len=64),
 }
 TOKENS_PER_PARAM = 20
@@ -368,12 +378,41 @@ def chinchilla_steps(n_params, tokens_per_step, tokens_per_param=TOKENS_PER_PARA
     return multiple * math.ceil(steps / multiple)
 
 
-def lm(size, corpus="", tokens_per_param=TOKENS_PER_PARAM) -> Workload:
-    """The byte-level Transformer LM of `LM_LADDER[size]` on `corpus` ("" = the Python
-    standard library's source, `runtime.data`), at `tokens_per_param` tokens per param."""
-    shape = dict(LM_LADDER[size])
+def lm_config(size, **overrides) -> tuple[models.TransformerConfig, int, int]:
+    """`(TransformerConfig, batch_size, seq_len)` of ladder rung `size`; `overrides` replace
+    TransformerConfig fields (e.g. `mlp="gelu", d_ff=48` or `parametrization="mup",
+    base_width=16`) and may set `batch_size`. ValueError naming an unknown size."""
+    if size not in LM_LADDER:
+        raise ValueError(f"unknown LM ladder size {size!r}; known: {', '.join(LM_LADDER)}")
+    shape = {**LM_LADDER[size], **overrides}
     batch_size, seq_len = shape.pop("batch_size"), shape.pop("seq_len")
-    config = models.TransformerConfig(max_len=seq_len, **shape)
+    return models.TransformerConfig(max_len=seq_len, **shape), batch_size, seq_len
+
+
+def ladder_table(sizes=None) -> list[dict]:
+    """One row per rung (default: all, in order): its shape, params with embeddings (total,
+    Chinchilla's N), without (Kaplan's N: `models.non_embedding_params`) and training FLOPs
+    per token (`models.flops_per_token`) at its seq_len."""
+    return [dict(_ladder_row(size)) for size in sizes or LM_LADDER]
+
+
+@functools.lru_cache(maxsize=None)
+def _ladder_row(size):
+    config, batch_size, seq_len = lm_config(size)
+    model = models.Transformer(config)
+    params = count(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32)))
+    return {"size": size, "d_model": config.d_model, "n_layers": config.n_layers,
+            "n_heads": config.n_heads, "d_ff": config.ff_dim, "batch_size": batch_size,
+            "seq_len": seq_len, "params": params,
+            "non_embedding_params": models.non_embedding_params(config),
+            "flops_per_token": models.flops_per_token(config, seq_len)}
+
+
+def lm(size, corpus="", tokens_per_param=TOKENS_PER_PARAM, **overrides) -> Workload:
+    """The byte-level Transformer LM of `LM_LADDER[size]` on `corpus` ("" = the Python
+    standard library's source, `runtime.data`), at `tokens_per_param` tokens per param;
+    `overrides` replace the rung's TransformerConfig fields and batch size (`lm_config`)."""
+    config, batch_size, seq_len = lm_config(size, **overrides)
     model = models.Transformer(config)
     text = lm_data.load_corpus(corpus)
     lm_data.check_length(text, seq_len)

@@ -53,3 +53,11 @@ def shared_leaves(state: TrainState) -> Any:
                 and jnp.issubdtype(leaf.dtype, jnp.integer))
 
     return jax.tree.map_with_path(shared, state)
+
+
+def shared_counters(tree: Any) -> Any:
+    """A tree of bools for any state (an optimizer's, a `TrainState`'s parts): True for its
+    integer scalars (step counters), which the runs of a vmapped group share unbatched so that
+    a `lax.cond` on them stays a cond (the benchmark's and the scaling study's programs)."""
+    return jax.tree.map(lambda leaf: leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer),
+                        tree)

@@ -5,10 +5,12 @@ and the first call of a jitted function compiles, so it is never timed.
 
     seconds = best_seconds(jitted_fn, x, repeats=5)        # warmed up, best of 5
     carry, per_call = time_calls(step, carry, calls=10)    # carry = step(carry), 10 times
+    peak = matmul_flops_per_second()                       # the reference for model FLOP/s
 """
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def time_calls(run, carry, calls):
@@ -33,3 +35,11 @@ def best_seconds(fn, *args, repeats=3, warm_up=True):
         jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def matmul_flops_per_second(size=1024):
+    """Measured peak: FLOP/s of a float32 [size, size] matmul (best of 5, this process); the
+    benchmark and the scaling study report model FLOP/s as a fraction of it."""
+    a = jnp.ones((size, size), jnp.float32)
+    seconds = best_seconds(jax.jit(lambda x: x @ x), a, repeats=5)
+    return 2 * size ** 3 / seconds
