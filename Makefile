@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ravine-race --workdir=runs/demo --config.steps=150 --config.eval_batches=2
 
-# -n 2: CI has 2 cores; each worker emulates 8 CPU devices (tests/conftest.py).
+# -n 2: CI has 2 cores; each worker emulates 8 CPU devices (tests/conftest.py). Whole files
+# go to a worker in collection order (heaviest first, tests/conftest.py): xdist would
+# otherwise reorder them by their number of tests and leave a heavy file for last.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

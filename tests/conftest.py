@@ -13,6 +13,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "ravine-tests-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The tests' programs are tiny, so compiling them is most of the suite's time, and most of a
+# compile is LLVM optimising machine code. Without it the same HLO (the same fusions,
+# collectives and buffer assignment: what the tests read from compiled programs) compiles 2-3x
+# faster and runs a little slower (test_sharding.py's Shampoo meshes: 201 s -> 78 s). Set
+# here, so the scripts the tests start inherit it too.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
 
@@ -20,14 +27,17 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 # `make test` runs each file whole on one of 2 workers (--dist loadfile), handing files out
-# in collection order: a heavy file collected last runs alone at the end. Heaviest first
-# (seconds measured 2026-12-02 on 2 cores); the order of tests within a file is kept.
-HEAVY_FILES_FIRST = ("test_race.py", "test_train.py", "test_sharding.py",
-                     "test_first_order.py", "test_benchmarks.py", "test_demos.py",
-                     "test_pipeline.py", "test_kfac.py", "test_workflow.py",
-                     "test_train_sophia_schedule_free.py", "test_clients.py",
-                     "test_optax_contrib.py", "test_new_optimizers.py", "test_lessons.py",
-                     "test_shampoo.py", "test_bench.py", "test_faults.py", "test_packaging.py")
+# in collection order (the Makefile turns off xdist's reordering by test count): a heavy file
+# collected last runs alone at the end. Heaviest first, by the seconds each took in a full
+# run (2026-12-06, 2 cores); the order of tests within a file is kept.
+HEAVY_FILES_FIRST = ("test_race.py", "test_train.py", "test_benchmarks.py", "test_workflow.py",
+                     "test_demos.py", "test_sharding.py", "test_pipeline.py",
+                     "test_clients.py", "test_kfac.py", "test_muon.py", "test_bench.py",
+                     "test_scaling_study.py", "test_diagnostics.py", "test_accounting_hlo.py",
+                     "test_train_sophia_schedule_free.py", "test_mup.py", "test_faults.py",
+                     "test_zero.py", "test_first_order.py", "test_mup_demos.py",
+                     "test_lesson_precision.py", "test_blocks.py", "test_shampoo.py",
+                     "test_optax_contrib.py", "test_readme.py", "test_lessons.py")
 
 
 def pytest_collection_modifyitems(items):
