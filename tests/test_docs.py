@@ -82,3 +82,41 @@ def test_lessons_table_is_the_demos_results():
     masses = " → ".join(f"{v['negative_mass']:.2f}"
                         for v in newton["transformer"]["along_training"].values())
     assert f"negative spectral mass {masses}" in lesson_rows("second_order")[3]
+
+
+def test_precision_limits_rows_are_the_demos_results():
+    import json
+    result = json.load(open(os.path.join(ROOT, "docs/demos/precision_limits.json")))
+    runs, census, comparisons = result["runs"], result["census"], result["comparisons"]
+    flushing, vanishing, conversion, rounding, fp8 = lesson_rows("precision_limits")
+
+    def percent(x):
+        return f"{100 * x:.2f}%"
+
+    assert (f"{percent(census['init']['fp16_flushed'])} at init, "
+            f"{percent(census['after_fp16_no_scaling']['fp16_flushed'])} after 400 steps "
+            f"(loss scale 2^15: {percent(census['init']['fp16_scaled_flushed'])} / "
+            f"{percent(census['after_fp16_no_scaling']['fp16_scaled_flushed'])})") in flushing
+    assert (f"final loss {runs['fp16_no_scaling']['final_loss']:.3f} without scaling, "
+            f"{runs['fp16_scaled']['final_loss']:.3f} with") in flushing
+    sweep = result["sweep"]
+    assert (f"first w + u == w at ratio {sweep['float16']['threshold']} (fp16) / "
+            f"{sweep['bfloat16']['threshold']} (bf16), every update lost from "
+            f"{sweep['float16']['certain']} / {sweep['bfloat16']['certain']}") in vanishing
+    assert all(sweep[d][k] == 0 for d in sweep for k in ("mismatches_up", "mismatches_down"))
+    assert (f"{100 * runs['bf16_params']['vanished_second_half']:.1f}% of updates lost per "
+            f"step, loss {runs['bf16_params']['final_loss']:.3f} vs "
+            f"{runs['bf16']['final_loss']:.3f} with master weights") in vanishing
+    rne, truncate = result["conversion"]["rne"], result["conversion"]["truncate"]
+    assert (f"nearest-even max {rne['max_abs']:.2e}, mean {rne['mean']:.2g}; truncation max "
+            f"{truncate['max_abs']:.2e}, mean {truncate['mean']:.2e}") in conversion
+    assert f"by truncation: {runs['bf16_params_trunc']['final_loss']:.3f}" in conversion
+    accumulate = result["accumulate"]
+    assert (f"stochastic {accumulate['bf16_stochastic_mean']:.3f} ± "
+            f"{accumulate['bf16_stochastic_std']:.3f}") in rounding
+    assert (f"{runs['bf16_params_sr']['final_loss']:.3f}, "
+            f"{100 * comparisons['sr_recovered_fraction']:.0f}% of the "
+            f"{comparisons['bf16_params_gap']:.3f} gap") in rounding
+    assert (f"{runs['fp8']['final_loss']:.3f} vs bf16 {runs['bf16']['final_loss']:.3f} "
+            f"({100 * comparisons['fp8_over_bf16']:+.2f}%), eval "
+            f"{100 * comparisons['fp8_over_bf16_eval']:+.2f}%") in fp8
