@@ -29,6 +29,15 @@ ROOT = os.path.dirname(README)
 TEXT = open(README).read()
 
 
+def console_scripts():
+    """{script name: module under ravine} of pyproject.toml's [project.scripts]."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    return {name: target.split(":")[0].removeprefix("ravine.")
+            for name, target in scripts.items()}
+
+
 def readme_commands():
     """(module, [flag names]) of each command in the README, continuation lines joined."""
     joined = TEXT.replace("\\\n", " ")
@@ -36,7 +45,7 @@ def readme_commands():
     # `python -m ravine.experiments.<job>` or the console script `ravine-<job>`
     pattern = r"(?:python -m ravine\.(experiments[\w.]*)|\bravine-([a-z_-]+))([^`\n|]*)"
     for match in re.finditer(pattern, joined):
-        module = match.group(1) or "experiments." + match.group(2).replace("-", "_")
+        module = match.group(1) or console_scripts()[f"ravine-{match.group(2)}"]
         names = re.findall(r"(?<!\S)--([\w.]+)", match.group(3))
         found.append((module, names))
     return found
