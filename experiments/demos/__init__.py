@@ -11,10 +11,11 @@ plus a thin absl `main` that prints them and saves a PNG to `--outdir` (default 
   adam_walkthrough    Adam's first steps by hand, with and without bias correction
   critical_batch      steps to a target loss vs batch size and the gradient noise scale
   precision           a tiny LM in fp32, bf16 and fp16 with dynamic loss scaling
-  landscape           sharp vs flat minima: small- vs large-batch SGD and Adam (Keskar et al.)
+  landscape           sharp vs flat minima: small- and large-batch SGD, Adam, AdamW (Keskar et al.)
   lr_transfer         learning-rate sweeps across widths, SP vs muP
   stability           attention-logit growth and LR sensitivity with QK-norm and z-loss
   eos_toy             edge of stability on (1 - x^2 y^2)^2 and its self-stabilization
   lr_decay            LR decay schedules on noisy least squares against the condition number
   second_order        Newton's method, sign descent, per-layer Hessian conditioning, saddles
+  warmup              the largest stable lr and the sharpness with and without warmup
 """
