@@ -120,3 +120,29 @@ def test_precision_limits_rows_are_the_demos_results():
     assert (f"{runs['fp8']['final_loss']:.3f} vs bf16 {runs['bf16']['final_loss']:.3f} "
             f"({100 * comparisons['fp8_over_bf16']:+.2f}%), eval "
             f"{100 * comparisons['fp8_over_bf16_eval']:+.2f}%") in fp8
+
+
+def test_warmup_and_landscape_rows_are_the_demos_results():
+    import json
+    warmup = json.load(open(os.path.join(ROOT, "docs/demos/warmup.json")))
+    stable = warmup["largest_stable_lr"]
+    assert (f"{stable['no warmup']:.3f} without, {stable['warmup']:.2f} with a "
+            f"{warmup['warmup_steps']}-step warmup (ratio {warmup['ratio']:.2f})"
+            ) in lesson_rows("warmup")[0]
+    with_warmup, without = warmup["sharpness"]["warmup"], warmup["sharpness"]["no warmup"]
+    assert (f"peak {with_warmup['peak'][1]:.1f}, late median {with_warmup['late_median'][1]:.2f}"
+            f", below 2/η_t at {100 * with_warmup['below_threshold'][1]:.0f}%; without: peak "
+            f"{without['peak'][1]:.3g}".replace("%;", "% of measured steps;")
+            ) in lesson_rows("warmup")[1]
+    stats = json.load(open(os.path.join(ROOT, "docs/demos/landscape.json")))["stats"]
+    demo_row = readme_row("landscape")
+    for metric in ("top_eigenvalue", "curvature"):
+        assert f"(ordering {stats[metric]['ordering']})" in demo_row
+    top = {run: stat["mean"] for run, stat in stats["top_eigenvalue"]["runs"].items()}
+    pair = stats["top_eigenvalue"]["pairs"]["SGD, batch 16 - SGD, batch 512"]
+    assert (f"top eigenvalue {top['SGD, batch 16']:.2f} vs {top['SGD, batch 512']:.2f} "
+            f"(paired p = {pair['p']:.2g}, lower in {pair['lower_in']} of 5 seeds)"
+            ) in lesson_rows("landscape")[0]
+    pair = stats["top_eigenvalue"]["pairs"]["SGD, batch 16 - Adam, batch 16"]
+    assert (f"top eigenvalue {top['Adam, batch 16']:.2f} vs {top['SGD, batch 16']:.2f} for "
+            f"small-batch SGD (p = {pair['p']:.2g}") in lesson_rows("landscape")[1]
