@@ -13,8 +13,6 @@ import re
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 from flax import linen as nn
 
 from ravine import models
@@ -375,9 +373,20 @@ def test_bench_parallel_tables_print(what, capsys):
             f"--seq_len={CONFIG.max_len}", f"--rows={ROWS}",
             f"--layers={','.join(map(str, LAYERS))}", "--microbatches=4", "--variant=tiny",
             "--compute=float32", "--offloads=none,params+optimizer_state"]
-    with flagsaver.flagsaver():
-        flags.FLAGS(argv)
-        bench.main([])
+    bench.FLAGS.unparse_flags()
+    bench.parse_flags(argv)
+    bench.main([])
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if re.match(r"\| \S", line)]
     assert len(table) >= 2, out
+
+
+@pytest.mark.parametrize("argv, needle", [(["--what=bogus"], "bogus"),
+                                          (["--d_model=x"], "d_model"),
+                                          (["extra"], "extra")])
+def test_bench_parallel_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    bench.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_flags(["bench_parallel", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1 and needle in lines[0], lines

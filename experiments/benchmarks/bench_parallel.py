@@ -48,6 +48,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
@@ -68,31 +69,39 @@ from ravine.models import pipeline  # noqa: E402
 from ravine.models.transformer import GATED_MLPS  # noqa: E402
 from ravine.sharding import accounting, hlo  # noqa: E402
 
+# Its own FlagValues: the tests call `main` in a process that imports other benchmarks,
+# whose flags (--d_model, --variant) share names with these.
+FLAGS = flags.FlagValues()
 WHATS = ("activations", "remat", "comm", "zero", "offload", "bubble")
-_WHAT = flags.DEFINE_enum("what", "zero", WHATS, "Which table to print.")
-_VARIANT = flags.DEFINE_string("variant", "124m", "lm config variant (zero table).")
-_MESH = flags.DEFINE_string("mesh", "data=8", "Mesh of the zero table.")
+_WHAT = flags.DEFINE_enum("what", "zero", WHATS, "Which table to print.", flag_values=FLAGS)
+_VARIANT = flags.DEFINE_string("variant", "124m", "lm config variant (zero table).",
+                               flag_values=FLAGS)
+_MESH = flags.DEFINE_string("mesh", "data=8", "Mesh of the zero table.", flag_values=FLAGS)
 _PRECISION = flags.DEFINE_enum("precision", "fp32", list(accounting.PRECISIONS),
                                "zero table: fp32 params and gradients (the config's), or "
-                               "mixed: fp16 params and gradients, fp32 master weights.")
+                               "mixed: fp16 params and gradients, fp32 master weights.",
+                               flag_values=FLAGS)
 _COMPILE = flags.DEFINE_bool("compile", False, "Also compile each ZeRO train step and print "
-                             "XLA's per-device memory analysis.")
+                             "XLA's per-device memory analysis.", flag_values=FLAGS)
 _ROWS = flags.DEFINE_integer("rows", 8, "Global rows per step (zero --compile, activations, "
-                             "remat, comm, offload).")
+                             "remat, comm, offload).", flag_values=FLAGS)
 _D_MODEL = flags.DEFINE_integer("d_model", 128, "Width of the model of the activations, "
-                                "remat, comm and offload tables.")
+                                "remat, comm and offload tables.", flag_values=FLAGS)
 _LAYERS = flags.DEFINE_list("layers", ["2", "4"], "Two depths: the per-layer bytes are the "
-                            "slope between them (activations, remat).")
+                            "slope between them (activations, remat).", flag_values=FLAGS)
 _COMPUTE = flags.DEFINE_list("compute", ["float32", "bfloat16"], "Compute dtypes of the "
-                              "activations table (params float32).")
+                              "activations table (params float32).", flag_values=FLAGS)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length of the activations, remat, "
-                                "comm and offload tables.")
+                                "comm and offload tables.", flag_values=FLAGS)
 _OFFLOADS = flags.DEFINE_list("offloads", ["none", "optimizer_state", "params",
                                             "params+optimizer_state"],
-                               "Offload settings of the offload table: trees joined by '+'.")
-_STAGES = flags.DEFINE_integer("stages", 4, "Pipeline stages (bubble, comm tables).")
-_MICRO = flags.DEFINE_list("microbatches", ["4", "8", "16"], "Micro-batch counts M.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Emulated CPU devices.")
+                               "Offload settings of the offload table: trees joined by '+'.",
+                               flag_values=FLAGS)
+_STAGES = flags.DEFINE_integer("stages", 4, "Pipeline stages (bubble, comm tables).",
+                               flag_values=FLAGS)
+_MICRO = flags.DEFINE_list("microbatches", ["4", "8", "16"], "Micro-batch counts M.",
+                           flag_values=FLAGS)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Emulated CPU devices.", flag_values=FLAGS)
 
 MB = 2 ** 20
 # The tables read what XLA's HLO passes decide (buffer assignment, collectives, cost
@@ -643,5 +652,20 @@ def main(argv):
     print(f"({time.time() - start:.0f} s)")
 
 
+def parse_flags(argv):
+    """Parses `argv` (the program's name first) into FLAGS; --help prints them and exits 0,
+    a bad flag exits 2 with one line."""
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        print(__doc__.split("\n\n")[0] + "\n\n" + FLAGS.get_help())
+        sys.exit(0)
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as error:
+        cli.fail(error)
+    if len(rest) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(rest[1:])}")
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    parse_flags(sys.argv)
+    main([])
