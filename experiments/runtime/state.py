@@ -48,9 +48,7 @@ def shared_leaves(state: TrainState) -> Any:
     """A `TrainState` of bools: True for the leaves the runs of a vmapped group share, the
     integer scalars of `step` and `opt_state` (step counters; they decide refresh conds)."""
     def shared(path, leaf):
-        top = getattr(path[0], "name", None)
-        return (top in ("step", "opt_state") and leaf.ndim == 0
-                and jnp.issubdtype(leaf.dtype, jnp.integer))
+        return getattr(path[0], "name", None) in ("step", "opt_state") and _is_counter(leaf)
 
     return jax.tree.map_with_path(shared, state)
 
@@ -59,5 +57,9 @@ def shared_counters(tree: Any) -> Any:
     """A tree of bools for any state (an optimizer's, a `TrainState`'s parts): True for its
     integer scalars (step counters), which the runs of a vmapped group share unbatched so that
     a `lax.cond` on them stays a cond (the benchmark's and the scaling study's programs)."""
-    return jax.tree.map(lambda leaf: leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer),
-                        tree)
+    return jax.tree.map(_is_counter, tree)
+
+
+def _is_counter(leaf) -> bool:
+    """An integer scalar: a step counter."""
+    return leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.integer)
