@@ -43,3 +43,32 @@ HEAVY_FILES_FIRST = ("test_race.py", "test_train.py", "test_benchmarks.py", "tes
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(HEAVY_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ravine.optim import registry  # noqa: E402
+
+
+TESTS = os.path.dirname(os.path.realpath(__file__)) + os.sep
+TEMP = os.path.realpath(tempfile.gettempdir()) + os.sep
+
+
+@pytest.fixture(autouse=True, scope="module")
+def user_registrations_end_with_their_file():
+    """A file that registers a user's optimizer (tests/user_optimizer.py, README's my_opt.py)
+    takes it away again when it ends: the registry is global, and a worker runs many files,
+    so test_optax_alias.py's "every optimizer has a configuration" would otherwise see
+    whichever user names an earlier file left. The modules that registered them are
+    forgotten too, so the next file that imports one registers its names afresh."""
+    names, modules = {s.name for s in registry.specs()}, set(sys.modules)
+    yield
+    for name in {s.name for s in registry.specs()} - names:
+        if registry.registered(name) is not None:  # a user's name (built-ins stay)
+            registry.unregister(name)
+    for module in set(sys.modules) - modules:
+        origin = os.path.realpath(getattr(sys.modules[module], "__file__", None) or "/")
+        if origin.startswith((TESTS, TEMP)):  # tests/user_optimizer.py, a tmp_path's my_opt.py
+            del sys.modules[module]
