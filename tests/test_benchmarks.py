@@ -82,10 +82,25 @@ def test_bench_optimizers_reports_ours_against_optax():
     done = run_script("bench_optimizers", "--d_model=32", "--n_layers=1", "--vocab_size=64",
                       "--reps=2", "--calls=2", "--steps_per_call=2")
     assert done.returncode == 0, done.stderr
-    rows = table_rows(done.stdout, ["adamw", "lion", "sgd_nesterov"])
-    assert sorted(rows) == ["adamw", "lion", "sgd_nesterov"], done.stdout
+    against_optax = ["adamw", "lion", "sgd_nesterov", "ademamix", "adopt"]
+    rows = table_rows(done.stdout, against_optax)
+    assert sorted(rows) == sorted(against_optax), done.stdout
     for ours, theirs, ratio in (row[:3] for row in rows.values()):
         assert printed_ratio_is(ratio, ours, theirs, 0.001, 0.001), rows
+    # Those optax lacks, against our AdamW, with their state's bytes per parameter: AdamW
+    # keeps 8 (two float32 moments), cautious AdamW the same, AdamSAGE 12 (a third float32
+    # tree: its sensitivity average), MARS 12 on matrices (its previous gradient) and 8 on the
+    # vectors it leaves to AdamW, 8-bit AdamW about 2 plus its block scales.
+    adamw_ms = rows["adamw"][0]
+    for name, (low, high) in (("adamw_8bit", (2.0, 8.0)), ("mars", (8.0, 12.0)),
+                              ("adamsage", (12.0, 12.0)), ("cautious_adamw", (8.0, 8.0)),
+                              ("kron", (8.0, 1e9))):
+        match = re.search(rf"^{name}: ({NUMBER}) ms/step = ({NUMBER})x ours adamw; state "
+                          rf"({NUMBER}) bytes/param \(adamw: 8.000\)$", done.stdout, re.M)
+        assert match, (name, done.stdout)
+        ms, ratio, per_param = map(float, match.groups())
+        assert printed_ratio_is(ratio, ms, adamw_ms, 0.001, 0.001), match.group(0)
+        assert low - 1e-3 <= per_param <= high + 1e-3, (name, per_param)
 
 
 @pytest.mark.parametrize("module, flags, bad", [

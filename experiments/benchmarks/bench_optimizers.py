@@ -1,6 +1,7 @@
 r"""Step time of our first-order optimizers against optax's, on a transformer-shaped pytree.
 
-8-bit AdamW (no optax counterpart) is timed against our AdamW, with its state's bytes per
+AdEMAMix and ADOPT are timed against `optax.contrib`'s. Those optax lacks (8-bit AdamW, MARS,
+AdamSAGE, cautious AdamW, Kron) are timed against our AdamW, with their state's bytes per
 parameter.
 
 Times a jitted `update` + `apply_updates` (params and state donated) for AdamW, Lion and
@@ -52,11 +53,18 @@ CANDIDATES = {
     "lion": (lambda: optim.lion(LEARNING_RATE), lambda: optax.lion(LEARNING_RATE)),
     "sgd_nesterov": (lambda: optim.sgd(LEARNING_RATE, momentum=0.9, nesterov=True),
                      lambda: optax.sgd(LEARNING_RATE, momentum=0.9, nesterov=True)),
+    "ademamix": (lambda: optim.ademamix(LEARNING_RATE, weight_decay=0.1),
+                 lambda: optax.contrib.ademamix(LEARNING_RATE, weight_decay=0.1)),
+    "adopt": (lambda: optim.adopt(LEARNING_RATE), lambda: optax.contrib.adopt(LEARNING_RATE)),
 }
 
 # name -> ours, timed against ours AdamW (optax has no counterpart).
 AGAINST_ADAMW = {
     "adamw_8bit": lambda: optim.adamw_8bit(LEARNING_RATE, weight_decay=0.1),
+    "mars": lambda: optim.mars(LEARNING_RATE, weight_decay=0.1),
+    "adamsage": lambda: optim.adamsage(LEARNING_RATE, weight_decay=0.1),
+    "cautious_adamw": lambda: optim.cautious(optim.adamw(LEARNING_RATE, weight_decay=0.1)),
+    "kron": lambda: optim.kron(LEARNING_RATE, weight_decay=0.1),
 }
 
 
