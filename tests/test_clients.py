@@ -173,10 +173,13 @@ def test_boxed_and_unboxed_params_get_the_same_updates(name, boxed_problem):
     tx = optim.create(name, learning_rate=1e-2, **BOXED_HPARAMS.get(name, {}))
 
     boxed_def, plain_def = jax.tree.structure(params), jax.tree.structure(nn.unbox(params))
+    update_trees = {}  # each run's treedef of the updates, as traced
 
     # One function of the flat leaves for both runs, which differ only in the treedef they
     # rebuild: the two traces lower to the same program, compiled once when the compilation
-    # cache is on (tests/conftest.py).
+    # cache is on (tests/conftest.py). It returns flat leaves too: a jitted function's output
+    # paths are part of its program (`jax.result_info`), and boxed ones would make the two
+    # programs differ and compile twice (kron: ~8 s a compile).
     @functools.partial(jax.jit, static_argnums=0)
     def run(treedef, param_leaves, grad_leaves):
         def body(carry, g):
@@ -186,10 +189,14 @@ def test_boxed_and_unboxed_params_get_the_same_updates(name, boxed_problem):
             return (optax.apply_updates(params, updates), state), updates
 
         params, grads = treedef.unflatten(param_leaves), treedef.unflatten(grad_leaves)
-        return jax.lax.scan(body, (params, tx.init(params)), grads)[1]
+        updates = jax.lax.scan(body, (params, tx.init(params)), grads)[1]
+        update_trees[treedef] = jax.tree.structure(updates)
+        return jax.tree.leaves(updates)
 
     leaves = jax.tree.leaves(params), jax.tree.leaves(grads)
     boxed, plain = run(boxed_def, *leaves), run(plain_def, *leaves)
+    boxed = update_trees[boxed_def].unflatten(boxed)
+    plain = update_trees[plain_def].unflatten(plain)
     # Updates come boxed like the params, or plain like them.
     assert jax.tree.structure(boxed) == boxed_def and jax.tree.structure(plain) == plain_def
     for (path, a), b in zip(jax.tree.leaves_with_path(boxed), jax.tree.leaves(plain),

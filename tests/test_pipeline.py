@@ -19,6 +19,10 @@ from ravine.models import pipeline
 CONFIG = models.TransformerConfig(vocab_size=48, d_model=16, n_layers=8, n_heads=2, d_ff=32,
                                   max_len=8)
 BATCH, SEQ, MICRO, STEPS, LR = 8, 8, 4, 4, 3e-3
+# Most of this file's time is compiling, and most of an XLA:CPU compile is its MLIR fusion
+# emitters making each fusion's kernel. Its older emitters compile the same HLO (the same
+# partitioning, collective-permutes and loops: what these tests read) 2-3x faster.
+COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def boxed_params():
@@ -65,7 +69,7 @@ def setup(mesh_spec, tx, zero=0):
     step = sharding.jit_train_step(train_lib.make_train_step(pipelined_loss, tx, lambda c: LR),
                                    mesh, state_sh, sharding.batch_sharding(mesh, batch_dim=1))
     first = sharding.shard_batch(batch(0), mesh, batch_dim=1)
-    return step.lower(state, first).compile(), state, mesh
+    return step.lower(state, first).compile(COMPILER_OPTIONS), state, mesh
 
 
 def train(compiled, state, mesh):
@@ -81,9 +85,10 @@ def one_device_losses():
     """The plain (unstacked, unpipelined) Transformer with AdamW on one device."""
     model, tx = models.Transformer(CONFIG), optim.adamw(LR)
     loss_fn = train_lib.lm_loss(model)
-    step = jax.jit(train_lib.make_train_step(loss_fn, tx, lambda c: LR))
     state = train_lib.init_state(jax.device_put(host_params(), jax.devices()[0]), tx,
                                  optim.NoOpLossScale())
+    step = jax.jit(train_lib.make_train_step(loss_fn, tx, lambda c: LR)).lower(
+        state, batch(0)).compile(COMPILER_OPTIONS)
     losses = []
     for i in range(STEPS):
         state, metrics = step(state, batch(i))
@@ -127,9 +132,12 @@ def test_stack_and_unstack_round_trip_and_name_the_layer_axis():
 
 def test_apply_without_a_stage_axis_is_the_plain_model():
     params, tokens = host_params(), batch(0)[0, :, :-1]
-    expected = jax.jit(models.Transformer(CONFIG).apply)({"params": params}, tokens)
+    def run(apply, params):
+        return jax.jit(apply).lower(params, tokens).compile(COMPILER_OPTIONS)(params, tokens)
+
+    expected = run(models.Transformer(CONFIG).apply, {"params": params})
     model = pipeline.Pipelined(CONFIG, microbatches=2)
-    got = jax.jit(model.apply)({"params": pipeline.stack_blocks(params)}, tokens)
+    got = run(model.apply, {"params": pipeline.stack_blocks(params)})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     assert jax.tree.map(lambda b: b.value.shape, pipeline.stack_blocks(boxed_params()),
@@ -191,7 +199,10 @@ def test_per_layer_makes_the_unstacked_updates(name):
             return (optax.apply_updates(params, updates), state), updates
 
         steps = jnp.arange(3, dtype=jnp.float32)   # one scan: the update is compiled once
-        return jax.jit(lambda p: jax.lax.scan(one_step, (p, tx.init(p)), steps)[1])(params)
+        run = jax.jit(lambda p: jax.lax.scan(one_step, (p, tx.init(p)), steps)[1])
+        # Muon's stacked and unstacked Newton-Schulz products round alike (1e-7) with the
+        # fusion emitters only (the older ones: 2.5e-7), so Muon keeps the default compile.
+        return run.lower(params).compile({} if name == "muon" else COMPILER_OPTIONS)(params)
 
     plain = run(tx, params, stack=False)
     stacked = run(stacked_tx, pipeline.stack_blocks(params), stack=True)

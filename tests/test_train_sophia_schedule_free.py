@@ -51,7 +51,8 @@ def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
     fns = builders.make_train_step(config)
     apply = models.Transformer(fns.model_config).apply
     step = jax.jit(fns.train_step)
-    state, b2 = fns.init(jax.random.key(5)), 0.99
+    # Jitted: flax's init op by op compiles ~80 tiny programs.
+    state, b2 = jax.jit(fns.init)(jax.random.key(5)), 0.99
 
     @jax.jit
     def estimate(params, batch, at):
@@ -64,11 +65,13 @@ def test_sophia_folds_the_estimate_on_refresh_steps_only(estimator):
             return sophia_estimates.gnb_from_gradient(grads, K * B * T)
         return sophia_estimates.hutchinson(lambda p: fns.loss_fn(p, tokens), params, key)
 
-    want = jax.tree.map(jnp.zeros_like, state.params)
+    # The expected h, in numpy float32 (jnp op by op would compile each op for each shape).
+    want = jax.tree.map(lambda p: np.zeros(p.shape, np.float32), state.params)
     for at, batch in enumerate(batches(4)):
         if at % 3 == 0:
             new = estimate(state.params, batch, at)
-            want = jax.tree.map(lambda h, e: b2 * h + (1 - b2) * e, want, new)
+            want = jax.tree.map(lambda h, e: np.float32(b2) * h + np.float32(1 - b2) * e,
+                                want, jax.tree.map(np.asarray, new))
         state, _ = step(state, batch)
         # Hutchinson's H u (forward over reverse) rounds differently inside the step's jit:
         # up to 2e-9 on entries whose sum cancels to ~1e-6 (the typical entry is ~1e-3).
