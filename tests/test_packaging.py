@@ -56,10 +56,13 @@ def _imports(module_name):
                 if child.level:  # relative
                     parts = package.split(".")[:len(package.split(".")) - child.level + 1]
                     base = ".".join(parts + ([base] if base else []))
-                # `from pkg import mod` depends on pkg.mod when that is a module
-                names = [f"{base}.{alias.name}" if importlib.util.find_spec(base)
-                         .submodule_search_locations and _is_module(f"{base}.{alias.name}")
-                         else base for alias in child.names]
+                # `from pkg import mod` depends on pkg.mod when that is a module. Only
+                # ravine's count (below): another base's names are not looked up (its
+                # find_spec would import it: scipy.stats alone is seconds).
+                if base == "ravine" or base.startswith("ravine."):
+                    names = [f"{base}.{alias.name}" if importlib.util.find_spec(base)
+                             .submodule_search_locations and _is_module(f"{base}.{alias.name}")
+                             else base for alias in child.names]
             for name in names:
                 if name.startswith("ravine."):
                     found.add(name)
