@@ -166,14 +166,28 @@ def test_noise_scale_validation():
 # --- Hessian spectrum: Lanczos and stochastic Lanczos quadrature against dense eigh ---------
 
 
+# hessian_spectrum and spectral_quadrature jitted: op by op they compile dozens of small
+# programs. test_hessian_spectrum_top_k_matches_dense_eigh calls hessian_spectrum (and so
+# spectral_quadrature) as it is, unjitted.
+jit_hessian_spectrum = jax.jit(diagnostics.hessian_spectrum, static_argnames=(
+    "loss_fn", "k", "num_lanczos", "num_probes", "grid_size", "smoothing"))
+jit_spectral_quadrature = jax.jit(diagnostics.spectral_quadrature, static_argnames=(
+    "loss_fn", "num_lanczos", "num_probes"))
+
+
 def mlp_problem(inputs=4, width=8, outputs=2, examples=64, seed=0):
     """A tanh MLP with the squared loss on random data, away from a minimum (so H is
     indefinite), and its exact Hessian (float64) in `ravel_pytree(params)` order."""
-    x_key, y_key, init_key = jax.random.split(jax.random.key(seed), 3)
-    batch = (jax.random.normal(x_key, (examples, inputs)),
-             jax.random.normal(y_key, (examples, outputs)))
     model = models.MLP(features=(width, outputs), activation=jnp.tanh)
-    params = nn.unbox(model.init(init_key, batch[0]))
+
+    @jax.jit  # one program: op by op, each draw and init compiles its own (~4x the time)
+    def data_and_params(key):
+        x_key, y_key, init_key = jax.random.split(key, 3)
+        batch = (jax.random.normal(x_key, (examples, inputs)),
+                 jax.random.normal(y_key, (examples, outputs)))
+        return batch, nn.unbox(model.init(init_key, batch[0]))
+
+    batch, params = data_and_params(jax.random.key(seed))
 
     def loss_fn(params, batch):
         x, y = batch
@@ -204,7 +218,7 @@ def test_hessian_spectrum_top_means_largest_not_largest_magnitude():
     # SPECTRUM shifted down: -3 - 9 = -12 has the largest magnitude; the top is 10 - 9 = 1.
     loss_fn, params, _, _ = quadratic_problem()
     hessian = quadratic_problem()[2] - 9.0 * jnp.eye(SPECTRUM.size)
-    spectrum = diagnostics.hessian_spectrum(loss_fn, params, hessian, k=3, num_lanczos=7)
+    spectrum = jit_hessian_spectrum(loss_fn, params, hessian, k=3, num_lanczos=7)
     np.testing.assert_allclose(spectrum.top_eigenvalues, np.sort(SPECTRUM - 9.0)[::-1][:3],
                                rtol=1e-4)
     assert diagnostics.sharpness(loss_fn, params, hessian, iters=40) < -11.9
@@ -214,8 +228,8 @@ def test_slq_nodes_and_weights_reproduce_the_probes_moments(mlp):
     # Gauss quadrature with m nodes is exact for polynomials of degree < 2m: for each unit
     # probe v, sum_i w_i theta_i^p = v^T H^p v for p = 0, ..., 2m - 1 (here m = 4).
     loss_fn, params, batch, hessian = mlp
-    quadrature = diagnostics.spectral_quadrature(loss_fn, params, batch, num_lanczos=4,
-                                                 num_probes=3, key=jax.random.key(3))
+    quadrature = jit_spectral_quadrature(loss_fn, params, batch, num_lanczos=4, num_probes=3,
+                                         key=jax.random.key(3))
     nodes, weights, probes = (np.asarray(a, np.float64) for a in quadrature)
     assert nodes.shape == weights.shape == (3, 4) and probes.shape == (3, hessian.shape[0])
     np.testing.assert_allclose(np.linalg.norm(probes, axis=1), 1.0, rtol=1e-6)
@@ -260,8 +274,8 @@ def wasserstein_1(grid, density, eigenvalues):
 def test_spectral_density_integrates_to_one_and_is_close_to_the_exact_spectrum(mlp):
     loss_fn, params, batch, hessian = mlp
     exact = np.linalg.eigvalsh(hessian)
-    spectrum = diagnostics.hessian_spectrum(loss_fn, params, batch, num_lanczos=20,
-                                            num_probes=16, grid_size=2048)
+    spectrum = jit_hessian_spectrum(loss_fn, params, batch, num_lanczos=20, num_probes=16,
+                                    grid_size=2048)
     grid, density = np.asarray(spectrum.grid, np.float64), np.asarray(spectrum.density)
     assert grid.shape == density.shape == (2048,) and np.all(np.diff(grid) > 0)
     assert np.all(density >= 0)
@@ -280,9 +294,8 @@ def test_spectral_density_moments_match_hutchinson():
     smoothing = 0.01
     # Each probe's quadrature is exact for polynomials of degree < 2m: m = 4 steps already
     # give v^T H v and |H v|^2 exactly, so all the error is the probes' sampling.
-    spectrum = diagnostics.hessian_spectrum(loss_fn, params, batch, k=1, num_lanczos=4,
-                                            num_probes=800, key=jax.random.key(1),
-                                            smoothing=smoothing)
+    spectrum = jit_hessian_spectrum(loss_fn, params, batch, k=1, num_lanczos=4,
+                                    num_probes=800, key=jax.random.key(1), smoothing=smoothing)
     grid, density = np.asarray(spectrum.grid, np.float64), np.asarray(spectrum.density)
     sigma = smoothing * (grid[-1] - grid[0]) / (1 + 12 * smoothing)  # the grid is +- 6 sigma
     first = np.trapezoid(grid * density, grid)
@@ -387,9 +400,13 @@ def test_loss_surface_is_the_closed_form_parabola_on_a_quadratic():
 
 def test_loss_surface_centre_is_the_loss(mlp):
     loss_fn, params, batch, _ = mlp
-    keys = jax.random.split(jax.random.key(1))
-    d1, d2 = (diagnostics.filter_normalize(optax.tree.random_like(k, params), params)
-              for k in keys)
+
+    @jax.jit  # one program: op by op, each leaf's draw compiles its own
+    def directions(key):
+        return [diagnostics.filter_normalize(optax.tree.random_like(k, params), params)
+                for k in jax.random.split(key)]
+
+    d1, d2 = directions(jax.random.key(1))
     coords = jnp.linspace(-1.0, 1.0, 5)
     centre = loss_fn(params, batch)
     line = diagnostics.loss_surface(loss_fn, params, batch, (d1,), coords)

@@ -47,9 +47,13 @@ class TinyLM(nn.Module):
 
 
 def init_tiny(policy, tokens):
-    """float32 params (cast to the policy's param dtype) and the fp8 collection, if any."""
+    """float32 params (cast to the policy's param dtype) and the fp8 collection, if any.
+
+    The init is jitted: one compile instead of op-by-op dispatch (3.5 of this file's CPU
+    seconds, most of them the fp8 model's); its values agree with the eager init's to
+    an ulp of the normal sampler."""
     f32 = dataclasses.replace(models.get_policy(policy), param_dtype=np.float32)
-    variables = nn.unbox(TinyLM(str(f32)).init(jax.random.key(0), tokens[:, :-1]))
+    variables = nn.unbox(jax.jit(TinyLM(str(f32)).init)(jax.random.key(0), tokens[:, :-1]))
     params32 = variables["params"]
     fp8 = {FP8: variables[FP8]} if FP8 in variables else {}
     return params32, models.get_policy(policy).cast_to_param(params32), fp8

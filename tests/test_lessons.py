@@ -90,11 +90,14 @@ def test_eigencurve_is_piecewise_inverse_time_with_doubling_slopes():
 
 def test_lr_decay_ordering_the_seed_states_at_kappa_1000():
     """A smaller setting than the demo's (d=100, T=1e5, 25 lrs, 4 + 16 problems): d=32,
-    T=16000, kappa in {10, 1000}, peak lr over 4 .. 2^-8 (/ tr Sigma, factor 2 apart), tuned
-    on 2 problems and reported on 8 fresh ones. Measured here: at kappa=1000 eigencurve 1.99,
-    cosine 2.13, step 3.47, WSD 3.30, inverse time 6.30, inverse sqrt 9.43 (x d sigma^2/T);
-    log-log slopes in kappa 0.30 / 0.29 (polynomial) against <= 0.08 for the rest."""
-    horizon = 16_000
+    T=8000, kappa in {10, 1000}, peak lr over 4 .. 2^-8 (/ tr Sigma, factor 2 apart), tuned
+    on 2 problems and reported on 8 fresh ones. Measured here: at kappa=1000 eigencurve 2.13,
+    cosine 2.16, WSD 3.07, step 3.40, inverse time 6.29, inverse sqrt 9.03 (x d sigma^2/T);
+    log-log slopes in kappa 0.29 / 0.26 (polynomial) against <= 0.10 for the rest. (T=16000,
+    twice the time, gave 1.99, 2.13, 3.30, 3.47, 6.30, 9.43 and 0.30 / 0.29 vs <= 0.08; at
+    T=8000 every assertion also holds with seed=1 and seed=2. The 8 problems stay: with 4,
+    seed=2 breaks the slope ordering.)"""
+    horizon = 8_000
     result = lr_decay.run(kappas=(10, 1000), horizons=(horizon,), dim=32,
                           lr_multipliers=tuple(2.0 ** (2 - k) for k in range(11)),
                           end_ratios=(0.1, 0.01), tune_seeds=2, seeds=8)

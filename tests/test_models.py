@@ -119,13 +119,18 @@ def test_sequence_longer_than_max_len_is_rejected():
 def test_rotary_embedding_makes_scores_depend_on_offset_only():
     q, k = random_normal((2, 8))
     q, k = (jnp.broadcast_to(x, (1, 12, 1, 8)) for x in (q, k))  # same vector at every position
-    rq, rk = models.rotary_embedding(q), models.rotary_embedding(k)
-    scores = jnp.einsum("bqhd,bkhd->qk", rq, rk)
+
+    @jax.jit  # one program (op by op, each op compiles its own); the checks in numpy
+    def rotate(q, k):
+        rq, rk = models.rotary_embedding(q), models.rotary_embedding(k)
+        return rq, jnp.einsum("bqhd,bkhd->qk", rq, rk)
+
+    rq, scores = (np.asarray(x) for x in rotate(q, k))
     for offset in range(-3, 4):
-        diagonal = jnp.diagonal(scores, offset)
+        diagonal = np.diagonal(scores, offset)
         np.testing.assert_allclose(diagonal, np.full(diagonal.shape, diagonal[0]), rtol=1e-4,
                                    atol=1e-5)
-    np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q, axis=-1),
+    np.testing.assert_allclose(np.linalg.norm(rq, axis=-1), np.linalg.norm(q, axis=-1),
                                rtol=1e-6)
 
 
@@ -399,13 +404,13 @@ def test_cross_entropy_matches_numpy_and_is_float32():
 def test_mlp_matches_numpy():
     mlp = models.MLP(features=(16, 8, 3), activation=jnp.tanh)
     x = random_normal((5, 4))
-    variables = mlp.init(init_key(), x)
+    variables = jax.jit(mlp.init)(init_key(), x)  # jitted: one program, not one per op
     layers = nn.unbox(variables)["params"]
     expected = np.asarray(x, np.float64)
     for i in range(3):
         expected = expected @ layers[f"dense_{i}"]["kernel"] + layers[f"dense_{i}"]["bias"]
         expected = np.tanh(expected) if i < 2 else expected
-    np.testing.assert_allclose(mlp.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(mlp.apply)(variables, x), expected, rtol=1e-5, atol=1e-6)
     names = [variables["params"][f"dense_{i}"]["kernel"].names for i in range(3)]
     assert names == [("embed", "mlp"), ("mlp", "embed"), ("embed", "mlp")]
     assert variables["params"]["dense_1"]["bias"].names == ("embed",)
@@ -414,12 +419,12 @@ def test_mlp_matches_numpy():
 def test_mlp_applies_the_policy():
     mlp = models.MLP(features=(8, 2), policy="p=f32,c=bf16,o=f16", use_bias=False)
     x = jnp.ones((3, 4), jnp.float32)
-    variables = mlp.init(init_key(), x)
+    variables = jax.jit(mlp.init)(init_key(), x)  # jitted: one program, not one per op
     assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(variables))} == {np.dtype("float32")}
     assert "bias" not in variables["params"]["dense_0"]
-    _, state = mlp.apply(variables, x, capture_intermediates=True)
+    _, state = jax.jit(functools.partial(mlp.apply, capture_intermediates=True))(variables, x)
     assert state["intermediates"]["dense_0"]["__call__"][0].dtype == jnp.bfloat16
-    assert mlp.apply(variables, x).dtype == jnp.float16
+    assert jax.jit(mlp.apply)(variables, x).dtype == jnp.float16
 
 
 @pytest.mark.parametrize("features", [(), (4, 0), (4, 2.5)])

@@ -106,7 +106,9 @@ def test_layer_norm_groups_of_the_transformer():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train(tiny_config(profile_steps="2,2"), workdir, progress=False)
+    # checkpoint_every=0: only the final checkpoint (no test here reads one; a save of the
+    # state on 8 devices costs ~1 s).
+    loop.train(tiny_config(profile_steps="2,2", checkpoint_every=0), workdir, progress=False)
     return workdir
 
 
@@ -298,14 +300,18 @@ def test_token_file_run_resumes_exactly(tmp_path):
     path = str(tmp_path / "tokens.bin")
     prepare_data.write(tokens, path)
     config = tiny_config(corpus=path, vocab_size=300, log_every=1, eval_every=0)
-    whole = loop.train(config, str(tmp_path / "whole"), progress=False)
-    assert whole["params"] == setup.setup(config).n_params
-    stopped = loop.train(config, str(tmp_path / "cut"), progress=False, stop=_StopAt(2))
+    # One setup for the three runs (as `prepared`): the step is traced and compiled once.
+    s = setup.setup(config)
+    whole = loop.train(config, str(tmp_path / "whole"), progress=False, prepared=s)
+    assert whole["params"] == s.n_params == sum(
+        leaf.size for leaf in jax.tree.leaves(s.abstract_state.params))
+    stopped = loop.train(config, str(tmp_path / "cut"), progress=False, prepared=s,
+                         stop=_StopAt(2))
     assert stopped["stopped_by"] == "test" and stopped["steps"] == 2
-    resumed = loop.train(config, str(tmp_path / "cut"), progress=False)
+    resumed = loop.train(config, str(tmp_path / "cut"), progress=False, prepared=s)
     losses = lambda summary: [(r["step"], r["loss"]) for r in summary["history"]]  # noqa: E731
     assert losses(resumed) == losses(whole)
-    embedding = setup.setup(config).abstract_state.params["embed"]["embedding"]
+    embedding = s.abstract_state.params["embed"]["embedding"]
     assert embedding.shape[0] == 300  # config.vocab_size
 
 
@@ -356,7 +362,7 @@ def test_optimizer_module_adds_its_factory_to_the_config():
     # under the runtime's clipping it is handed polyak_sgd's own state, not the chain's
     config.clip_norm = 1.0
     fns = builders.make_train_step(config)
-    state = fns.init(jax.random.key(0))
+    state = jax.jit(fns.init)(jax.random.key(0))  # flax's init op by op: ~80 tiny compiles
     leaves_equal = jax.tree.map(lambda a, b: bool((a == b).all()),
                                 fns.eval_params(state.params, state.opt_state),
                                 state.opt_state[1]["average"])
@@ -384,6 +390,7 @@ def test_train_script_with_optimizer_module(tmp_path):
          f"--config.corpus={tmp_path / 'docs'}", "--config.optimizer.name=signum",
          "--config.optimizer.momentum=0.5", "--config.optimizer.learning_rate=1e-3",
          *[f"--config.{k}={v}" for k, v in SMALL.items()], "--config.schedule.warmup_steps=1",
+         "--config.model.n_layers=1",  # the model's depth is not what is tested: 1 compiles faster
         ],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -407,7 +414,10 @@ def test_race_with_optimizer_module_uses_each_optimizers_spec(tmp_path):
     tests/test_race.py::test_sweep_runs_equal_solo_train_runs.)"""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("some text to learn " * 300)
-    small = {**SMALL, "eval_every": None, "checkpoint_every": 0, "schedule.warmup_steps": 1}
+    # One layer: the race's grid and eval params do not depend on the depth; the tiny
+    # config's second layer made the race's 8 compiled programs take ~60% longer.
+    small = {**SMALL, "eval_every": None, "checkpoint_every": 0, "schedule.warmup_steps": 1,
+             "model.n_layers": 1}
     done = subprocess.run(
         [sys.executable, "-m", "ravine.experiments.race", "--optimizer_module=tests.user_optimizer",
          "--optimizers=signum,polyak_sgd", "--lr_points=3", "--max_lr_points=3",
@@ -446,12 +456,24 @@ def test_readme_user_file_registers_an_optimizer_that_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_layer_norms_times_both_settings():
+def test_bench_layer_norms_times_both_settings(monkeypatch):
     from ravine.experiments.benchmarks import bench_layer_norms
+    # The steps `measure` builds (and times) are the ones checked below: building them again
+    # would trace and compile both a second time.
+    built, build = {}, bench_layer_norms.build
+
+    def recorded(variant, optimizer, layer_norms):
+        built[layer_norms] = build(variant, optimizer, layer_norms)
+        return built[layer_norms]
+
+    monkeypatch.setattr(bench_layer_norms, "build", recorded)
     times = bench_layer_norms.measure("tiny", "adamw", rounds=2, steps=1)
     assert sorted(times) == ["with", "without"]
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in times.values())
-    step, state, batch = bench_layer_norms.build("tiny", "adamw", layer_norms=True)
-    assert "layers" in step(state, batch)[1]
-    step, state, batch = bench_layer_norms.build("tiny", "adamw", layer_norms=False)
-    assert "layers" not in step(state, batch)[1]
+    # The metrics each step returns (the initial state was donated to the first step: its
+    # shapes only; the trace is the one measure compiled).
+    for layer_norms, (step, state, batch) in built.items():
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        metrics = jax.eval_shape(step, shapes, batch)[1]
+        assert ("layers" in metrics) == layer_norms, sorted(metrics)
+    assert sorted(built) == [False, True]
