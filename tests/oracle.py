@@ -17,6 +17,22 @@ def random_tree(key, shapes=None, dtype=jnp.float32):
     }
 
 
+def numpy_normal(seed, shape, dtype=jnp.float32):
+    """Standard normal draws from numpy; `seed` an int or a tuple of ints. jax.random
+    compiles a program for each shape it draws (~0.2 s each): for tests of many shapes."""
+    seed = seed if isinstance(seed, int) else list(seed)
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def numpy_tree(seed, shapes=None, dtype=jnp.float32):
+    """Like `random_tree`, from numpy (`numpy_normal`): leaf i of the sorted names draws
+    from seed (*seed, i)."""
+    shapes = MIXED_SHAPES if shapes is None else shapes
+    seed = (seed,) if isinstance(seed, int) else tuple(seed)
+    return {name: numpy_normal((*seed, i), shape, dtype)
+            for i, (name, shape) in enumerate(sorted(shapes.items()))}
+
+
 def run_updates(tx, params, grads_seq):
     """Applies `tx` to a sequence of gradient trees; returns the list of update trees."""
     import optax
@@ -31,12 +47,18 @@ def run_updates(tx, params, grads_seq):
     return out
 
 
-def assert_same_updates(ours, theirs, steps=100, seed=0, shapes=None, rtol=1e-5, atol=1e-7):
-    """Runs both transforms `steps` steps on the same random gradients and compares updates."""
-    key = jax.random.key(seed)
-    pkey, gkey = jax.random.split(key)
-    params = random_tree(pkey, shapes)
-    grads_seq = [random_tree(k, shapes) for k in jax.random.split(gkey, steps)]
+def assert_same_updates(ours, theirs, steps=100, seed=0, shapes=None, rtol=1e-5, atol=1e-7,
+                        numpy_draws=False):
+    """Runs both transforms `steps` steps on the same random params and gradients and
+    compares their updates. `numpy_draws`: the params and gradients from `numpy_tree`
+    (params from seed `seed`, step t's gradients from (seed, 1 + t)) instead of jax.random."""
+    if numpy_draws:
+        params = numpy_tree(seed, shapes)
+        grads_seq = [numpy_tree((seed, 1 + t), shapes) for t in range(steps)]
+    else:
+        pkey, gkey = jax.random.split(jax.random.key(seed))
+        params = random_tree(pkey, shapes)
+        grads_seq = [random_tree(k, shapes) for k in jax.random.split(gkey, steps)]
     for t, (a, b) in enumerate(zip(run_updates(ours, params, grads_seq),
                                    run_updates(theirs, params, grads_seq))):
         for name in a:

@@ -2,8 +2,6 @@
 specs, trials sharing one vmapped program, the smoke preset, exit 2, resume."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +13,10 @@ from flax import linen as nn
 from ravine import models, optim
 from ravine.experiments import bench, workloads
 from ravine.experiments.runtime import cli, user_modules
+from tests.scripts import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 # A user's workload, as a user module would register it: 2-D least squares, 8 x 2 weights.
 USER_MODULE = '''
@@ -208,12 +208,13 @@ def test_user_workload_runs_through_the_bench_and_resumes(tmp_path, user_workloa
         bench.run_benchmark(plan._replace(trials=3), log=lambda line: None)
 
 
+# In this process (tests/scripts.py's `run_main`, not `python -m ravine.experiments.bench`,
+# which costs ~3 s more of CPU starting JAX): the test is about the preset's outputs.
 @pytest.mark.slow
-def test_smoke_preset_writes_the_report_and_profile(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "ravine.experiments.bench", "--preset=smoke",
-         f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_smoke_preset_writes_the_report_and_profile(tmp_path, capfd):
+    status, out, err = run_main(bench, ["--preset=smoke", f"--workdir={tmp_path}"], capfd)
+    assert status == 0, err[-3000:]
+    assert "bench: " in out
     report = (tmp_path / bench.REPORT_FILE).read_text()
     for heading in ("## Search spaces", "## Time to target", "## Scores", "## End of training",
                     bench.TIMING_HEADING):
@@ -227,14 +228,21 @@ def test_smoke_preset_writes_the_report_and_profile(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bad_flag_exits_2_with_one_line(tmp_path, user_workload):
-    # the user's module is imported (its workload is known), then the optimizer is refused
-    result = subprocess.run(
-        [sys.executable, "-m", "ravine.experiments.bench", f"--workdir={tmp_path}",
-         f"--workload_module={user_workload}", "--suite=user_lines",
-         "--optimizers=adamw,nope"], capture_output=True, text=True, cwd=tmp_path,
-        timeout=300)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()
+def test_a_bad_flag_exits_2_with_one_line(tmp_path, user_workload, capfd):
+    # The user's module is imported by --workload_module (its workload is then known: the
+    # fixture's registration is taken away first), then the optimizer is refused. In this
+    # process (`run_main`): exit 2 is a SystemExit(2), the line is what reaches stderr.
+    workloads.unregister("user_lines")
+    try:
+        status, _, stderr = run_main(
+            bench, [f"--workdir={tmp_path}", f"--workload_module={user_workload}",
+                    "--suite=user_lines", "--optimizers=adamw,nope"], capfd)
+        assert "user_lines" in workloads.available()
+    finally:
+        if "user_lines" not in workloads.available():
+            user_modules.import_user_module(user_workload)
+    assert status == 2
+    lines = [line for line in stderr.splitlines() if line.strip()
              and "Warning" not in line and "warn(" not in line]
-    assert len(lines) == 1 and "'nope'" in lines[0], result.stderr
+    assert len(lines) == 1 and "'nope'" in lines[0], stderr
+    assert not list(tmp_path.iterdir())   # refused before anything was written

@@ -23,9 +23,24 @@ from ravine.experiments.runtime import (builders, checkpointing, cli, loop, metr
                                         preemption, profiling, run_identity, setup, sweep,
                                         token_files)
 from ravine.experiments.runtime import workdir as workdir_lib
+from tests.scripts import LOCK_HOLDER, Jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """This file's runs of the scripts, each a child of one process that imported the train
+    job and the race's dependencies once (tests/scripts.py: a `python -m` start is
+    3-4 s of imports). No compilation cache, for all: the two-SIGTERMs run compiles its
+    first step; the others end before compiling anything."""
+    server = Jobs(str(tmp_path_factory.mktemp("jobs")), {**ENV, "JAX_COMPILATION_CACHE_DIR": ""},
+                  ["ravine.experiments.runtime.loop", "ravine.experiments.runtime.sweep",
+                   "ravine.experiments.race_stats", "ml_collections.config_flags"])
+    yield server
+    server.close()
+
 
 # ----------------------------------------------------------------------------- token files
 
@@ -232,11 +247,8 @@ def test_a_garbage_race_json_is_one_error_naming_it(tmp_path, garbage):
 
 def test_a_second_race_on_a_workdir_is_refused_naming_the_holder(tmp_path):
     workdir = str(tmp_path / "race")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ravine.experiments.runtime import workdir\n"
-         "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n"
-         "    time.sleep(600)\n", workdir],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, workdir], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
     base = lm.get_config("tiny")
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -268,14 +280,13 @@ def test_a_race_workdir_that_is_a_file_is_one_line(tmp_path):
     assert path.read_text() == "not a folder"
 
 
-def test_the_race_script_exits_2_with_one_line_on_a_file_workdir(tmp_path):
+def test_the_race_script_exits_2_with_one_line_on_a_file_workdir(tmp_path, jobs):
     (tmp_path / "file").write_text("not a folder")
-    done = subprocess.run(
-        [sys.executable, "-m", "ravine.experiments.race", "--workdir=file",
-         "--optimizers=adamw", "--lrs=1e-3,2e-3"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.splitlines() == [
+    done = jobs.start(["ravine.experiments.race", "--workdir=file", "--optimizers=adamw",
+                       "--lrs=1e-3,2e-3"], cwd=tmp_path)
+    _, stderr = done.communicate(timeout=300)
+    assert done.returncode == 2, stderr[-2000:]
+    assert (jobs.import_noise() + stderr).splitlines() == [  # (imports' lines lead a job's)
         "error: --workdir 'file' cannot be used: File exists (file)"]
 
 
@@ -496,26 +507,21 @@ def test_a_second_signal_exits_at_once_with_one_line_and_later_ones_are_ignored(
 
 
 @pytest.mark.slow
-def test_two_sigterms_during_the_first_compile_exit_143_with_one_line(corpus, tmp_path):
+def test_two_sigterms_during_the_first_compile_exit_143_with_one_line(corpus, tmp_path, jobs):
     """Item 8 end to end: SIGTERM as the first step starts compiling, another 0.3 s later
     (the interpreter crashed with exit 139 when the second raised inside the compilation)."""
     workdir = str(tmp_path / "run")
     flags = [f"--config.{key}={value}" for key, value in {**RUN, "steps": 200}.items()]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ravine.experiments.train",
-         "--config=experiments/configs/lm.py:tiny", f"--workdir={workdir}",
-         f"--config.corpus={corpus}", *flags],
-        cwd=ROOT, env={**ENV, "JAX_COMPILATION_CACHE_DIR": ""}, stderr=subprocess.PIPE)
-    seen = b""
-    while b"0/200" not in seen:  # the progress bar: the loop is about to compile step 1
-        chunk = process.stderr.read1(4096)
-        assert chunk, seen.decode()[-2000:]
-        seen += chunk
+    process = jobs.start(["ravine.experiments.train", "--config=experiments/configs/lm.py:tiny",
+                          f"--workdir={workdir}", f"--config.corpus={corpus}", *flags])
+    deadline = time.time() + 300
+    while "0/200" not in process.stderr():  # the progress bar: the loop is about to compile
+        assert process.poll() is None and time.time() < deadline, process.stderr()[-2000:]
+        time.sleep(0.01)                     # step 1 (without a cache: seconds)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
-    _, rest = process.communicate(timeout=300)
-    stderr = (seen + rest).decode()
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "Fatal" not in stderr
     # Python runs a handler between bytecodes: two signals that both land inside one C++
@@ -528,16 +534,16 @@ def test_two_sigterms_during_the_first_compile_exit_143_with_one_line(corpus, tm
 
 
 @pytest.mark.slow
-def test_a_bad_init_from_exits_2_with_one_line_and_no_orbax_traceback(corpus, tmp_path):
+def test_a_bad_init_from_exits_2_with_one_line_and_no_orbax_traceback(corpus, tmp_path,
+                                                                      jobs):
     """Item 12 end to end (the other sources' lines are checked in-process above)."""
     (tmp_path / "empty").mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "ravine.experiments.train",
-         "--config=experiments/configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}",
-         f"--config.corpus={corpus}", f"--config.init_from={tmp_path / 'empty'}"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.splitlines() == [
+    done = jobs.start(["ravine.experiments.train", "--config=experiments/configs/lm.py:tiny",
+                       f"--workdir={tmp_path / 'run'}", f"--config.corpus={corpus}",
+                       f"--config.init_from={tmp_path / 'empty'}"])
+    _, stderr = done.communicate(timeout=300)
+    assert done.returncode == 2, stderr[-3000:]
+    assert (jobs.import_noise() + stderr).splitlines() == [
         f"error: config.init_from='{tmp_path / 'empty'}': no checkpoint in "
         f"'{tmp_path / 'empty'}' (it has none)"]
     assert not os.path.exists(tmp_path / "run")

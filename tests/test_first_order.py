@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ravine import optim
-from tests.oracle import MIXED_SHAPES, assert_same_updates, random_tree
+from tests.oracle import assert_same_updates, numpy_tree, random_tree
 
 LR = 0.01
 # Decay the matrix and the kernel, not the scalar and the bias.
@@ -180,12 +180,6 @@ ALL = {
 }
 
 
-def _numpy_tree(seed, shapes=MIXED_SHAPES, dtype=jnp.float32):
-    """Like oracle.random_tree, from numpy: new shapes and dtypes need no eager XLA compiles."""
-    rng = np.random.default_rng(seed)
-    return {name: jnp.asarray(rng.standard_normal(shape), dtype) for name, shape in shapes.items()}
-
-
 def _array_dtypes(tree):
     return [leaf.dtype for leaf in jax.tree.leaves(tree)]
 
@@ -194,7 +188,7 @@ def _array_dtypes(tree):
 def test_state_keeps_dtype_and_structure_under_jit(name):
     """bf16 params and grads keep bf16 state and updates (as optax), and jit never re-traces."""
     tx = ALL[name]()
-    params = _numpy_tree(1, dtype=jnp.bfloat16)
+    params = numpy_tree(1, dtype=jnp.bfloat16)
     state = tx.init(params)
     initial = (jax.tree.structure(state), _array_dtypes(state))
     traces = []
@@ -205,7 +199,7 @@ def test_state_keeps_dtype_and_structure_under_jit(name):
         return tx.update(grads, state, params)
 
     for seed in range(3):
-        grads = _numpy_tree(seed, dtype=jnp.bfloat16)
+        grads = numpy_tree(seed, dtype=jnp.bfloat16)
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
         assert (jax.tree.structure(state), _array_dtypes(state)) == initial
@@ -229,7 +223,7 @@ def test_state_follows_param_shardings(name, axis_type):
 
 def _check_state_follows_param_shardings(tx, mesh):
     shardings = {k: NamedSharding(mesh, spec) for k, spec in SHARDED_SPECS.items()}
-    params = jax.device_put(_numpy_tree(3, SHARDED_SHAPES), shardings)
+    params = jax.device_put(numpy_tree(3, SHARDED_SHAPES), shardings)
 
     @jax.jit
     def train_step(params, state, grads):
@@ -238,7 +232,7 @@ def _check_state_follows_param_shardings(tx, mesh):
 
     state = tx.init(params)
     for seed in range(2):
-        grads = jax.device_put(_numpy_tree(seed, SHARDED_SHAPES), shardings)
+        grads = jax.device_put(numpy_tree(seed, SHARDED_SHAPES), shardings)
         params, state = train_step(params, state, grads)
 
     checked = 0
@@ -433,13 +427,13 @@ def test_weight_decay_modes_add_the_decay_term_by_hand(name, mode, learning_rate
     decayed = DECAYED[name](learning_rate, weight_decay=weight_decay, mask=MASK_TREE,
                             weight_decay_mode=mode)
     plain = DECAYED[name](learning_rate, weight_decay=0.0)
-    params = _numpy_tree(50)
+    params = numpy_tree(50)
     decayed_state, plain_state = decayed.init(params), plain.init(params)
     decayed_update, plain_update = jax.jit(decayed.update), jax.jit(plain.update)
     for step in range(12):
         lr = float(learning_rate(step)) if callable(learning_rate) else learning_rate
         coefficient = lr if mode == "lr_scaled" else lr / 0.05 if callable(learning_rate) else 1.0
-        grads = _numpy_tree(step)
+        grads = numpy_tree(step)
         updates, decayed_state = decayed_update(grads, decayed_state, params)
         direction, plain_state = plain_update(grads, plain_state, params)
         expected = {key: direction[key] - MASK_TREE[key] * coefficient * weight_decay * params[key]
@@ -568,9 +562,9 @@ def test_new_arguments_are_validated(factory, kwargs, name, value):
 ], ids=["rmsprop", "rmsprop_momentum_zero", "sgd", "sgd_zeros_mask", "adamw_no_decay"])
 def test_injected_zeros_build_the_same_chain(factory, kwargs):
     """Injected hyperparameters are arrays, so a Python 0 must not change the chain's state."""
-    params = _numpy_tree(0)
+    params = numpy_tree(0)
     plain, injected = factory(**kwargs), optax.inject_hyperparams(factory)(**kwargs)
-    grads = _numpy_tree(1)
+    grads = numpy_tree(1)
     updates, state = jax.jit(plain.update)(grads, plain.init(params), params)
     injected_updates, injected_state = jax.jit(injected.update)(
         grads, jax.jit(injected.init)(params), params)
@@ -583,7 +577,7 @@ def test_structural_arguments_must_be_static_under_injection():
     injected = optax.inject_hyperparams(optim.adafactor)(learning_rate=LR)
     with pytest.raises(ValueError, match=r"^min_dim_size_to_factor .*static_args=\("
                                          r"'min_dim_size_to_factor',\)"):
-        jax.jit(injected.init)(_numpy_tree(0))
+        jax.jit(injected.init)(numpy_tree(0))
     static = optax.inject_hyperparams(optim.adafactor,
                                       static_args=("min_dim_size_to_factor",))(learning_rate=LR)
     assert_same_updates(static, optim.adafactor(LR), steps=3)
@@ -610,7 +604,7 @@ class TransformsTest(chex.TestCase):
     @parameterized.product(case=sorted(TRANSFORM_PAIRS), dtype=["float32", "complex64"])
     def test_against_optax(self, case, dtype):
         ours, theirs = (make() for make in TRANSFORM_PAIRS[case])
-        trees = [_complex_tree(seed) if dtype == "complex64" else _numpy_tree(seed)
+        trees = [_complex_tree(seed) if dtype == "complex64" else numpy_tree(seed)
                  for seed in range(4)]
         params = trees[0]
         our_update, their_update = self.variant(ours.update), self.variant(theirs.update)

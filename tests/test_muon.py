@@ -1,5 +1,7 @@
 """Muon against a port of the reference rule, optax.contrib.muon / optax.adamw, the
 spectrum of its update, its routing of a Transformer, and sharding."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +14,25 @@ from ravine import models
 from ravine import optim
 from ravine.optim.muon import (ATTENTION_IN_LAYOUT, ATTENTION_OUT_LAYOUT, FLAX_LAYOUT, TORCH_LAYOUT,
                         MuonDimensionNumbers, hidden_matrices, orthogonalize)
-from tests.oracle import assert_same_updates, random_tree, run_updates
+from tests import oracle
+from tests.oracle import run_updates
 
 # Tall, wide and square matrices (two of the same shape, stacked together) and non-matrices.
 SHAPES = {"tall": (16, 8), "tall_too": (16, 8), "wide": (8, 12), "square": (6, 6),
           "bias": (7,), "scalar": (), "conv": (3, 3, 4, 5)}
 NON_MATRICES = {"bias": (7,), "scalar": (), "conv": (3, 3, 4, 5)}
+
+
+# Random data from numpy (tests.oracle.numpy_tree): jax.random compiles a program for each
+# shape it draws (~0.2 s each, a fifth of this file's compiling); these oracles hold for any
+# random data.
+random_normal, random_tree = oracle.numpy_normal, oracle.numpy_tree
+assert_same_updates = functools.partial(oracle.assert_same_updates, numpy_draws=True)
+
+
+def random_trees(seed, shapes, steps):
+    """`steps` random trees, as gradients of consecutive steps."""
+    return [random_tree((seed, 1 + t), shapes) for t in range(steps)]
 
 
 def reference_muon_update(grad, buffer, beta, nesterov=True, ns_steps=5):
@@ -47,8 +62,7 @@ def test_dense_kernel_update_is_the_reference_rule_on_its_transpose(shape):
     # rule was written for: (20, 8) is a down-projection, (8, 20) an up-projection.
     lr, beta = 0.02, 0.9
     params = {"kernel": jnp.zeros(shape)}
-    grads_seq = [{"kernel": jax.random.normal(k, shape)}
-                 for k in jax.random.split(jax.random.key(0), 5)]
+    grads_seq = [{"kernel": random_normal(t, shape)} for t in range(5)]
     ours = run_updates(optim.muon(lr, momentum=beta), params, grads_seq)
     buffer = np.zeros(shape[::-1])
     for step, (grads, updates) in enumerate(zip(grads_seq, ours)):
@@ -66,9 +80,8 @@ def test_attention_kernels_update_as_the_reshaped_linear_maps():
     d_model, heads, head_dim = 8, 2, 6
     shapes3 = {"query": (d_model, heads, head_dim), "out": (heads, head_dim, d_model)}
     params = {name: {"kernel": jnp.zeros(shape)} for name, shape in shapes3.items()}
-    grads_seq = [{name: {"kernel": jax.random.normal(k, shape)}
-                  for k, (name, shape) in zip(jax.random.split(key), shapes3.items())}
-                 for key in jax.random.split(jax.random.key(0), 4)]
+    grads_seq = [{name: {"kernel": random_normal((t, i), shape)}
+                  for i, (name, shape) in enumerate(shapes3.items())} for t in range(4)]
     as_matrix = {"query": lambda x: x.reshape(d_model, heads * head_dim),
                  "out": lambda x: x.reshape(heads * head_dim, d_model)}
     flat = lambda tree: {name: {"kernel": as_matrix[name](tree[name]["kernel"])}
@@ -84,8 +97,11 @@ def test_attention_kernels_update_as_the_reshaped_linear_maps():
 def test_default_routing_of_a_transformer_leaf_by_leaf():
     config = models.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2,
                                       max_len=8, position="learned")
-    params = nn.unbox(models.Transformer(config).init(jax.random.key(0),
-                                                      jnp.zeros((1, 8), jnp.int32)))
+    # The init's leaves as shape structs (routing reads paths and shapes), without compiling
+    # the init, as zeros for the optimizer's init.
+    shapes = nn.unbox(jax.eval_shape(models.Transformer(config).init, jax.random.key(0),
+                                     jnp.zeros((1, 8), jnp.int32)))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     expected = {
         "attn/query/kernel": ATTENTION_IN_LAYOUT, "attn/key/kernel": ATTENTION_IN_LAYOUT,
         "attn/value/kernel": ATTENTION_IN_LAYOUT, "attn/out/kernel": ATTENTION_OUT_LAYOUT,
@@ -111,8 +127,7 @@ def test_default_routing_of_a_transformer_leaf_by_leaf():
 
 def test_torch_layout_is_the_transposed_flax_layout():
     shape = (12, 20)  # a PyTorch (fan_out, fan_in) weight
-    grads_seq = [{"w": jax.random.normal(k, shape)}
-                 for k in jax.random.split(jax.random.key(0), 3)]
+    grads_seq = [{"w": random_normal(t, shape)} for t in range(3)]
     torch = run_updates(optim.muon(0.02, muon_mask={"w": TORCH_LAYOUT}),
                         {"w": jnp.zeros(shape)}, grads_seq)
     flax = run_updates(optim.muon(0.02), {"w": jnp.zeros(shape[::-1])},
@@ -148,8 +163,7 @@ def test_nesterov_direction_is_orthogonalized_by_the_same_newton_schulz_as_optax
     # m <- beta m + g, d = g + beta m, computed here in numpy.
     lr, beta = 0.05, 0.9
     shapes = {"tall": (16, 8), "wide": (8, 12)}
-    params = random_tree(jax.random.key(0), shapes)
-    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 10)]
+    params, grads_seq = random_tree(0, shapes), random_trees(1, shapes, 10)
     newton_schulz = optax.contrib.scale_by_muon(
         beta=0.0, nesterov=False,
         weight_dimension_numbers={name: optax.contrib.MuonDimensionNumbers() for name in shapes})
@@ -178,8 +192,7 @@ def test_non_matrix_leaves_get_adamw_with_adam_learning_rate():
 
 def test_muon_mask_routes_a_matrix_to_adamw():
     shapes = {"hidden": (16, 8), "head": (8, 12), "bias": (7,)}
-    params = random_tree(jax.random.key(0), shapes)
-    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 3)]
+    params, grads_seq = random_tree(0, shapes), random_trees(1, shapes, 3)
     hparams = dict(learning_rate=0.02, adam_learning_rate=1e-3, momentum=0.9)
     tree_mask = {"hidden": True, "head": False, "bias": False}
     by_tree = run_updates(optim.muon(muon_mask=tree_mask, **hparams), params, grads_seq)
@@ -199,8 +212,8 @@ def test_muon_mask_routes_a_matrix_to_adamw():
 
 def test_muon_mask_as_a_prefix_tree_and_as_a_callable():
     shapes = {"hidden": (16, 8), "head": (8, 12)}
-    params = {"block": random_tree(jax.random.key(0), shapes), "out": jnp.ones((4, 4))}
-    grads = [{"block": random_tree(jax.random.key(1), shapes), "out": jnp.ones((4, 4))}]
+    params = {"block": random_tree(0, shapes), "out": jnp.ones((4, 4))}
+    grads = [{"block": random_tree(1, shapes), "out": jnp.ones((4, 4))}]
     prefix = run_updates(optim.muon(0.1, muon_mask={"block": True, "out": False}), params, grads)
     call = run_updates(optim.muon(0.1, muon_mask=lambda p: {"block": True, "out": False}),
                        params, grads)
@@ -231,8 +244,7 @@ def test_complex_params_are_rejected_naming_the_leaf():
 
 def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
     shapes = {"tall": (32, 16), "wide": (16, 24)}
-    params = random_tree(jax.random.key(0), shapes)
-    grads_seq = [random_tree(k, shapes) for k in jax.random.split(jax.random.key(1), 3)]
+    params, grads_seq = random_tree(0, shapes), random_trees(1, shapes, 3)
     exact = run_updates(optim.muon(0.1), params, grads_seq)
     low = run_updates(optim.muon(0.1, ns_dtype=jnp.bfloat16), params, grads_seq)
     for a, b in zip(exact, low):
@@ -250,7 +262,7 @@ def test_bfloat16_newton_schulz_stays_orthogonal_and_keeps_float32_updates():
 
 
 def test_orthogonalize_stacks_and_transposes_consistently():
-    matrices = jax.random.normal(jax.random.key(0), (3, 10, 6))
+    matrices = random_normal(0, (3, 10, 6))
     ortho = jax.jit(orthogonalize)
     stacked = ortho(matrices)
     for i in range(3):
@@ -264,7 +276,7 @@ def test_state_keeps_param_shardings_on_a_mesh():
     specs = {"w": P("data", "model"), "v": P(None, "data"), "b": P("model")}
     shapes = {"w": (16, 8), "v": (8, 12), "b": (6,)}  # distinct shapes: find state's param
     shardings = {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
-    params = jax.device_put(random_tree(jax.random.key(0), shapes), shardings)
+    params = jax.device_put(random_tree(0, shapes), shardings)
     tx = optim.muon(0.02, muon_mask={"w": True, "v": True, "b": False}, weight_decay=0.1)
 
     def assert_follows_params(state):
@@ -277,7 +289,7 @@ def test_state_keeps_param_shardings_on_a_mesh():
 
     state = tx.init(params)
     assert_follows_params(state)
-    grads = jax.device_put(random_tree(jax.random.key(1), shapes), shardings)
+    grads = jax.device_put(random_tree(1, shapes), shardings)
     _, state = jax.jit(tx.update)(grads, state, params)
     assert_follows_params(state)
 
@@ -327,11 +339,9 @@ def tiny_transformer_step():
     shapes = jax.eval_shape(models.Transformer(config).init, jax.random.key(0),
                             jnp.zeros((1, 8), jnp.int32))
     leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(1), 2 * len(leaves))
-    random = lambda ks: [jax.random.normal(k, leaf.shape, leaf.dtype)  # noqa: E731
-                         for k, leaf in zip(ks, leaves)]
-    boxed = treedef.unflatten(random(keys[:len(leaves)]))
-    boxed_grads = treedef.unflatten(random(keys[len(leaves):]))
+    random = lambda seed: [random_normal((seed, i), leaf.shape)  # noqa: E731
+                           for i, leaf in enumerate(leaves)]
+    boxed, boxed_grads = treedef.unflatten(random(0)), treedef.unflatten(random(1))
     return boxed, boxed_grads, nn.unbox(boxed), nn.unbox(boxed_grads)
 
 
@@ -396,8 +406,7 @@ def test_optax_options_match_optax_contrib_muon(options):
 
 
 def test_preconditioning_and_coefficients_change_the_update():
-    params = random_tree(jax.random.key(0), OPTAX_SHAPES)
-    grads = [random_tree(jax.random.key(1), OPTAX_SHAPES)]
+    params, grads = random_tree(0, OPTAX_SHAPES), [random_tree(1, OPTAX_SHAPES)]
     runs = {str(options): run_updates(optim.muon(0.02, muon_mask=OPTAX_ROUTES, **options),
                                       params, grads)[0]["tall"]
             for options in (dict(), dict(preconditioning="aol"),
@@ -417,8 +426,7 @@ def test_adaptive_matches_optax_contrib_muon_without_momentum(nesterov):
     ours = optim.muon(momentum=0.0, muon_mask=OPTAX_ROUTES, **hparams)
     theirs = optax.contrib.muon(beta=0.0, muon_weight_dimension_numbers=OPTAX_ROUTES,
                                 **hparams)
-    params = random_tree(jax.random.key(0), OPTAX_SHAPES)
-    grads_seq = [random_tree(k, OPTAX_SHAPES) for k in jax.random.split(jax.random.key(1), 4)]
+    params, grads_seq = random_tree(0, OPTAX_SHAPES), random_trees(1, OPTAX_SHAPES, 4)
     adaptive = run_updates(ours, params, grads_seq)
     # optax hands `nesterov` to its Adam leaves too (ravine's AdamW leaves have none).
     compared = [name for name, dims in OPTAX_ROUTES.items() if dims or not nesterov]
@@ -439,7 +447,7 @@ def test_ns_dtype_injected_as_an_array_is_its_dtype():
     shapes = {"dense": (16, 8), "bias": (7,)}
     injected = optax.inject_hyperparams(optim.muon, static_args=("ns_steps",))(
         learning_rate=0.02, ns_dtype=jnp.bfloat16)
-    state = injected.init(random_tree(jax.random.key(0), shapes))
+    state = injected.init(random_tree(0, shapes))
     assert state.hyperparams["ns_dtype"].dtype == jnp.bfloat16
     bf16 = optim.muon(0.02, ns_dtype=jnp.bfloat16)
     assert_same_updates(injected, bf16, steps=3, shapes=shapes, rtol=1e-5, atol=1e-7)

@@ -1,13 +1,12 @@
 """The lr_transfer and stability demos: their mechanics at a tiny setting (the claims are in
 the demos' output, see README)."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from ravine.experiments.demos import lr_transfer, stability
+from tests.scripts import demo_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_CORPUS = os.path.join(REPO, "optim", "shampoo.py")
@@ -71,12 +70,19 @@ def test_stability_sweep_mechanics(tmp_path):
     assert os.path.getsize(stability.plot(result, str(tmp_path))) > 1000
 
 
-@pytest.mark.parametrize("name, flag", [("lr_transfer", "--widths=32,0"),
-                                        ("stability", "--variants=none,layernorm")])
-def test_demo_bad_flag_exits_2_with_one_line(name, flag):
-    done = subprocess.run([sys.executable, "-m", f"ravine.experiments.demos.{name}", flag], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+BAD_FLAGS = [("lr_transfer", "--widths=32,0"), ("stability", "--variants=none,layernorm")]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """Both command lines, run as `python -m` would (tests/scripts.py's `demo_runs`)."""
+    return demo_runs(tmp_path_factory.mktemp("jobs"),
+                     {(name, flag): (name, [flag]) for name, flag in BAD_FLAGS})
+
+
+@pytest.mark.parametrize("name, flag", BAD_FLAGS)
+def test_demo_bad_flag_exits_2_with_one_line(name, flag, bad_flag_runs):
+    done = bad_flag_runs[(name, flag)]
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and flag.split("=")[0] in lines[0], done.stderr

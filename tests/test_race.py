@@ -13,6 +13,7 @@ from ravine import optim
 from ravine.experiments import race, race_stats
 
 from ravine.experiments.runtime import sweep
+from tests.scripts import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PYTHONPATH: this checkout's packages, also from a subprocess started in another folder.
@@ -129,7 +130,9 @@ def test_every_available_optimizer_can_be_raced():
     for name in optim.available():
         config = tiny_config(name, optim.spec(name).centre_lr, 0)
         tx, schedule = sweep.optimizer_at(config, jnp.float32(0.5))
-        updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+        # init and update in one jitted program, as the race runs them (jitted): one
+        # compilation per optimizer, not one more for each op of an eager init
+        updates = jax.jit(lambda p, tx=tx: tx.update(p, tx.init(p), p)[0])(params)
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
         if name == "schedule_free_adamw":  # a constant lr, warmed up by the optimizer
             assert float(schedule(10)) == 0.5 and config.optimizer.warmup_steps == 5
@@ -255,6 +258,14 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
 # eps 1e-4 keeps its vmapped run within 1e-5. The loop mode is bitwise the solo run even
 # at the default. Sophia (its estimate's keys from the run's seed), Schedule-Free (its
 # eval at x) and K-FAC (its own step, compiled per run) train in loop mode only.
+# Steps: 20 take a run past the 5 warmup steps well into the cosine decay and refresh
+# Sophia's Hessian estimate and K-FAC's inverses 6 times; Shampoo (preconditioning from
+# step 10, new roots every 10 steps) takes 30, to train on two generations of roots.
+# (Compiling the three steps is most of a case's time; each of the 50 steps this took
+# cost ~3 x 25 ms, Shampoo's ~3 x 60 ms.)
+SWEEP_STEPS = {"shampoo": 30}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, hparams", [("adamw", {}), ("shampoo", {"eps": 1e-4}),
                                            ("muon", {}), ("sophia", {"hessian_every": 3}),
@@ -264,15 +275,18 @@ def tiny_config(name, lr, seed, steps=50, **hparams):
 def test_sweep_runs_equal_solo_train_runs(name, hparams, tmp_path):
     import tests.user_optimizer  # noqa: F401 - registers a user's optimizer with eval_params
     from ravine.experiments.runtime import loop
-    lr = optim.spec(name).centre_lr
+    lr, steps = optim.spec(name).centre_lr, SWEEP_STEPS.get(name, 20)
     run = sweep.SweepRun(2 * lr, 1)  # trained beside another (lr, seed) under vmap
-    engine = sweep.Engine(tiny_config(name, lr, 0, **hparams))
+    engine = sweep.Engine(tiny_config(name, lr, 0, steps, **hparams))
     modes = {"loop": engine.train_group([run], str(tmp_path / "loop"))[run]}
     if sweep.can_vectorize(name):
         modes["vmap"] = engine.train_group([sweep.SweepRun(lr, 0), run],
                                            str(tmp_path / "vmap"), vectorized=True)[run]
-    solo = loop.train(tiny_config(name, run.lr, run.seed, **hparams), str(tmp_path / "solo"),
-                       progress=False)["history"]
+    solo_config = tiny_config(name, run.lr, run.seed, steps, **hparams)
+    # TensorBoard event files: an output of the train job alone (the rows compared here are
+    # its metrics.jsonl); writing them costs ~1 s a run
+    solo_config.tensorboard = False
+    solo = loop.train(solo_config, str(tmp_path / "solo"), progress=False)["history"]
     solo = {row["step"]: row for row in solo}
     for mode, rows in modes.items():
         assert [row["step"] for row in rows[1:]] == sorted(solo), mode
@@ -302,9 +316,17 @@ TINY_FLAGS = ["--config.steps=12", "--config.batch_size=8", "--config.seq_len=32
               "--config.schedule.warmup_steps=2"]
 
 
-def race_command(corpus, *flags, module="ravine.experiments.race"):
-    return [sys.executable, "-m", module, f"--config={ROOT}/experiments/configs/lm.py:tiny",
-            f"--config.corpus={corpus}", *TINY_FLAGS, *flags]
+def race_flags(corpus, *flags):
+    return [f"--config={ROOT}/experiments/configs/lm.py:tiny", f"--config.corpus={corpus}",
+            *TINY_FLAGS, *flags]
+
+
+def run_race(capfd, *args):
+    """`python -m ravine.experiments.race ARGS` in this process (tests/scripts.py's
+    `run_main`): `(exit status, stdout, stderr)`. In process, not in a subprocess (3-4 s of
+    imports and JAX set-up each, and nothing compiled shared), where a test is about what
+    the race computes, writes and says; process behaviour (SIGKILL) keeps its subprocess."""
+    return run_main(race, args, capfd)
 
 
 def table_rows(report):
@@ -327,14 +349,14 @@ def read_runs(workdir):
 
 
 @pytest.mark.slow
-def test_race_end_to_end_and_read_back(corpus, tmp_path):
+def test_race_end_to_end_and_read_back(corpus, tmp_path, monkeypatch, capfd):
     # A relative --workdir, as `make demo` passes it.
-    command = race_command(corpus, "--workdir=race", "--optimizers=adamw,lion",
-                           "--lrs=2e-3,8e-3", "--max_lr_points=3", "--seeds_at_best=2",
-                           "--evals=4")
-    done = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    command = race_flags(corpus, "--workdir=race", "--optimizers=adamw,lion",
+                         "--lrs=2e-3,8e-3", "--max_lr_points=3", "--seeds_at_best=2",
+                         "--evals=4")
+    status, _, err = run_race(capfd, *command)
+    assert status == 0, err[-3000:]
     workdir = tmp_path / "race"
     for file in (race.CURVES_FILE, race.SENSITIVITY_FILE):
         assert os.path.getsize(workdir / file) > 1000
@@ -360,15 +382,13 @@ def test_race_end_to_end_and_read_back(corpus, tmp_path):
     assert not os.listdir(workdir / race.GROUPS_DIR / "adamw")  # no checkpoint left over
 
     # Run again: every run is read back, nothing is trained, the report is the same.
-    again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                           timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "training" not in again.stdout
+    status, out, err = run_race(capfd, *command)
+    assert status == 0, err[-3000:]
+    assert "training" not in out
     assert (workdir / race.REPORT_FILE).read_text() == text
     # Another workload in the same workdir: exit 2 naming the changed field.
-    other = subprocess.run(command + ["--config.seq_len=16"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=900)
-    assert other.returncode == 2 and "seq_len" in other.stderr, other.stderr[-2000:]
+    status, _, err = run_race(capfd, *command, "--config.seq_len=16")
+    assert status == 2 and "seq_len" in err, err[-2000:]
 
 
 KILLED_RACE = """
@@ -382,24 +402,25 @@ cli.run(race.main)
 
 
 @pytest.mark.slow
-def test_race_resumes_after_sigkill_to_the_same_numbers(corpus, tmp_path):
+def test_race_resumes_after_sigkill_to_the_same_numbers(corpus, tmp_path, monkeypatch,
+                                                         capfd):
     flags = ["--optimizers=adamw", "--lrs=2e-3,8e-3", "--max_lr_points=2",
              "--seeds_at_best=1", "--sweep=vmap", "--runs_per_program=2",
              "--config.checkpoint_every=3", "--evals=4"]
+    # The SIGKILL needs a process of its own; the resume and the uninterrupted race run
+    # in this one (and load its compiled steps from the compilation cache).
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RACE] + race_command(corpus, "--workdir=killed",
-                                                           *flags)[3:],
+        [sys.executable, "-c", KILLED_RACE] + race_flags(corpus, "--workdir=killed", *flags),
         cwd=tmp_path, env=ENV, capture_output=True, text=True,
         timeout=900)
     assert killed.returncode == -9, killed.stderr[-3000:]
     groups = tmp_path / "killed" / race.GROUPS_DIR / "adamw"
     assert os.listdir(groups)  # the interrupted group's checkpoint
     assert not os.path.exists(tmp_path / "killed" / race.RUNS_DIR / "adamw")
+    monkeypatch.chdir(tmp_path)
     for workdir in ("killed", "whole"):
-        done = subprocess.run(race_command(corpus, f"--workdir={workdir}", *flags),
-                              cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                              timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
+        status, _, err = run_race(capfd, *race_flags(corpus, f"--workdir={workdir}", *flags))
+        assert status == 0, err[-3000:]
     resumed, whole = read_runs(tmp_path / "killed"), read_runs(tmp_path / "whole")
     assert resumed.keys() == whole.keys() and len(whole) == 2 + 2
     assert resumed == whole  # the same numbers, exactly
@@ -415,11 +436,12 @@ def test_race_resumes_after_sigkill_to_the_same_numbers(corpus, tmp_path):
     (["--optimizers=adamw", "--baseline=lion"], "--baseline"),
     (["--config.mesh=data=3"], "data=3"),
 ])
-def test_bad_flags_exit_2_with_one_line(corpus, tmp_path, flags, needle):
-    done = subprocess.run(race_command(corpus, f"--workdir={tmp_path}/race", *flags),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert len(lines) == 1 and needle in lines[0], done.stderr
+def test_bad_flags_exit_2_with_one_line(corpus, tmp_path, monkeypatch, capfd, flags,
+                                        needle):
+    monkeypatch.chdir(ROOT)
+    status, _, err = run_race(capfd, *race_flags(corpus, f"--workdir={tmp_path}/race", *flags))
+    lines = err.strip().splitlines()
+    assert status == 2, err[-2000:]
+    assert len(lines) == 1 and needle in lines[0], err
     assert not os.path.exists(tmp_path / "race")  # nothing written
     assert re.match(r"^error: ", lines[0])

@@ -108,19 +108,30 @@ def test_sharding_usage_example_runs():
 
 
 @pytest.mark.slow
-def test_readme_race_command_shapes_take_config_fields(tmp_path):
+def test_readme_race_command_shapes_take_config_fields(tmp_path, monkeypatch, capfd):
     """`--config.<field>` works with and without `--config` (the README's and `make demo`'s
     shapes): a bad field value reaches the config and exits 2 naming it."""
     import subprocess
     import sys
+
+    from ravine.experiments import race
+    from tests.scripts import run_main
     shapes = [names for module, names in readme_commands() if module == "experiments.race"]
     assert shapes
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for prefix in ([], ["--config=experiments/configs/lm.py:tiny"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ravine.experiments.race", *prefix, "--optimizers=adamw,lion",
-             f"--workdir={tmp_path}/race", "--config.steps=0"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    flags = ["--optimizers=adamw,lion", f"--workdir={tmp_path}/race", "--config.steps=0"]
+    # Without --config, ml_collections defines the `--config.<field>` flags when the race
+    # module defines --config, at its import: that takes a new process.
+    done = subprocess.run(
+        [sys.executable, "-m", "ravine.experiments.race", *flags],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=300)
+    exits = [(done.returncode, done.stderr)]
+    # With --config, it defines them while it parses --config: the command runs in this
+    # process (tests/scripts.py's `run_main`; a process costs 3-4 s of imports).
+    monkeypatch.chdir(ROOT)
+    status, _, err = run_main(race, ["--config=experiments/configs/lm.py:tiny", *flags], capfd)
+    exits.append((status, err))
+    for status, err in exits:
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1, err[-2000:]
         assert "config.steps must be a positive integer, got 0" in lines[0]

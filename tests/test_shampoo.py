@@ -1,4 +1,5 @@
 """Shampoo against numpy closed forms and optax, root refresh schedule, robustness, sharding."""
+import functools
 import itertools
 
 import jax
@@ -9,13 +10,27 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ravine import optim
-from tests.oracle import assert_same_updates, random_tree
+from tests import oracle
 from tests.second_order import (array_collectives, assert_resumes_exactly, best_final_loss,
-                                 grads_like, kronecker_quadratic, run, sharded_run)
+                                 kronecker_quadratic, run, sharded_run)
 
 SMALL = {"bias": (7,), "dense": (16, 8)}
 PURE = dict(b1=0.0, b2=1.0, grafting=None, precondition_every=1, start_preconditioning_step=0,
             relative_eps=False)
+
+
+# Random data from numpy (tests.oracle.numpy_tree): jax.random compiles a program for each
+# shape it draws (~0.2 s each, a seventh of this file's compiling); these oracles hold for
+# any random data.
+random_normal, random_tree = oracle.numpy_normal, oracle.numpy_tree
+assert_same_updates = functools.partial(oracle.assert_same_updates, numpy_draws=True)
+
+
+def grads_like(params, steps, seed=0):
+    """`steps` random float32 gradient trees shaped like `params`."""
+    leaves, treedef = jax.tree.flatten(params)
+    return [treedef.unflatten([random_normal((seed, t, i), p.shape)
+                               for i, p in enumerate(leaves)]) for t in range(steps)]
 
 
 def numpy_root(matrix, p):
@@ -43,7 +58,9 @@ def test_first_step_is_the_closed_form():
     shapes = {"one_block": (6, 7), "blocked": (10, 20),  # padded along both dims
               "order3": (4, 5, 6),  # -1/6 roots
               "order3_blocked": (10, 3, 9)}
-    grads = random_tree(jax.random.key(3), shapes)
+    # jax.random's draws: the padded 2 x 4 corner block's statistics are rank deficient, and
+    # other draws put its float32 root outside rtol=2e-3 of the float64 closed form.
+    grads = oracle.random_tree(jax.random.key(3), shapes)
     tx = optim.shampoo(lr, eps=eps, block_size=block_size, **PURE)
     (updates,), _ = run(tx, jax.tree.map(jnp.zeros_like, grads), [grads])
     for name, g in grads.items():
@@ -54,7 +71,7 @@ def test_first_step_is_the_closed_form():
 
 def test_mixed_leaves_update_finitely():
     shapes = {"scalar": (), "bias": (7,), "dense": (200, 30), "conv": (3, 3, 8, 16)}
-    params = random_tree(jax.random.key(0), shapes)
+    params = random_tree(0, shapes)
     grads = grads_like(params, 3)
     tx = optim.shampoo(0.01, b1=0.0, b2=0.99, block_size=64, precondition_every=2,
                        start_preconditioning_step=1)
@@ -73,28 +90,34 @@ def test_mixed_leaves_update_finitely():
     assert [s.shape for s in blocks["conv"].roots] == [(1, 1, 1, 1, n, n) for n in (3, 3, 8, 16)]
 
 
-def test_eigh_and_newton_agree():
-    params = random_tree(jax.random.key(0), {"matrix": (16, 12), "tensor": (4, 4, 4)})
+# The first refresh that is used (step 5) sees full-rank statistics: on a null space both
+# roots are only as good as float32 eigenvalues near eps * lambda_max.
+ROOTS_KWARGS = dict(block_size=8, precondition_every=5, start_preconditioning_step=5)
+
+
+@pytest.fixture(scope="module")
+def newton_run():
+    """Params, 7 gradients and the updates of Shampoo with float32 Newton roots: the oracle
+    of eigh roots and of Newton roots from bfloat16 products (compiled once for both)."""
+    params = random_tree(0, {"matrix": (16, 12), "tensor": (4, 4, 4)})
     grads = grads_like(params, 7)
-    # The first refresh that is used (step 5) sees full-rank statistics: on a null space
-    # both roots are only as good as float32 eigenvalues near eps * lambda_max.
-    kwargs = dict(block_size=8, precondition_every=5, start_preconditioning_step=5)
-    eigh, _ = run(optim.shampoo(0.01, inverse_root="eigh", **kwargs), params, grads)
-    newton, _ = run(optim.shampoo(0.01, inverse_root="newton", **kwargs), params, grads)
+    newton, _ = run(optim.shampoo(0.01, inverse_root="newton", **ROOTS_KWARGS), params, grads)
+    return params, grads, newton
+
+
+def test_eigh_and_newton_agree(newton_run):
+    params, grads, newton = newton_run
+    eigh, _ = run(optim.shampoo(0.01, inverse_root="eigh", **ROOTS_KWARGS), params, grads)
     for t, (a, b) in enumerate(zip(eigh, newton)):
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-6,
                                        err_msg=f"step {t}, {name}")
 
 
-def test_newton_roots_from_bfloat16_products_give_the_float32_updates():
-    params = random_tree(jax.random.key(0), {"matrix": (16, 12), "tensor": (4, 4, 4)})
-    grads = grads_like(params, 7)
-    kwargs = dict(block_size=8, precondition_every=5, start_preconditioning_step=5,
-                  inverse_root="newton")
-    float32, _ = run(optim.shampoo(0.01, **kwargs), params, grads)
-    bfloat16, _ = run(optim.shampoo(0.01, newton_precision="bfloat16_6x", **kwargs),
-                      params, grads)
+def test_newton_roots_from_bfloat16_products_give_the_float32_updates(newton_run):
+    params, grads, float32 = newton_run
+    bfloat16, _ = run(optim.shampoo(0.01, inverse_root="newton", newton_precision="bfloat16_6x",
+                                    **ROOTS_KWARGS), params, grads)
     for t, (a, b) in enumerate(zip(float32, bfloat16)):
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-7,
@@ -125,7 +148,7 @@ def test_momentum_on_the_direction(nesterov):
     b1, lr = 0.9, 0.05
     tx = optim.shampoo(lr, b1=b1, grafting="sgd", nesterov=nesterov,
                        start_preconditioning_step=10**6)
-    params = random_tree(jax.random.key(0), SMALL)
+    params = random_tree(0, SMALL)
     grads = grads_like(params, 6)
     ours, _ = run(tx, params, grads)
     m = 0.0
@@ -272,13 +295,13 @@ def test_vmapped_runs_with_eigh_roots_finish_and_equal_single_runs():
 
 def test_resumes_exactly_from_a_restored_state():
     tx = optim.shampoo(0.1, block_size=4, precondition_every=3, start_preconditioning_step=4)
-    assert_resumes_exactly(tx, random_tree(jax.random.key(0), SMALL), steps=10, split=5)
+    assert_resumes_exactly(tx, random_tree(0, SMALL), steps=10, split=5)
 
 
 def test_low_precision_statistics_and_params():
     tx = optim.shampoo(0.01, statistics_dtype=jnp.bfloat16, precondition_every=1,
                        start_preconditioning_step=0)
-    params = random_tree(jax.random.key(0), SMALL, dtype=jnp.bfloat16)
+    params = random_tree(0, SMALL, dtype=jnp.bfloat16)
     grads = [jax.tree.map(lambda g: g.astype(jnp.bfloat16), g) for g in grads_like(params, 2)]
     updates, state = run(tx, params, grads)
     for name, u in updates[-1].items():
@@ -287,7 +310,7 @@ def test_low_precision_statistics_and_params():
 
 
 def test_weight_decay_is_decoupled_and_masked():
-    params = random_tree(jax.random.key(0), SMALL)
+    params = random_tree(0, SMALL)
     grads = grads_like(params, 2)
     mask = optim.decay_mask(params)
     plain, _ = run(optim.shampoo(0.1), params, grads)
@@ -347,7 +370,7 @@ def test_inject_hyperparams_works_with_the_structural_args_static_and_says_so_ot
     traced = optax.inject_hyperparams(optim.shampoo)(learning_rate=0.1)
     with pytest.raises(ValueError, match=r"static_args=\('block_size', "
                                          r"'start_preconditioning_step', 'statistics_dtype'\)"):
-        jax.jit(traced.init)(random_tree(jax.random.key(0), shapes))
+        jax.jit(traced.init)(random_tree(0, shapes))
 
 
 def test_complex_params_are_rejected_naming_the_leaf():

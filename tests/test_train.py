@@ -1,7 +1,9 @@
 """experiments.train: the step logic (in-process) and the script end to end (subprocesses)."""
+import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +27,7 @@ from ravine.experiments.runtime import builders, cli, data, preemption, spikes, 
 from ravine.experiments.runtime import loop, metrics, run_identity, setup
 from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments.configs import lm
+from tests.scripts import LOCK_HOLDER, Jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = models.TransformerConfig(d_model=32, n_layers=1, n_heads=2, max_len=16)
@@ -64,6 +67,11 @@ def leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# Jitted once for the file (loss_fn static): op by op, each new shape would compile
+# dozens of small programs.
+grad_fn = jax.jit(train_lib.mean_loss_and_grad, static_argnums=0)
+
+
 def one_step(loss_fn, params, tx, batch, loss_scale=None, **kwargs):
     loss_scale = optim.NoOpLossScale() if loss_scale is None else loss_scale
     state = train_lib.init_state(params, tx, loss_scale, **kwargs)
@@ -76,7 +84,6 @@ def one_step(loss_fn, params, tx, batch, loss_scale=None, **kwargs):
 
 def test_grad_accumulation_equals_one_big_batch():
     loss_fn, params, tokens = tiny_setup()
-    grad_fn = jax.jit(train_lib.mean_loss_and_grad, static_argnums=0)
     big_loss, big_grads = grad_fn(loss_fn, params, tokens.reshape(1, 32, 17),
                                   optim.NoOpLossScale())
     micro_loss, micro_grads = grad_fn(loss_fn, params, tokens.reshape(4, 8, 17),
@@ -135,7 +142,7 @@ def test_non_finite_gradients_skip_the_step():
 def test_clipping_uses_the_pre_clip_global_norm():
     loss_fn, params, tokens = tiny_setup()
     batch = tokens.reshape(1, 32, 17)
-    _, grads = train_lib.mean_loss_and_grad(loss_fn, params, batch, optim.NoOpLossScale())
+    _, grads = grad_fn(loss_fn, params, batch, optim.NoOpLossScale())
     norm = float(optax.tree.norm(grads))
     clip = norm / 10
     state, metrics = one_step(loss_fn, params, train_lib.with_clipping(optax.sgd(1.0), clip),
@@ -308,7 +315,7 @@ def test_no_decay_leaves_get_no_weight_decay():
                             "clip_norm": 0.0, "optimizer.weight_decay": 0.1})
     tx = builders.build_optimizer(config, builders.build_schedule(config))
     zero_grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
     decayed = {jax.tree_util.keystr(path): bool(np.any(np.asarray(u) != 0))
                for path, u in jax.tree.leaves_with_path(updates)}
     assert not decayed["['embed']['embedding']"]
@@ -318,7 +325,7 @@ def test_no_decay_leaves_get_no_weight_decay():
     assert decayed["['block_0']['attn']['query']['kernel']"]
     config.optimizer.no_decay = ""
     tx = builders.build_optimizer(config, builders.build_schedule(config))
-    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
     assert np.any(np.asarray(updates["embed"]["embedding"]) != 0)
 
 
@@ -403,16 +410,32 @@ def train_command(workdir, corpus, *flags):
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
 
 
-def start(workdir, corpus, *flags):
+def start(workdir, corpus, *flags, jobs=None):
+    """The train job on `flags`, started: a `python -m` process, or the same command as a
+    child of `jobs` (the `jobs` fixture: without the seconds of imports)."""
+    if jobs is not None:
+        return jobs.start(train_command(workdir, corpus, *flags)[2:])
     return subprocess.Popen(train_command(workdir, corpus, *flags), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(workdir, corpus, *flags, returncode=0):
-    process = start(workdir, corpus, *flags)
+def run(workdir, corpus, *flags, returncode=0, jobs=None):
+    process = start(workdir, corpus, *flags, jobs=jobs)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == returncode, stderr[-3000:]
     return stderr
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Runs of the train job (`start(..., jobs=jobs)`), each a child of one process that
+    imported what the job imports, and matplotlib, once (tests/scripts.py): a
+    `python -m` start is 3-4 s of imports, and a finished run's plot 1-2 s more."""
+    server = Jobs(str(tmp_path_factory.mktemp("jobs")), ENV,
+                  ["ravine.experiments.runtime.loop", "ml_collections.config_flags",
+                   "matplotlib.pyplot"])
+    yield server
+    server.close()
 
 
 def rows(workdir):
@@ -424,11 +447,47 @@ def losses(workdir, key="loss"):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):
+def run_setup(corpus):
+    """`setup.setup` of the runs' config (RUN): its compiled steps serve each run in this
+    process whose config differs from RUN only where the steps do not look (`prepared`)."""
+    return setup.setup(tiny_config(corpus=corpus, **RUN))
+
+
+# Config fields the loop reads and the compiled steps (init, train, eval) and eval batch of
+# a `Setup` do not: runs that differ only in these can share a Setup (compiled once).
+LOOP_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "init_from",
+               "init_from_optimizer", "spike_rollback", "spike_window", "spike_patience",
+               "spike_factor", "spike_skip", "spike_max_rollbacks")
+
+
+def flat(config, prefix=""):
+    found = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            found.update(flat(value, f"{prefix}{key}."))
+        else:
+            found[prefix + key] = value
+    return found
+
+
+def prepared(s, config):
+    """`loop.train`'s `prepared` for `config` from the Setup `s` of another config: `s`
+    with `config`, checked to differ from `s.config` only in LOOP_FIELDS (and `steps`
+    under a constant schedule, whose steps do not depend on the run's length)."""
+    config = builders.adapt_to_optimizer(config)
+    loop_only = LOOP_FIELDS + (("steps",) if config.schedule.name == "constant" else ())
+    ours, theirs = flat(config.to_dict()), flat(s.config.to_dict())
+    differ = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
+    assert differ <= set(loop_only), sorted(differ - set(loop_only))
+    return dataclasses.replace(s, config=config)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, run_setup):
     """An uninterrupted 12-step run, in this process through `loop.train` (as race does);
     the subprocess runs must reproduce its losses."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    summary = loop.train(tiny_config(corpus=corpus, **RUN), workdir, progress=False)
+    summary = loop.train(run_setup.config, workdir, progress=False, prepared=run_setup)
     return workdir, summary
 
 
@@ -469,22 +528,49 @@ def test_run_writes_metrics_config_plot_and_checkpoints(reference, corpus):
     assert sorted(os.listdir(os.path.join(reference, run_identity.CHECKPOINT_DIR))) == ["12", "4", "8"]
 
 
-@pytest.mark.slow
-def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, corpus, tmp_path):
-    reference, workdir = reference[0], str(tmp_path)
-    # 1) Killed by itself right after starting the save of step 8 (mid-save).
-    run(workdir, corpus, "--fault=kill_after_save:8", returncode=-signal.SIGKILL)
-    assert max(losses(workdir)) == 8
-    # 2) Resumed, then killed from outside once it has logged step 10.
-    process = start(workdir, corpus)
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, corpus, jobs):
+    """One run of RUN stopped three times and resumed after each stop: the SIGTERM test's
+    stop and resume and the SIGKILL test's two kills and resumes in one chain of jobs (each
+    start of the job takes seconds). The workdir and what each job left, for both tests."""
+    workdir, seen = str(tmp_path_factory.mktemp("interrupted")), {}
+
+    def job(*flags):
+        process = start(workdir, corpus, *flags, jobs=jobs)
+        _, stderr = process.communicate(timeout=600)
+        return process.returncode, stderr
+
+    # 1) SIGTERM while step 6 trains: the step finishes, checkpoint 6 is saved, one line.
+    seen["sigterm"] = job("--fault=sigterm_at:6")
+    seen["checkpoints after sigterm"] = os.listdir(
+        os.path.join(workdir, run_identity.CHECKPOINT_DIR))
+    # 2) Resumed from checkpoint 6, then killed by itself right after starting the save of
+    #    step 8 (mid-save).
+    seen["killed mid-save"] = job("--fault=kill_after_save:8")
+    seen["last step after the kill mid-save"] = max(losses(workdir))
+    # 3) Resumed, then killed from outside once it has logged step 10.
+    process = start(workdir, corpus, jobs=jobs)
     deadline = time.time() + 600
     while max(losses(workdir), default=0) < 10 and process.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    # 3) Resumed to the end.
-    stderr = run(workdir, corpus)
+    # 4) Resumed to the end.
+    seen["end"] = job()
+    return workdir, seen
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, interrupted):
+    reference, (workdir, seen) = reference[0], interrupted
+    # Killed by itself right after starting the save of step 8 (mid-save), resumed, killed
+    # from outside once it had logged step 10, resumed to the end (`interrupted`).
+    returncode, stderr = seen["killed mid-save"]
+    assert returncode == -signal.SIGKILL, stderr[-3000:]
+    assert seen["last step after the kill mid-save"] == 8
+    returncode, stderr = seen["end"]
+    assert returncode == 0, stderr[-3000:]
     assert "resuming" in stderr
     assert losses(workdir) == losses(reference)
     for key in ("eval_loss", "eval_loss_ema", "eval_loss_avg"):
@@ -493,11 +579,11 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(reference, corpus, tmp
 
 
 @pytest.mark.slow
-def test_resume_on_a_different_mesh_with_zero1(reference, corpus, tmp_path):
+def test_resume_on_a_different_mesh_with_zero1(reference, corpus, tmp_path, jobs):
     reference, workdir = reference[0], str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     shutil.rmtree(os.path.join(workdir, run_identity.CHECKPOINT_DIR, "12"))  # latest is now 8
-    run(workdir, corpus, "--config.mesh=data=2,tensor=4", "--config.zero=1")
+    run(workdir, corpus, "--config.mesh=data=2,tensor=4", "--config.zero=1", jobs=jobs)
     want, got = losses(reference), losses(workdir)
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 9):
@@ -509,13 +595,27 @@ def test_resume_on_a_different_mesh_with_zero1(reference, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_spike_rollback_restores_and_skips_the_bad_batches(corpus, tmp_path):
+def test_spike_rollback_restores_and_skips_the_bad_batches(corpus, tmp_path, monkeypatch,
+                                                           caplog, run_setup):
+    """In this process, on RUN's compiled steps: batches 9-11 are random bytes (a spike),
+    through the seam tests/fault_train.py's `--fault=corrupt:9:3` patches in the job. The
+    job says it rolls back with an absl warning (on stderr at the job's verbosity)."""
     workdir = str(tmp_path)
-    stderr = run(workdir, corpus, "--config.steps=16", "--config.spike_rollback=true",
-                 "--config.spike_window=3", "--config.spike_patience=2",
-                 "--config.spike_factor=1.3", "--config.spike_skip=6",
-                 "--fault=corrupt:9:3")
-    assert "rolling back to step 8" in stderr
+    batch_at = loop.batch_at
+
+    def corrupted(s, position):
+        batch = batch_at(s, position)
+        if 9 <= position < 12:
+            rows_ = np.random.default_rng(position).integers(0, 256, batch.shape, np.uint8)
+            return sharding.shard_batch(rows_, s.mesh, batch_dim=1)
+        return batch
+
+    monkeypatch.setattr(loop, "batch_at", corrupted)
+    config = config_for(corpus, steps=16, spike_rollback=True, spike_window=3,
+                        spike_patience=2, spike_factor=1.3, spike_skip=6)
+    loop.train(config, workdir, progress=False, prepared=prepared(run_setup, config))
+    assert [record for record in caplog.records if record.levelno == logging.WARNING
+            and "rolling back to step 8" in record.getMessage()], caplog.text
     got = rows(workdir)
     assert [row["step"] for row in got] == list(range(1, 17))
     assert got[-1]["rollbacks"] == 1 and got[7]["rollbacks"] == 0
@@ -540,20 +640,19 @@ BAD_FLAGS = [
 
 
 @pytest.mark.slow
-def test_bad_flags_exit_2_with_one_line_and_leave_the_run_alone(reference, corpus, tmp_path):
+def test_bad_flags_exit_2_with_one_line_and_leave_the_run_alone(reference, corpus, tmp_path,
+                                                               jobs):
     reference, workdir = reference[0], str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     before = tree_digest(workdir)
-    pending = list(BAD_FLAGS)
-    while pending:  # a few at a time: each is a python process importing jax
-        batch, pending = pending[:4], pending[4:]
-        processes = [(start(workdir, corpus, *flags), flags, needle) for flags, needle in batch]
-        for process, flags, needle in processes:
-            stdout, stderr = process.communicate(timeout=600)
-            lines = stderr.strip().splitlines()
-            assert process.returncode == 2, (flags, stderr[-2000:])
-            assert len(lines) == 1 and needle in lines[0], (flags, stderr)
-            assert "Traceback" not in stderr
+    assert jobs.import_noise() == ""  # the part of each job's stderr its imports would print
+    for flags, needle in BAD_FLAGS:
+        process = start(workdir, corpus, *flags, jobs=jobs)
+        stdout, stderr = process.communicate(timeout=600)
+        lines = stderr.strip().splitlines()
+        assert process.returncode == 2, (flags, stderr[-2000:])
+        assert len(lines) == 1 and needle in lines[0], (flags, stderr)
+        assert "Traceback" not in stderr
     assert tree_digest(workdir) == before
 
 
@@ -611,16 +710,13 @@ def test_a_resume_with_other_settings_is_refused_listing_them(reference, corpus,
 
 
 @pytest.mark.slow
-def test_a_second_process_on_a_workdir_exits_2_naming_the_holder(corpus, tmp_path):
+def test_a_second_process_on_a_workdir_exits_2_naming_the_holder(corpus, tmp_path, jobs):
     workdir = str(tmp_path / "run")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ravine.experiments.runtime import workdir\n"
-         "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n"
-         "    time.sleep(600)\n", workdir],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, workdir], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        stderr = run(workdir, corpus, returncode=2)
+        stderr = run(workdir, corpus, returncode=2, jobs=jobs)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and f"pid {holder.pid}" in lines[0], stderr
         assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_FILE]  # nothing written
@@ -634,7 +730,7 @@ def test_a_second_process_on_a_workdir_exits_2_naming_the_holder(corpus, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
 def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_path, damage,
-                                                      capsys):
+                                                      capsys, run_setup):
     reference = reference[0]
     workdir = copy_of(reference, tmp_path)
     state_dir = os.path.join(workdir, run_identity.CHECKPOINT_DIR, "12", "state")
@@ -647,7 +743,8 @@ def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_pat
         with open(largest, "r+b") as f:
             f.truncate(os.path.getsize(largest) // 2)
     # keep_checkpoints may change on resume: it does not change the trajectory.
-    summary = loop.train(config_for(corpus, keep_checkpoints=4), workdir, progress=False)
+    config = config_for(corpus, keep_checkpoints=4)
+    summary = loop.train(config, workdir, progress=False, prepared=prepared(run_setup, config))
     warnings = [line for line in capsys.readouterr().err.splitlines()
                 if "cannot be restored" in line]
     assert len(warnings) == 1 and "checkpoint 12" in warnings[0], warnings
@@ -660,17 +757,21 @@ def test_restore_falls_back_past_a_damaged_checkpoint(reference, corpus, tmp_pat
 
 
 @pytest.mark.slow
-def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp_path):
+def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp_path,
+                                                                     run_setup):
     """A constant-lr (stable) run, branched at step 4 into a WSD decay with its optimizer
     state and data position, equals a run that had the WSD schedule from the start (flat
     at the peak until step 4, then decaying)."""
     wsd = {"schedule.name": "wsd", "schedule.decay_steps": 4}
     short = {"steps": 8, "eval_every": 4}
     stable, branch, whole = (str(tmp_path / name) for name in ("stable", "branch", "whole"))
-    loop.train(config_for(corpus, **short), stable, progress=False)
-    loop.train(config_for(corpus, **short, **wsd, init_from=f"{stable}:4",
-                           init_from_optimizer=True), branch, progress=False)
-    loop.train(config_for(corpus, **short, **wsd), whole, progress=False)
+    config = config_for(corpus, **short)  # RUN's steps (constant lr), shorter
+    loop.train(config, stable, progress=False, prepared=prepared(run_setup, config))
+    whole_config = config_for(corpus, **short, **wsd)
+    wsd_setup = setup.setup(whole_config)  # the branch and the whole run: one WSD step
+    config = config_for(corpus, **short, **wsd, init_from=f"{stable}:4", init_from_optimizer=True)
+    loop.train(config, branch, progress=False, prepared=prepared(wsd_setup, config))
+    loop.train(whole_config, whole, progress=False, prepared=wsd_setup)
     assert sorted(losses(branch)) == [5, 6, 7, 8]
     assert losses(branch) == {s: loss for s, loss in losses(whole).items() if s > 4}
     assert losses(branch, "eval_loss") == {8: losses(whole, "eval_loss")[8]}
@@ -693,7 +794,7 @@ def test_init_from_branches_a_wsd_decay_that_equals_the_switched_run(corpus, tmp
 
 
 @pytest.mark.slow
-def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
+def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch, run_setup):
     """Every batch from position 9 on is noise: rolling back cannot get past the spike."""
     batch_at = loop.batch_at
 
@@ -708,10 +809,13 @@ def test_spike_rollbacks_have_a_budget(corpus, tmp_path, monkeypatch):
     config = config_for(corpus, steps=16, spike_rollback=True, spike_window=3,
                         spike_patience=2, spike_factor=1.3, spike_skip=2,
                         spike_max_rollbacks=2)
+    s = prepared(run_setup, config)  # RUN's steps: the spike is in the data
     with pytest.raises(loop.Diverged, match=r"step 1\d .*after 2 rollbacks to step 8"):
-        loop.train(config, str(tmp_path / "a"), progress=False, raise_on_divergence=True)
+        loop.train(config, str(tmp_path / "a"), progress=False, raise_on_divergence=True,
+                   prepared=s)
     assert sorted(os.listdir(tmp_path / "a" / run_identity.CHECKPOINT_DIR), key=int) == ["4", "8"]
-    summary = loop.train(config, str(tmp_path / "b"), progress=False)  # as a sweep runs it
+    summary = loop.train(config, str(tmp_path / "b"), progress=False,
+                         prepared=s)  # as a sweep runs it
     assert summary["diverged"] and summary["rollbacks"] == 2
     assert math.isnan(summary["final_eval_loss"])
 
@@ -759,31 +863,28 @@ START_ERRORS = [
 
 
 @pytest.mark.slow
-def test_start_errors_exit_2_with_one_line(corpus, tmp_path):
+def test_start_errors_exit_2_with_one_line(corpus, tmp_path, jobs):
     fifo_corpus = tmp_path / "fifo_corpus"
     shutil.copytree(corpus, fifo_corpus)
     os.mkfifo(fifo_corpus / "pipe.txt")  # reading it would block forever
-    cases = START_ERRORS + [([f"--config.corpus={fifo_corpus}"], "is a FIFO")]
-    while cases:  # a few at a time: each is a python process importing jax
-        batch, cases = cases[:4], cases[4:]
-        processes = [(start(str(tmp_path / "run"), corpus, *flags), needle)
-                     for flags, needle in batch]
-        for process, needle in processes:
-            _, stderr = process.communicate(timeout=600)
-            lines = stderr.strip().splitlines()
-            assert process.returncode == 2, stderr[-2000:]
-            assert len(lines) == 1 and needle in lines[0], stderr
+    assert jobs.import_noise() == ""  # the part of each job's stderr its imports would print
+    for flags, needle in START_ERRORS + [([f"--config.corpus={fifo_corpus}"], "is a FIFO")]:
+        process = start(str(tmp_path / "run"), corpus, *flags, jobs=jobs)
+        _, stderr = process.communicate(timeout=600)
+        lines = stderr.strip().splitlines()
+        assert process.returncode == 2, stderr[-2000:]
+        assert len(lines) == 1 and needle in lines[0], stderr
     assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.slow
-def test_a_failed_save_stops_at_its_step_with_one_line(corpus, tmp_path):
+def test_a_failed_save_stops_at_its_step_with_one_line(corpus, tmp_path, jobs):
     """Saving checkpoint 8 fails as on a full disk: the run stops there, says so and which
     checkpoint is good, leaves no temporary file, and a re-run says the same."""
     workdir = str(tmp_path)
     lines = []
     for _ in range(2):
-        stderr = run(workdir, corpus, "--fault=save_error:8", returncode=1)
+        stderr = run(workdir, corpus, "--fault=save_error:8", returncode=1, jobs=jobs)
         assert "Traceback" not in stderr
         lines.append(stderr.strip().splitlines()[-1])
         assert max(losses(workdir)) == 8
@@ -797,15 +898,20 @@ def test_a_failed_save_stops_at_its_step_with_one_line(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_stops_with_one_line_and_resumes_exactly(reference, corpus, tmp_path):
-    reference, workdir = reference[0], str(tmp_path)
-    stderr = run(workdir, corpus, "--fault=sigterm_at:6", returncode=143)
+def test_sigterm_saves_stops_with_one_line_and_resumes_exactly(reference, interrupted):
+    # Stopped by SIGTERM at step 6; the jobs after it (`interrupted`) start from its
+    # checkpoint 6: every step after 6 comes from the state it saved.
+    reference, (workdir, seen) = reference[0], interrupted
+    returncode, stderr = seen["sigterm"]
+    assert returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
         "stopped by SIGTERM at step 6 (checkpoint 6 saved); re-running the same command "
         "resumes from it")
     assert "Traceback" not in stderr
-    assert "6" in os.listdir(os.path.join(workdir, run_identity.CHECKPOINT_DIR))
-    run(workdir, corpus)
+    assert "6" in seen["checkpoints after sigterm"]
+    assert f"resuming {workdir} from step 6" in seen["killed mid-save"][1]  # the next job
+    returncode, stderr = seen["end"]
+    assert returncode == 0, stderr[-3000:]
     assert losses(workdir) == losses(reference)
     assert losses(workdir, "eval_loss_avg") == losses(reference, "eval_loss_avg")
 
@@ -854,10 +960,11 @@ def test_a_spec_train_step_is_the_seam_for_other_optimizers(whole_step_sgd):
     assert not optim.spec("whole_step_sgd").vmappable
     config = tiny_config(**{"optimizer.name": "whole_step_sgd", "model.n_layers": 1})
     fns = builders.make_train_step(config)
-    state = fns.init(jax.random.key(0))
+    # jitted, not op by op (one compile each instead of hundreds: 13 s of the test's 16)
+    state = jax.jit(fns.init)(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 65)).astype(np.uint8)
     new, out = jax.jit(fns.train_step)(state, tokens)
-    loss, grads = jax.value_and_grad(fns.loss_fn)(state.params, tokens[0])
+    loss, grads = jax.jit(jax.value_and_grad(fns.loss_fn))(state.params, tokens[0])
     np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
     leaves_close(new.params, jax.tree.map(lambda p, g: p - lr * g, state.params, grads),
                  rtol=1e-5, atol=1e-7)
