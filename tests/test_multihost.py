@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import multihost_worker as lm
-from ravine import sharding
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 TIMEOUT_S = 420
@@ -71,15 +70,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
         np.testing.assert_allclose(losses, expected, rtol=1e-5, err_msg=f"{mesh_spec} zero={zero}")
 
 
-def one_process_losses(optimizer, mesh_spec, zero, steps=20):
+def one_process_losses(optimizer, mesh_spec, zero):
     """`lm.train_losses` (the workers' 20 steps) in this process, its step compiled with
     COMPILER_OPTIONS."""
-    mesh, state, _, step = lm.setup(optimizer, mesh_spec, zero)
-    batches = [sharding.shard_batch(lm.local_rows(lm.global_batch(i)), mesh)
-               for i in range(steps)]
-    compiled = step.lower(state, batches[0]).compile(COMPILER_OPTIONS)
-    losses = []
-    for batch in batches:
-        state, metrics = compiled(state, batch)
-        losses.append(float(metrics["loss"]))
-    return losses
+    return lm.train_losses(optimizer, mesh_spec, zero, compiler_options=COMPILER_OPTIONS)

@@ -333,15 +333,7 @@ STEPS = 10
 
 def train_losses(optimizer, mesh_spec, zero=0, devices=None):
     """`lm.train_losses` for STEPS steps, its step compiled with COMPILER_OPTIONS."""
-    mesh, state, _, step = lm.setup(optimizer, mesh_spec, zero, devices)
-    batches = [sharding.shard_batch(lm.local_rows(lm.global_batch(i)), mesh)
-               for i in range(STEPS)]
-    compiled = step.lower(state, batches[0]).compile(COMPILER_OPTIONS)
-    losses = []
-    for batch in batches:
-        state, metrics = compiled(state, batch)
-        losses.append(float(metrics["loss"]))
-    return losses
+    return lm.train_losses(optimizer, mesh_spec, zero, STEPS, devices, COMPILER_OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
