@@ -2,11 +2,11 @@ r"""Memory and communication of distributed training, by formula (bytes, per dev
 
 Three families, each a closed form from the paper that introduced it and each checked
 against a compiled program on 8 emulated CPU devices (tests/test_accounting_hlo.py,
-`bench_parallel --what=activations|remat|comm|zero|offload`):
+`bench_parallel --what=activations|remat|remat_every|comm|zero|offload`):
 
 - Activations kept for the backward pass, per transformer layer, by recomputation policy
   (Korthikanti et al. 2022), and checkpointing every n blocks (Chen et al. 2016):
-  `activation_bytes_per_layer`, `checkpointed_activation_bytes`.
+  `activation_bytes_per_layer`, `checkpointed_activation_bytes`, `optimal_checkpoint_every`.
 - Params, gradients and optimizer state per device at ZeRO stage 0-3 (Rajbhandari et al.
   2020), in any precision: `zero_state_bytes`, `device_state_bytes` (what offload leaves).
 - Bytes each device sends per step: data parallel and ZeRO (`zero_comm_bytes`), Megatron
@@ -173,6 +173,41 @@ def checkpointed_activation_bytes(n_layers: int, layer_bytes: float, input_bytes
     if every > n_layers:
         raise ValueError(f"every must be <= n_layers ({n_layers}), got {every}")
     return math.ceil(n_layers / every) * input_bytes + every * layer_bytes
+
+
+def optimal_checkpoint_every(n_layers: int, layer_bytes: float, input_bytes: float) -> float:
+    """The segment length that minimises `checkpointed_activation_bytes` (Chen et al. 2016).
+
+    For `every` dividing L the stored bytes are `L / every * input_bytes + every *
+    layer_bytes`, convex in `every`, smallest at
+
+        every* = sqrt(L * input_bytes / layer_bytes)
+
+    (clipped to [1, L]); among the divisors of L the best is one of the two around it. When a
+    layer keeps no more than its input (`layer_bytes == input_bytes`, the unit-cost chain of
+    Chen et al., "Training Deep Nets with Sublinear Memory Cost",
+    https://arxiv.org/abs/1604.06174) this is their sqrt(L) schedule: sqrt(L)
+    segments of sqrt(L) layers, 2 sqrt(L) stored. A transformer layer keeps much more than
+    its input (`activation_bytes_per_layer`: 34 s b h + 5 a s^2 b against 2 s b h at 2-byte
+    values, >= 17x), so its optimum is sqrt(L / 17) or less, and checkpointing every block
+    (`every = 1`) stores the least up to L = 2 layer_bytes / input_bytes (34 layers at 17x).
+
+    Args:
+      n_layers: L.
+      layer_bytes: a layer's activations without recomputation.
+      input_bytes: one layer's input.
+
+    Example:
+      >>> optimal_checkpoint_every(16, 1.0, 1.0)              # Chen et al.'s sqrt(L)
+      4.0
+      >>> optimal_checkpoint_every(16, 32.0, 1.0)             # a layer 32x its input
+      1.0
+    """
+    _check("n_layers", n_layers)
+    if not layer_bytes > 0 or not input_bytes > 0:
+        raise ValueError(f"layer_bytes and input_bytes must be > 0, got {layer_bytes!r} and "
+                         f"{input_bytes!r}")
+    return min(float(n_layers), max(1.0, math.sqrt(n_layers * input_bytes / layer_bytes)))
 
 
 # --- params, gradients, optimizer state ----------------------------------------------------

@@ -8,6 +8,7 @@ holds the program to that. The rows come from the parallelism benchmark's own fu
 once, and the benchmark's tables at the end reuse them.
 """
 import dataclasses
+import math
 import re
 
 import jax
@@ -79,6 +80,29 @@ def test_checkpointing_every_n_blocks_trades_stored_inputs_for_a_recomputed_segm
               for n in range(1, layers + 1)}
     assert min(memory, key=memory.get) == 4
     assert memory[layers] == x + layers * layer   # one segment: no saving beyond one input
+
+
+def test_the_best_segment_length_is_next_to_sqrt_l_input_over_layer():
+    """Chen et al. 2016: L / n inputs + n layers is convex in n, so among the divisors of L
+    the least memory (brute force) is at one of the two around the closed form
+    sqrt(L input / layer); for layers no bigger than their input it is sqrt(L)."""
+    for layers in (4, 8, 16, 64, 96):
+        divisors = [n for n in range(1, layers + 1) if layers % n == 0]
+        for ratio in (1.0, 4.0, 17.0, 32.0):       # a layer's activations / its input
+            best = accounting.optimal_checkpoint_every(layers, ratio, 1.0)
+            memory = {n: accounting.checkpointed_activation_bytes(layers, ratio, 1.0, n)
+                      for n in divisors}
+            brute = min(memory, key=memory.get)
+            around = (max(n for n in divisors if n <= best),
+                      min(n for n in divisors if n >= best))
+            assert brute in around, (layers, ratio, best, brute)
+            if 1 < best < layers:   # the continuous minimum: no better n beside it
+                assert layers / best + best * ratio <= min(
+                    layers / m + m * ratio for m in (best * 0.99, best * 1.01))
+    assert accounting.optimal_checkpoint_every(16, 1.0, 1.0) == math.sqrt(16)
+    assert accounting.optimal_checkpoint_every(16, 17.0, 1.0) == 1.0   # sqrt(16 / 17) < 1
+    with pytest.raises(ValueError, match="layer_bytes"):
+        accounting.optimal_checkpoint_every(16, 0.0, 1.0)
 
 
 def test_device_state_bytes_drops_the_offloaded_trees():
@@ -212,6 +236,71 @@ def test_remat_every_keeps_one_input_per_segment_and_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="remat_every"):
         dataclasses.replace(every1, remat_every=0)
+
+
+EVERY_LAYERS = 4    # the checkpointing-every-n table's L: n = 1, 2, 4 (sqrt(L) = 2)
+
+
+@pytest.fixture(scope="module")
+def remat_every():
+    return bench.remat_every_rows(dataclasses.replace(CONFIG, n_layers=EVERY_LAYERS), ROWS)
+
+
+def test_checkpointing_every_n_blocks_against_the_compiled_programs(remat_every):
+    """remat block with remat_every = n on 4 layers, n = 1, 2, 4 (bench_parallel's
+    --what=remat_every table at the tests' shape).
+
+    Formula: a layer keeps 18x its input here (16 s b h + a s^2 b over s b h), so
+    sqrt(L input / layer) = 0.47 and every block checkpointed (n = 1) stores the least.
+    Compiled, measured 2026-12-06 (jax 0.10.2):
+    - the forward keeps L / n block inputs: its residuals less n = L's are (L / n - 1)
+      inputs, exactly (+ 8 bytes of scalars per segment);
+    - the FLOPs over remat none: 1.201 / 1.242 / 1.263 against the formula's 1.289 at every
+      n (one forward pass of the blocks again), 0.93-0.98 of it: XLA's count includes
+      elementwise work the formula leaves out, and XLA:CPU merges part of the recomputation
+      with the forward pass, less so in longer segments;
+    - the value-and-grad's temporaries are remat none's at every n (2,020.5 vs 2,019.5 KiB):
+      XLA:CPU keeps the forward's values (test_xla_cpu_keeps_no_recomputation), so the
+      formula's L / n inputs + n layers cannot be seen in them here: the peak is held to
+      remat none's, the formula to its residuals.
+    """
+    layer = bench.layer_formula(CONFIG, ROWS, "none", 4)
+    inputs = bench.layer_formula(CONFIG, ROWS, "block", 4)
+    assert [r.every for r in remat_every] == [1, 2, 4]
+    peaks = {r.every: r.peak.formula for r in remat_every}
+    assert peaks == {n: EVERY_LAYERS // n * inputs + n * layer for n in (1, 2, 4)}
+    assert min(peaks, key=peaks.get) == 1
+    assert math.sqrt(EVERY_LAYERS * inputs / layer) == pytest.approx(math.sqrt(4 / 18))
+    for r in remat_every:
+        assert r.inputs.formula == (EVERY_LAYERS // r.every - 1) * inputs
+        assert r.inputs.compiled == pytest.approx(r.inputs.formula, abs=64), r.inputs
+        assert r.flops.formula == remat_every[0].flops.formula > 1.2     # independent of n
+        assert r.flops.ratio == pytest.approx(1.0, abs=0.1), r.flops
+        assert r.flops.compiled > 1.15, r.flops                          # recomputed
+    none = bench._temporaries(dataclasses.replace(CONFIG, n_layers=EVERY_LAYERS), ROWS)
+    for r in remat_every:
+        assert r.peak.compiled == pytest.approx(none, rel=0.02), r.peak
+
+
+def test_bench_model_rows_report_hfu_beside_mfu():
+    """bench_model's throughput row: MFU from `flops_per_token`, HFU from
+    `hardware_flops_per_token` (the recomputation of remat counted), equal at remat none."""
+    from ravine.experiments.benchmarks import bench_model
+    rows = {}
+    for remat, every in (("none", 1), ("block", 2)):
+        config = dataclasses.replace(CONFIG, n_layers=2, remat=remat, remat_every=every)
+        setting = bench_model.Setting(config, "fp32", ROWS, CONFIG.max_len)
+        row = bench_model.throughput_row(setting, 1000, 2000.0, 1e9)
+        assert row["mfu"] == pytest.approx(2000.0 * models.flops_per_token(config) / 1e9)
+        assert row["hfu"] == pytest.approx(
+            2000.0 * models.accounting.hardware_flops_per_token(config) / 1e9)
+        assert f"| {row['mfu']:.1%} | {row['hfu']:.1%} |" in bench_model.format_row(row)
+        given = bench_model.throughput_row(setting, 1000, 2000.0, 1e9, peak=2e9)
+        assert given["mfu"] == pytest.approx(row["mfu"] / 2)
+        rows[remat] = row
+    assert rows["none"]["hfu"] == rows["none"]["mfu"]
+    assert rows["block"]["mfu"] == pytest.approx(rows["none"]["mfu"])
+    assert rows["block"]["hfu"] / rows["block"]["mfu"] > 1.2
 
 
 def test_train_rows_report_hfu_beside_mfu():
@@ -387,6 +476,7 @@ def test_bench_parallel_tables_print(what, capsys):
     argv = ["bench_parallel", f"--what={what}", f"--d_model={CONFIG.d_model}",
             f"--seq_len={CONFIG.max_len}", f"--rows={ROWS}",
             f"--layers={','.join(map(str, LAYERS))}", "--microbatches=4", "--variant=tiny",
+            f"--depth={EVERY_LAYERS}",
             "--compute=float32", "--offloads=none,params+optimizer_state"]
     bench.FLAGS.unparse_flags()
     bench.parse_flags(argv)

@@ -14,6 +14,13 @@ their ratio (compiled / formula):
   none / remat (formula: stored bytes per layer; compiled: the value-and-grad's
   temporaries) and the FLOPs remat / none (formula: HFU / MFU, `hardware_flops_per_token`
   over `flops_per_token`; compiled: XLA's cost analysis).
+- `--what=remat_every`: checkpointing every n blocks (remat block, `remat_every=n`, Chen et
+  al. 2016) for a model of `--depth` layers, at each n dividing it: the inputs kept for the
+  backward pass (formula: L / n block inputs; compiled: the forward's residuals), the peak
+  of stored activations (formula: L / n inputs + the n layers of the segment recomputed in
+  the backward pass; compiled: the value-and-grad's temporaries) and the FLOPs against
+  remat none (formula: HFU / MFU, one forward pass of the blocks again at every n;
+  compiled: XLA's cost analysis), with the formula's optimum sqrt(L input / layer).
 - `--what=comm`: bytes each device sends per train step: data parallel and ZeRO-1/2/3 on
   data=8 (mixed precision: fp16 params and gradients), Megatron tensor parallelism on
   data=2,tensor=4, GPipe point-to-point on stage=4.
@@ -33,6 +40,7 @@ their ratio (compiled / formula):
   (ticks - M) / ticks, which GPipe predicts as (S - 1) / (M + S - 1).
 
     python -m ravine.experiments.benchmarks.bench_parallel --what=activations
+    python -m ravine.experiments.benchmarks.bench_parallel --what=remat_every --depth=16
     python -m ravine.experiments.benchmarks.bench_parallel --what=comm
     python -m ravine.experiments.benchmarks.bench_parallel --what=zero --compile --rows=8
     python -m ravine.experiments.benchmarks.bench_parallel --what=bubble --stages=4 --microbatches=4,8,16
@@ -72,7 +80,7 @@ from ravine.sharding import accounting, hlo  # noqa: E402
 # Its own FlagValues: the tests call `main` in a process that imports other benchmarks,
 # whose flags (--d_model, --variant) share names with these.
 FLAGS = flags.FlagValues()
-WHATS = ("activations", "remat", "comm", "zero", "offload", "bubble")
+WHATS = ("activations", "remat", "remat_every", "comm", "zero", "offload", "bubble")
 _WHAT = flags.DEFINE_enum("what", "zero", WHATS, "Which table to print.", flag_values=FLAGS)
 _VARIANT = flags.DEFINE_string("variant", "124m", "lm config variant (zero table).",
                                flag_values=FLAGS)
@@ -89,6 +97,8 @@ _D_MODEL = flags.DEFINE_integer("d_model", 128, "Width of the model of the activ
                                 "remat, comm and offload tables.", flag_values=FLAGS)
 _LAYERS = flags.DEFINE_list("layers", ["2", "4"], "Two depths: the per-layer bytes are the "
                             "slope between them (activations, remat).", flag_values=FLAGS)
+_DEPTH = flags.DEFINE_integer("depth", 16, "Layers L of the remat_every table (n runs over "
+                                "the divisors of L).", lower_bound=1, flag_values=FLAGS)
 _COMPUTE = flags.DEFINE_list("compute", ["float32", "bfloat16"], "Compute dtypes of the "
                               "activations table (params float32).", flag_values=FLAGS)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length of the activations, remat, "
@@ -260,6 +270,54 @@ def remat_rows(config, rows):
         out.append(Row(f"remat={remat}: FLOPs {remat} / none (HFU / MFU)",
                        models.accounting.hardware_flops_per_token(c) / model_flops,
                        compiled(remat).cost_analysis()["flops"] / none.cost_analysis()["flops"]))
+    return out
+
+
+class EveryRows(NamedTuple):
+    """`remat_every_rows` at one segment length n: three rows, formula against compiled."""
+    every: int
+    inputs: Row    # block inputs kept beyond one: (L / n - 1) inputs vs forward residuals
+    peak: Row      # L / n inputs + n layers vs the value-and-grad's temporaries
+    flops: Row     # HFU / MFU vs compiled FLOPs over remat none's
+
+
+def remat_every_rows(config, rows):
+    """Checkpointing every n blocks (Chen et al. 2016) for each n dividing `config.n_layers`
+    (remat block, `remat_every=n`), float32 values (see the module docstring).
+
+    - inputs: the block inputs the forward pass keeps beyond the last segment's, `(L / n - 1)`
+      inputs (`layer_formula(..., "block", 4)`) against the compiled forward's residuals less
+      those at n = L (which keep one input and what the embedding, head and loss keep).
+    - peak: `sharding.accounting.checkpointed_activation_bytes`, L / n inputs + n layers
+      (`layer_formula(..., "none", 4)`) against the value-and-grad's temporaries. XLA:CPU
+      keeps the forward's values whatever the remat (`remat_rows`), so the compiled column
+      is remat none's at every n: on CPU only the formula's L / n term can be checked (by
+      the inputs row).
+    - flops: `hardware_flops_per_token / flops_per_token` (one forward pass of the blocks
+      recomputed, at every n) against XLA's cost analysis over remat none's.
+    """
+    layers = config.n_layers
+    none = _value_and_grad(dataclasses.replace(config, remat="none", remat_every=1), rows)
+    none_flops = none.cost_analysis()["flops"]
+    layer = layer_formula(config, rows, "none", 4)
+    inputs = layer_formula(config, rows, "block", 4)
+    segments = {n: dataclasses.replace(config, remat="block", remat_every=n)
+                for n in range(1, layers + 1) if layers % n == 0}
+    one_segment = _residuals(segments[layers], rows)
+    model_flops = models.flops_per_token(config)
+    out = []
+    for n, c in segments.items():
+        compiled = _value_and_grad(c, rows)
+        out.append(EveryRows(
+            n,
+            Row(f"n={n}: inputs kept beyond one", (layers // n - 1) * inputs,
+                _residuals(c, rows) - one_segment),
+            Row(f"n={n}: peak", accounting.checkpointed_activation_bytes(layers, layer,
+                                                                        inputs, n),
+                compiled.memory_analysis().temp_size_in_bytes),
+            Row(f"n={n}: FLOPs / remat none",
+                models.accounting.hardware_flops_per_token(c) / model_flops,
+                compiled.cost_analysis()["flops"] / none_flops)))
     return out
 
 
@@ -529,6 +587,39 @@ def remat_table():
         print(f"| {row.name} | {row.formula:.3f} | {row.compiled:.3f} | {row.ratio:.3f} | |")
 
 
+def remat_every_table():
+    config = small_config(_D_MODEL.value, _DEPTH.value, _SEQ_LEN.value)
+    layers, rows = config.n_layers, _ROWS.value
+    layer = layer_formula(config, rows, "none", 4)
+    inputs = layer_formula(config, rows, "block", 4)
+    best = accounting.optimal_checkpoint_every(layers, layer, inputs)
+    best_divisor = min((n for n in range(1, layers + 1) if layers % n == 0),
+                       key=lambda n: accounting.checkpointed_activation_bytes(
+                           layers, layer, inputs, n))
+    print(f"Checkpointing every n blocks (remat=block, remat_every=n), compiled value-and-grad "
+          f"(float32), d_model {config.d_model}, L = {layers} layers, {rows} x "
+          f"{config.max_len} tokens (jax {jax.__version__}, {jax.devices()[0].platform}); KiB")
+    print(f"A layer keeps {layer / inputs:.0f}x its input (formula), so the formula's optimum "
+          f"is sqrt(L input / layer) = {math.sqrt(layers * inputs / layer):.2f} (n = "
+          f"{best:g} in [1, L]; n = {best_divisor} among the divisors); Chen et al.'s sqrt(L) = "
+          f"{math.sqrt(layers):.2f} is the optimum of the last column, layers that keep only "
+          f"their input (L / n + n inputs).")
+    print("| n | kept inputs beyond one: formula | compiled (forward residuals) | ratio "
+          "| peak, L/n inputs + n layers: formula | compiled (temporaries) | ratio "
+          "| FLOPs / remat none: formula (HFU/MFU) | compiled | ratio | Chen: L/n + n |")
+    print("|---:|" + "---:|" * 10)
+    for every, *cells in remat_every_rows(config, rows):
+        line = f"| {every} |"
+        for row, scale in zip(cells, (1024, 1024, 1)):
+            line += (f" {_number(row.formula / scale)} | {_number(row.compiled / scale)} | "
+                     f"{row.ratio:.3f} |")
+        print(f"{line} {layers // every + every} |", flush=True)
+    none = _temporaries(dataclasses.replace(config, remat="none"), rows)
+    print(f"remat=none: formula L layers {_number(layers * layer / 1024)} KiB, compiled "
+          f"temporaries {_number(none / 1024)} KiB (XLA:CPU keeps the forward's values at "
+          f"every remat: the peak column is flat)")
+
+
 OFFLOADS = ((), ("optimizer_state",), ("params",), ("params", "optimizer_state"))
 
 
@@ -634,7 +725,8 @@ def schedule_ticks(hlo_text, microbatches, stages):
     return counts.pop()
 
 
-TABLES = {"activations": activations_table, "remat": remat_table, "comm": comm_table,
+TABLES = {"activations": activations_table, "remat": remat_table,
+          "remat_every": remat_every_table, "comm": comm_table,
           "zero": zero_table, "offload": offload_table, "bubble": bubble_table}
 
 
