@@ -41,7 +41,7 @@ from ravine.optim.sophia import scale_by_sophia, sophia
 from ravine.optim.adamsage import adamsage, scale_by_adamsage
 from ravine.optim.ademamix import alpha_schedule, ademamix, b3_schedule, scale_by_ademamix
 from ravine.optim.adopt import adopt, scale_by_adopt
-from ravine.optim.cautious import cautious
+from ravine.optim.cautious import cautious, cautious_adamw
 from ravine.optim.kron import kron, precond_update_prob_schedule, scale_by_kron
 from ravine.optim.mars import mars, scale_by_mars
 

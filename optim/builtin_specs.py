@@ -17,6 +17,7 @@ from ravine.optim.adamsage import adamsage
 from ravine.optim.ademamix import ademamix
 from ravine.optim.adamw_8bit import adamw_8bit
 from ravine.optim.adopt import adopt
+from ravine.optim.cautious import cautious_adamw
 from ravine.optim.kron import kron
 from ravine.optim.mars import mars
 from ravine.optim.alias import adafactor, adagrad, adam, adamw, lion, rmsprop, sgd
@@ -101,3 +102,6 @@ register_builtin("adopt", adopt, centre_lr=3e-3)
 register_builtin("mars", mars, centre_lr=3e-3, search_space={"gamma": (0.005, 0.1, "log")})
 register_builtin("kron", kron, centre_lr=1e-3)
 register_builtin("adamsage", adamsage, centre_lr=1e-2)
+# The paper's C-AdamW: Adam's direction masked, decay outside the mask; the kept coordinates
+# are rescaled by 1 / (kept fraction), so the step keeps its size on average: AdamW's centre.
+register_builtin("cautious_adamw", cautious_adamw, centre_lr=3e-3)

@@ -90,9 +90,11 @@ def test_bench_optimizers_reports_ours_against_optax():
     # Those optax lacks, against our AdamW, with their state's bytes per parameter: AdamW
     # keeps 8 (two float32 moments), cautious AdamW the same, AdamSAGE 12 (a third float32
     # tree: its sensitivity average), MARS 12 on matrices (its previous gradient) and 8 on the
-    # vectors it leaves to AdamW, 8-bit AdamW about 2 plus its block scales.
+    # vectors it leaves to AdamW, 8-bit AdamW about 2 plus its block scales; and AdEMAMix
+    # (12: its slow EMA too) and ADOPT (8), timed against optax.contrib's above.
     adamw_ms = rows["adamw"][0]
-    for name, (low, high) in (("adamw_8bit", (2.0, 8.0)), ("mars", (8.0, 12.0)),
+    for name, (low, high) in (("ademamix", (12.0, 12.0)), ("adopt", (8.0, 8.0)),
+                              ("adamw_8bit", (2.0, 8.0)), ("mars", (8.0, 12.0)),
                               ("adamsage", (12.0, 12.0)), ("cautious_adamw", (8.0, 8.0)),
                               ("kron", (8.0, 1e9))):
         match = re.search(rf"^{name}: ({NUMBER}) ms/step = ({NUMBER})x ours adamw; state "

@@ -146,3 +146,55 @@ def test_warmup_and_landscape_rows_are_the_demos_results():
     pair = stats["top_eigenvalue"]["pairs"]["SGD, batch 16 - Adam, batch 16"]
     assert (f"top eigenvalue {top['Adam, batch 16']:.2f} vs {top['SGD, batch 16']:.2f} for "
             f"small-batch SGD (p = {pair['p']:.2g}") in lesson_rows("landscape")[1]
+
+
+# BENCHMARKS.md's tables of issue 33, each held to the output committed beside it
+# (docs/benchmarks/): the race's report.md and bench_optimizers' printout.
+BENCHMARKS = open(os.path.join(ROOT, "BENCHMARKS.md")).read()
+
+
+def benchmarks_table(heading):
+    """{first cell: cells} of the first table under the BENCHMARKS.md heading `heading`."""
+    section = BENCHMARKS.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def test_new_optimizers_race_table_is_the_races_report():
+    report = open(os.path.join(ROOT, "docs/benchmarks/new_optimizers_race.md")).read()
+    ranked = [line for line in report.split("\n## ")[0].splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in ranked[0].strip("|").split("|")]
+    report_rows = {cells[0]: cells for cells in
+                   ([c.strip() for c in line.strip("|").split("|")] for line in ranked[1:])}
+    table = benchmarks_table("### The optimizers optax lacks raced (issue 33)")
+    assert set(table) == set(report_rows) == {
+        "adamw", "ademamix", "adopt", "mars", "kron", "adamsage", "cautious_adamw"}
+    columns = ["optimizer", "best lr", "final eval loss (95% CI)", "p vs adamw",
+               "reached target", "median steps to target", "s / step", "state MiB"]
+    for name, row in table.items():
+        assert row == [report_rows[name][header.index(c)] for c in columns], name
+
+
+def test_new_optimizers_bench_rows_are_its_output():
+    printed = open(os.path.join(ROOT, "docs/benchmarks/bench_optimizers_issue33.txt")).read()
+    table = benchmarks_table(
+        "### The optimizers of issue 33 against AdamW: step time and state")
+    assert set(table) == {"adamw", "ademamix", "adopt", "mars", "kron", "adamsage",
+                          "cautious_adamw"}
+    adamw_bytes = re.search(r"bytes/param \(adamw: ([\d.]+)\)$", printed, re.M).group(1)
+    ours, theirs, ratio = re.search(r"^adamw\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", printed,
+                                    re.M).groups()
+    assert table["adamw"][1:] == [ours, "1.000", adamw_bytes, f"{ratio} ({theirs})"]
+    for name in set(table) - {"adamw"}:
+        ms, ratio, per_param = re.search(
+            rf"^{name}: ([\d.]+) ms/step = ([\d.]+)x ours adamw; state ([\d.]+) bytes/param",
+            printed, re.M).groups()
+        assert table[name][1:4] == [ms, ratio, per_param], name
+        against_optax = re.search(rf"^{name}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", printed,
+                                  re.M)
+        if against_optax:  # AdEMAMix and ADOPT, against optax.contrib's in the same run
+            ours, theirs, ratio = against_optax.groups()
+            assert ours == ms and table[name][4] == f"{ratio} ({theirs})", name
+        else:
+            assert table[name][4] == "-", name

@@ -257,9 +257,14 @@ def adamw_lion_cautious_reference(params, grads_seq, kind, lr, weight_decay, dec
     return out
 
 
-def c_adamw_reference(params, grads_seq, lr, weight_decay, b1=0.9, b2=0.999, eps=1e-8):
+def c_adamw_reference(params, grads_seq, lr, weight_decay, b1=0.9, b2=0.999, eps=1e-8,
+                      decayed=None, eps_placement="pytorch"):
     """kyleliang919/C-Optim `c_adamw.AdamW.step` (single tensor, correct_bias=True), float64:
-    decay first, then the masked Adam step with the mask from `exp_avg * grad > 0`."""
+    decay first, then the masked Adam step with the mask from `exp_avg * grad > 0`.
+
+    `decayed[name]` False: that leaf is in a group without decay. `eps_placement="optax"`:
+    the paper's Algorithm 2 writes `u = m^ / (sqrt(v^) + eps)` (eps after the bias
+    correction, optax's and `optim.adamw`'s) where the code adds eps to `sqrt(v)` before it."""
     p = _f64(params)
     m = {name: np.zeros_like(v) for name, v in p.items()}
     v = {name: np.zeros_like(x) for name, x in p.items()}
@@ -268,12 +273,17 @@ def c_adamw_reference(params, grads_seq, lr, weight_decay, b1=0.9, b2=0.999, eps
         step_updates = {}
         for name in sorted(p):
             grad = np.asarray(grads[name], np.float64)
+            wd = weight_decay if decayed is None or decayed[name] else 0.0
             old = p[name]
-            new = old + old * (-lr * weight_decay)
+            new = old + old * (-lr * wd)
             m[name] = m[name] * b1 + grad * (1.0 - b1)
             v[name] = v[name] * b2 + grad * grad * (1.0 - b2)
-            denom = np.sqrt(v[name]) + eps
-            step_size = lr * math.sqrt(1.0 - b2 ** step) / (1.0 - b1 ** step)
+            if eps_placement == "pytorch":
+                denom = np.sqrt(v[name]) + eps
+                step_size = lr * math.sqrt(1.0 - b2 ** step) / (1.0 - b1 ** step)
+            else:
+                denom = np.sqrt(v[name] / (1.0 - b2 ** step)) + eps
+                step_size = lr / (1.0 - b1 ** step)
             mask = _cautious_mask(m[name], grad, descent_sign=+1.0)
             new = new - step_size * (m[name] * mask) / denom
             p[name] = new
@@ -306,6 +316,33 @@ def test_cautious_on_the_direction_is_official_c_adamw():
     _assert_updates_close(run_updates(ours, params, grads),
                           c_adamw_reference(params, grads, LR, 0.1, eps=1e-12), rtol=5e-5,
                           atol=1e-5 * LR)
+
+
+def test_registered_cautious_adamw_is_c_adamw():
+    """`optim.create("cautious_adamw")` is the paper's C-AdamW: Adam's direction masked,
+    decoupled decay outside the mask (per-leaf decay mask kept), equal to the float64
+    transcription at optax's eps placement and default eps; to the official code at eps
+    1e-12 (as above); and to `cautious(optim.adamw(...))` without decay, which it differs
+    from with decay (there the wrapper masks the decay too)."""
+    params, grads = _initial_params(), _grads_with_varying_scale(20, seed=6)
+    hparams = dict(learning_rate=LR, b1=0.9, b2=0.99, weight_decay=0.1, mask=MASK_TREE)
+    ours = run_updates(optim.create("cautious_adamw", **hparams), params, grads)
+    _assert_updates_close(ours, c_adamw_reference(params, grads, LR, 0.1, b2=0.99,
+                                                  decayed=MASK_TREE, eps_placement="optax"),
+                          rtol=5e-5, atol=1e-5 * LR)  # float32's 1 - b2^t, as above
+    official = run_updates(optim.create("cautious_adamw", learning_rate=LR, eps=1e-12,
+                                        weight_decay=0.1), params, grads)
+    _assert_updates_close(official, c_adamw_reference(params, grads, LR, 0.1, eps=1e-12),
+                          rtol=5e-5, atol=1e-5 * LR)
+    no_decay = dict(hparams, weight_decay=0.0)
+    _assert_updates_close(
+        run_updates(optim.create("cautious_adamw", **no_decay), params, grads),
+        [_f64(u) for u in run_updates(cautious(optim.adamw(**no_decay)), params, grads)],
+        rtol=1e-6, atol=0)
+    whole_step = run_updates(cautious(optim.adamw(**hparams)), params, grads)
+    assert max(np.max(np.abs(np.asarray(a["dense"]) - np.asarray(b["dense"])))
+               for a, b in zip(ours, whole_step)) > 1e-4 * LR
+    assert optim.spec("cautious_adamw").centre_lr == optim.spec("adamw").centre_lr
 
 
 def test_cautious_mask_by_hand_and_wrapper_plumbing():
@@ -493,7 +530,8 @@ FACTORIES = {
     "adopt": adopt,
     "mars": mars,
     "adamsage": adamsage,
-    "cautious_adamw": lambda learning_rate, **kw: cautious(optim.adamw(learning_rate, **kw)),
+    "cautious_wrapper": lambda learning_rate, **kw: cautious(optim.adamw(learning_rate, **kw)),
+    "cautious_adamw": optim.cautious_adamw,
     "kron": kron,
 }
 # Arguments that shape the optimizer: static under inject_hyperparams.
@@ -518,6 +556,9 @@ STATIC_ARGS = {"kron": ("max_size_triangular", "min_ndim_triangular")}
     (lambda learning_rate, **kw: cautious(optim.adamw(learning_rate), **kw), dict(eps=0.0),
      "eps"),
     (lambda learning_rate, **kw: cautious(learning_rate), {}, "tx"),
+    (optim.cautious_adamw, dict(cautious_eps=0.0), "cautious_eps"),
+    (optim.cautious_adamw, dict(b2=1.0), "b2"),
+    (optim.cautious_adamw, dict(weight_decay_mode="l2"), "weight_decay_mode"),
     (kron, dict(b1=1.0), "b1"), (kron, dict(memory_save_mode="some_diag"), "memory_save_mode"),
     (kron, dict(preconditioner_update_probability=1.5), "preconditioner_update_probability"),
     (kron, dict(preconditioner_lr=0.0), "preconditioner_lr"),
@@ -551,7 +592,7 @@ def test_inject_hyperparams_and_traced_lr_under_vmap(name):
     grads = _grads_with_varying_scale(steps, seed=8, shapes=shapes)
     batched = jax.jit(jax.vmap(lambda lr: _params_after(factory(lr), params, grads)))(
         jnp.array([0.0, LR]))
-    if name == "cautious_adamw":  # a wrapper: inject the optimizer it wraps
+    if name == "cautious_wrapper":  # a wrapper: inject the optimizer it wraps
         injected_tx = cautious(optax.inject_hyperparams(optim.adamw)(learning_rate=LR))
     else:
         injected_tx = optax.inject_hyperparams(factory, static_args=STATIC_ARGS.get(name, ()))(
@@ -569,8 +610,9 @@ SHARDED_SPECS = {"scalar": P(), "bias": P("model"), "dense": P("data", "model"),
 SHARDED_SHAPES = {"scalar": (), "bias": (8,), "dense": (16, 8), "conv": (3, 3, 4, 8)}
 
 
-@pytest.mark.parametrize("name", ["ademamix", "adopt", "mars", "adamsage"])  # cautious: its
-def test_bf16_state_and_sharded_state_follow_the_params(name):  # inner state; kron: below
+# cautious(tx) has tx's state; kron's is checked below
+@pytest.mark.parametrize("name", ["ademamix", "adopt", "mars", "adamsage", "cautious_adamw"])
+def test_bf16_state_and_sharded_state_follow_the_params(name):
     """bf16 params keep bf16 updates and state (the state's dtypes never change, so jit
     does not re-trace for them); on a 4x2 mesh every param-shaped state leaf has its param's
     sharding."""

@@ -39,6 +39,7 @@ CONFIGS = {
                  adam_learning_rate=1e-2),
     "kron": dict(learning_rate=1e-2),
     "adamsage": dict(learning_rate=1e-2),
+    "cautious_adamw": dict(learning_rate=0.1),  # AdamW's row: its cautious direction
 }
 # Deliberate: optimizers that cannot converge on these toy problems, and why.
 STALLS = {"adamsage": "SAGE scales each step by the sensitivity |theta * g|, which is 0 where "
