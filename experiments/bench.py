@@ -3,6 +3,7 @@ r"""The benchmark: optimizers tuned with equal budgets on many workloads, AlgoPe
     ravine-bench --preset=smoke --workdir=runs/bench          # ~40 s on 2 CPU cores
     python -m ravine.experiments.bench --preset=default --workdir=runs/bench \
         --optimizers=adamw,lion,muon --trials=5 --studies=3
+    ravine-bench --preset=scale --workdir=runs/scale    # the ladder, + speedup against size
 
 What it does, per workload of the suite (`experiments.workloads`) and per optimizer:
 
@@ -44,8 +45,13 @@ is written to DIR/runs/<workload>/<optimizer>.json atomically when done and read
 rerun with the same settings; a resumed run's report equals an uninterrupted one's above its
 "Wall clock" section (the only place timings enter). Bad flags exit 2 with one line.
 
-Not yet (issue 29): speedup against model size on the LM ladder (the `scale` preset only
-runs the ladder's sizes as workloads), ranking-stability plots, `tuning_budget.png`.
+Speedup against model size: `--preset=scale` also runs the scaling study's `speedup` study
+(`ravine-scaling --what=speedup`, experiments/scaling_study.py: one implementation) on the
+LM ladder's width rungs with the bench's optimizers and baseline, in DIR/speedup/ (its
+runs.jsonl, resumable as the study is; its own report.md and results.json); its tables join
+DIR/report.md above the wall clock, and DIR/speedup_vs_size.png is written.
+
+Not yet (issue 29): ranking-stability plots, `tuning_budget.png`.
 """
 import contextlib
 import inspect
@@ -64,7 +70,7 @@ from matplotlib.figure import Figure
 from scipy.stats import qmc
 
 from ravine import optim
-from ravine.experiments import race_stats, scoring, workloads
+from ravine.experiments import race_stats, scaling_study, scoring, workloads
 from ravine.experiments.runtime import cli, user_modules
 from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments.runtime.metrics import write_atomically
@@ -74,7 +80,8 @@ from ravine.experiments.runtime.timing import matmul_flops_per_second
 R_MAX = 4.0
 BOOTSTRAP_RESAMPLES = 2000
 RESULTS_FILE, REPORT_FILE, PROFILE_FILE = "results.json", "report.md", "performance_profile.png"
-RUNS_DIR = "runs"
+SPEEDUP_FILE = scaling_study.FIGURES["speedup"]   # speedup_vs_size.png
+RUNS_DIR, SPEEDUP_DIR = "runs", "speedup"
 TIMING_HEADING = "## Wall clock"   # everything measured in seconds sits below it
 FORMAT = 1                         # of the files under DIR/runs (a change makes them stale)
 
@@ -95,6 +102,8 @@ class Preset(NamedTuple):
       step_scale: fraction of each workload's step budget that is trained.
       lr_factor: the lr range is `centre_lr / lr_factor .. centre_lr * lr_factor`.
       about: what the preset is for.
+      speedup: the scaling study's `speedup` preset to run too (in DIR/speedup/), with the
+        bench's optimizers and baseline; None: none.
     """
     workloads: tuple
     optimizers: tuple
@@ -104,6 +113,7 @@ class Preset(NamedTuple):
     step_scale: float
     lr_factor: float
     about: str
+    speedup: str | None = None
 
 
 PRESETS = {
@@ -120,8 +130,8 @@ PRESETS = {
     "scale": Preset(
         tuple(f"lm_{size}" for size in workloads.LM_LADDER), ("adamw", "muon", "soap"),
         trials=5, studies=2, evals=20, step_scale=1.0, lr_factor=10.0,
-        about="the LM size ladder at 20 tokens per parameter (the speedup-against-size "
-        "analysis is not built yet)"),
+        about="the LM size ladder at 20 tokens per parameter, then the speedup against "
+        "model size (the scaling study's `speedup` default preset)", speedup="default"),
 }
 
 
@@ -173,6 +183,7 @@ class Plan(NamedTuple):
     step_scale: float
     lr_factor: float
     baseline: str
+    speedup: Any = None    # the scaling study's Plan of the speedup study, or None
 
 
 def _positive_int(flag, value):
@@ -231,9 +242,15 @@ def make_plan(workdir, preset="smoke", suite=None, optimizers=None, trials=None,
     elif baseline not in runnable:
         raise cli.UsageError(f"--baseline {baseline!r} is not among the optimizers run "
                              f"({', '.join(runnable)})")
+    speedup = None
+    if chosen.speedup:   # its own checks: the optimizers it can train, its ladder
+        speedup = scaling_study.make_plan("speedup", chosen.speedup,
+                                          os.path.join(workdir, SPEEDUP_DIR),
+                                          optimizer=baseline, optimizers=tuple(runnable))
     return Plan(workdir=workdir, preset=preset, workloads=names, optimizers=tuple(runnable),
                 skipped=skipped, trials=trials, studies=studies, evals=chosen.evals,
-                step_scale=chosen.step_scale, lr_factor=chosen.lr_factor, baseline=baseline)
+                step_scale=chosen.step_scale, lr_factor=chosen.lr_factor, baseline=baseline,
+                speedup=speedup)
 
 
 # -------------------------------------------------------------------------- search spaces
@@ -668,6 +685,13 @@ def run_benchmark(plan, log=print) -> dict:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomically(path, json.dumps(result))
         pairs[w][o] = result
+    speedup = None
+    if plan.speedup is not None:
+        os.makedirs(plan.speedup.workdir, exist_ok=True)
+        study, _ = scaling_study.run_study(plan.speedup, log)
+        # every number of its report; the runs' curves stay in DIR/speedup/
+        speedup = {**{k: v for k, v in study.items() if k != "runs"},
+                   "workdir": plan.speedup.workdir}
     return {"preset": plan.preset, "about": PRESETS[plan.preset].about,
             "trials": plan.trials, "studies": plan.studies,
             "evals": plan.evals, "step_scale": plan.step_scale, "lr_factor": plan.lr_factor,
@@ -678,7 +702,7 @@ def run_benchmark(plan, log=print) -> dict:
             "static": {o: static_knobs(o, search_space(o, plan.lr_factor))
                        for o in plan.optimizers},
             "pairs": pairs, "device": f"{jax.devices()[0].device_kind}",
-            "matmul_flops_per_second": matmul_flops_per_second()}
+            "matmul_flops_per_second": matmul_flops_per_second(), "speedup": speedup}
 
 
 # ----------------------------------------------------------------------------- the scores
@@ -885,8 +909,27 @@ def render_report(results) -> str:
         for o in opts:
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in s["best_hparams"][w][o].items())
             lines.append(f"| {w} | {o} | {hp} |")
+    if results.get("speedup"):
+        lines += _speedup_section(results["speedup"])
     lines += _timing_section(results, s)
     return "\n".join(lines) + "\n"
+
+
+def _speedup_plan(speedup):
+    """The scaling study's Plan of the speedup results `speedup` (as `run_benchmark` keeps
+    them)."""
+    return scaling_study.make_plan("speedup", speedup["preset"], speedup["workdir"],
+                                   speedup["seeds"], speedup["optimizer"],
+                                   speedup["optimizers"])
+
+
+def _speedup_section(speedup):
+    """The speedup study's report (`scaling_study.render_speedup`), one heading level down."""
+    title, *lines = scaling_study.render_speedup(_speedup_plan(speedup), speedup)
+    return ["", "#" + title, "", f"The scaling study's `speedup` study, run in {SPEEDUP_DIR}/ "
+            f"(its runs.jsonl, and its own report.md with its wall clock); figure: "
+            f"{SPEEDUP_FILE}."] + ["#" + line if line.startswith("#") else line
+                                   for line in lines]
 
 
 def _timing_section(results, s):
@@ -953,12 +996,16 @@ def plot_profiles(results, path, summary=None):
 
 
 def write_outputs(workdir, results):
-    """DIR/results.json, DIR/report.md and DIR/performance_profile.png; returns the report."""
+    """DIR/results.json, DIR/report.md, DIR/performance_profile.png and, with a speedup
+    study, DIR/speedup_vs_size.png; returns the report."""
     os.makedirs(workdir, exist_ok=True)
     write_atomically(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=1))
     text = render_report(results)
     write_atomically(os.path.join(workdir, REPORT_FILE), text)
     plot_profiles(results, os.path.join(workdir, PROFILE_FILE))
+    if results.get("speedup"):
+        scaling_study.plot_speedup(_speedup_plan(results["speedup"]), results["speedup"],
+                                   os.path.join(workdir, SPEEDUP_FILE))
     return text
 
 
@@ -996,8 +1043,9 @@ def main(argv):
     print(text)
     print(f"bench: {time.perf_counter() - began:.0f} s; report in "
           f"{os.path.join(plan.workdir, REPORT_FILE)}, profiles in "
-          f"{os.path.join(plan.workdir, PROFILE_FILE)}, numbers in "
-          f"{os.path.join(plan.workdir, RESULTS_FILE)}")
+          f"{os.path.join(plan.workdir, PROFILE_FILE)}"
+          + (f", speedups in {os.path.join(plan.workdir, SPEEDUP_FILE)}" if plan.speedup
+             else "") + f", numbers in {os.path.join(plan.workdir, RESULTS_FILE)}")
 
 
 def run_script():

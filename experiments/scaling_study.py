@@ -1,4 +1,5 @@
-r"""Scaling laws at CPU scale: IsoFLOP profiles, critical batch size, lr and batch laws, FFNs.
+r"""Scaling laws at CPU scale: IsoFLOP profiles, critical batch size, lr and batch laws, FFNs,
+optimizers' speedup against model size.
 
     ravine-scaling --what=isoflop --preset=smoke --workdir=runs/isoflop_smoke   # ~25 s of CPU
     ravine-scaling --what=isoflop --workdir=runs/isoflop          # the default preset
@@ -6,13 +7,16 @@ r"""Scaling laws at CPU scale: IsoFLOP profiles, critical batch size, lr and bat
     ravine-scaling --what=lr_batch --workdir=runs/lr_batch
     ravine-scaling --what=ffn --preset=smoke --workdir=runs/ffn   # the 8-row FFN table
     python -m ravine.experiments.scaling_study --what=ffn --workdir=runs/ffn --seeds=5
+    ravine-scaling --what=speedup --workdir=runs/speedup          # AdamW, Muon, SOAP: ~45 min
+    ravine-scaling --what=speedup --optimizers=adamw,muon,lion --workdir=runs/speedup
 
 Every study trains the byte-level LM of the one size ladder (`workloads.LM_LADDER`, shared
 with the benchmark: 7 rungs, 5.9k..108k params; the report lists params with embeddings,
 Chinchilla's N, and without, Kaplan's N, and `models.flops_per_token`) with one optimizer
 (`--optimizer`, default adamw; its settings from its spec, `optim.spec(name)`: the learning
-rates are multiples of `centre_lr` and `race_hparams` are passed on), and writes DIR/report.md,
-a figure and DIR/results.json (every number the report is rendered from):
+rates are multiples of `centre_lr` and `race_hparams` are passed on; `speedup` trains
+`--optimizers`, --optimizer being their baseline), and writes DIR/report.md, a figure and
+DIR/results.json (every number the report is rendered from):
 
 - `isoflop` (Chinchilla approach 2, Hoffmann et al. 2022, https://arxiv.org/abs/2203.15556):
   per compute budget C every ladder size trained on D = C / flops_per_token(N) tokens with
@@ -45,6 +49,18 @@ a figure and DIR/results.json (every number the report is rendered from):
   `models.TransformerConfig(mlp=...)` at equal params (d_ff = 4 d_model, gated ones 2/3 of
   it: the preset's width is a multiple of 3, so the counts are equal exactly) and tokens,
   >= 3 seeds, the table of Shazeer's Table 1 with mean +/- 95% Student-t interval. ffn.png.
+- `speedup` (Wen et al. 2025, https://arxiv.org/abs/2509.02046; issue 29): the width rungs
+  `WIDTH_RUNGS` (16..48, 8.9x in non-embedding params, d_ff = 4 d_model) in muP (base_width
+  the narrowest; `mup_table` picks models/mup.py's table per optimizer), one batch size. Per
+  optimizer (default adamw, muon, soap) an lr grid at the narrowest size (the best by mean
+  final loss over seeds), carried unchanged up the ladder; the baseline at 1x, 2x and 4x of
+  1x = 20 tokens per parameter, the others at 1x, every seed; at the widest size the carried
+  lr x {0.5, 2} (seed 0), the re-tune check. Speedup at a size = tokens the baseline needs
+  for the optimizer's 1x loss (`scoring.data_speedup` on its 3-point loss-against-tokens
+  curve) / tokens used; per optimizer the slope of log speedup against log non-embedding
+  params (`scaling.fit_power_law`), bootstrap intervals over seeds; the study's total
+  training FLOPs (`speedup_flops`). speedup_vs_size.png. `ravine-bench --preset=scale` runs
+  it too (experiments/bench.py).
 
 Runs share compiled programs. A lane is the runs of one model and batch size (seeds, learning
 rates, and in `isoflop` every budget: the cosine's length is data, not a constant) side by
@@ -69,9 +85,14 @@ measured float32 matmul. Bad flags exit 2 with one line on stderr.
 
 Measured on 2 CPU cores shared with other jobs (load average 8-10, 2026-12-06; seconds of
 CPU are what a quiet machine would take): smoke presets isoflop 49 s (22 s of CPU), ffn 47 s
-(23 s), critical_batch 54 s (34 s), lr_batch 70 s (62 s). The default presets were not run here;
+(23 s), critical_batch 54 s (34 s), lr_batch 70 s (62 s); with the fusion emitters off
+(`FAST_COMPILE`, load average 4-6): isoflop 41 s (21 s), ffn 40 s (22 s), speedup 38 s (27 s:
+per optimizer one train program holds its 4 widths and serves 1x, 2x and 4x, and the widths'
+vmapped params init is shared by both optimizers). The default presets were not run here;
 their training FLOPs (6-8e12 each, in each preset's `about`) take 10-25 min at the 5-15
-GFLOP/s measured for these models on 2 cores (2 runs vmapped, XLA's default optimisation).
+GFLOP/s measured for these models on 2 cores (2 runs vmapped, XLA's default optimisation);
+speedup's 3.65e13 ~45 min at the 12-21 GFLOP per CPU second measured for its medium and wide
+rungs (AdamW 21, Muon 19, SOAP 16 at wide).
 """
 import functools
 import json
@@ -90,7 +111,7 @@ from absl import flags
 from matplotlib.figure import Figure
 
 from ravine import models, optim
-from ravine.experiments import race_stats, scaling, workloads
+from ravine.experiments import race_stats, scaling, scoring, workloads
 from ravine.experiments.runtime import cli
 from ravine.experiments.runtime import workdir as workdir_lib
 from ravine.experiments.runtime.metrics import write_atomically
@@ -98,20 +119,26 @@ from ravine.experiments.runtime.state import shared_counters
 from ravine.experiments.runtime.timing import matmul_flops_per_second
 from ravine.models.transformer import GATED_MLPS, MLPS
 
-WHATS = ("isoflop", "critical_batch", "lr_batch", "ffn")
+WHATS = ("isoflop", "critical_batch", "lr_batch", "ffn", "speedup")
 RUNS_FILE, REPORT_FILE, RESULTS_FILE = "runs.jsonl", "report.md", "results.json"
-FIGURES = {what: f"{what}.png" for what in WHATS}
+FIGURES = {**{what: f"{what}.png" for what in WHATS}, "speedup": "speedup_vs_size.png"}
 TIMING_HEADING = "## Wall clock"   # everything measured in seconds sits below it
 FORMAT = 1                         # of the runs' keys (a change retrains every run)
 # XLA options of the `fast_compile` presets' train programs and of every init program: faster
 # compiles of these tiny programs (measured 2.3 s instead of 3.9 s of CPU for the tiny rung's
-# train chunk, 1.3 s instead of 5.5 s for its vmapped init), ~3x slower steps.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# train chunk, 1.3 s instead of 5.5 s for its vmapped init), ~3x slower steps. Without
+# XLA:CPU's fusion emitters a train chunk of `small` compiles in 1.4 s of CPU instead of 3.6 s
+# (its init 1.6 s instead of 2.5 s), with the same losses to the last bit (2026-12-06).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # The warmup-cosine shape is built once at this horizon and read at `step * HORIZON /
 # run_steps`, so a run's length is data of the compiled program, not a constant.
 HORIZON = 1 << 20
 LR_REFERENCE_BATCH = 16   # rows; the batch at which spec.centre_lr is a good lr (the race's)
 CONFIDENCE = 0.95
+# The ladder's rungs of one depth (2) and head count (2), narrowest first: the widths 16, 24,
+# 32, 48 (non-embedding params 8.3k..74k with d_ff = 4 d_model, 8.9x), along which muP
+# carries a learning rate.
+WIDTH_RUNGS = ("small", "compact", "medium", "wide")
 
 # Shazeer 2020, Table 1: log-perplexity on C4 after 65,536 steps (each +/- 0.003..0.010).
 SHAZEER_65K = {"relu": 1.997, "gelu": 1.983, "swish": 1.994, "glu": 1.982, "bilinear": 1.960,
@@ -211,6 +238,33 @@ class FfnPreset(NamedTuple):
     about: str
 
 
+class SpeedupPreset(NamedTuple):
+    """sizes: width rungs of one depth and head count, narrowest first (>= 4, spanning >= 8x
+    in non-embedding params; d_ff = 4 d_model; muP with base_width the narrowest width);
+    optimizers: the study's, the baseline (`--optimizer`) among them; batch_size: rows, at
+    every size (muP carries the lr across width, not across batch sizes); tokens_per_param:
+    1x, per param with embeddings (Chinchilla's N); multiples: the baseline's data sizes in
+    units of 1x (the others train at 1x); lr_factors: the lr grid at the narrowest size, x
+    centre_lr; retune_factors: x the carried lr at the widest size, seed 0 only (x1 is the
+    carried run); warmup: fraction of each run's steps, then a cosine to 0.1x; calls: calls
+    of the program per 1x run (a run at k x makes k x as many calls of the same program);
+    resamples: bootstrap draws of the seeds; lanes: lanes per program."""
+    sizes: tuple
+    optimizers: tuple
+    batch_size: int
+    tokens_per_param: float
+    multiples: tuple
+    lr_factors: tuple
+    retune_factors: tuple
+    seeds: int
+    warmup: float
+    calls: int
+    resamples: int
+    lanes: int
+    fast_compile: bool
+    about: str
+
+
 PRESETS = {
     "isoflop": {
         "smoke": IsoflopPreset(
@@ -268,6 +322,26 @@ PRESETS = {
             calls=20, lanes=1, fast_compile=False,
             about="the 8 variants of `compact` (d_model 24, 2 layers), 60 tokens per param, 3 "
             "seeds: 6e12 training FLOPs"),
+    },
+    "speedup": {
+        "smoke": SpeedupPreset(
+            sizes=WIDTH_RUNGS, optimizers=("adamw", "muon"), batch_size=4,
+            tokens_per_param=0.005, multiples=(1, 2, 4), lr_factors=(1.0,),
+            retune_factors=(1.0,), seeds=2, warmup=0.0, calls=1, resamples=200,
+            lanes=16, fast_compile=True,
+            about="a check that everything runs (the tests run it): the 4 widths, adamw and "
+            "muon, 1 to 8 steps of 4 x 64 tokens, a one-point lr grid (no tuning: the ladder "
+            "trains with it) and a one-point re-tune (the carried runs, read back); its "
+            "speedups say nothing"),
+        "default": SpeedupPreset(
+            sizes=WIDTH_RUNGS, optimizers=("adamw", "muon", "soap"), batch_size=32,
+            tokens_per_param=20.0, multiples=(1, 2, 4), lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0),
+            retune_factors=(0.5, 2.0), seeds=2, warmup=0.1, calls=10, resamples=1000,
+            lanes=1, fast_compile=False,
+            about="the 4 widths (16..48, 8.9x in non-embedding params) at 20 tokens per "
+            "param, adamw at 1x/2x/4x, a 5-point lr grid at `small`, 2 seeds, the re-tune "
+            "at `wide`: 3.65e13 training FLOPs, ~45 min of 2 cores (measured 12-21 GFLOP per "
+            "CPU second for medium and wide; adamw is 70% of the FLOPs)"),
     },
 }
 
@@ -332,11 +406,22 @@ class Run(NamedTuple):
     def key(self, recipe) -> dict:
         """Everything that changes the run's numbers, as JSON gives it back."""
         spec = optim.spec(recipe.optimizer)
+        # a muP table other than Adam's (Muon's, SOAP's) is named; Adam's keys stay as they
+        # were when every optimizer got Adam's table
+        table = mup_table(recipe.optimizer) if self.arm.parametrization == "mup" else "adam"
         return json.loads(json.dumps({
             "format": FORMAT, "shape": workloads.LM_LADDER[self.arm.size],
             **self.arm._asdict(), **recipe._asdict(), "fixed": dict(spec.race_hparams),
+            **({"mup_table": table} if table != "adam" else {}),
             "lr": float(self.lr), "seed": int(self.seed), "steps": int(self.steps),
             "eval_every": int(self.eval_every)}, default=str))
+
+
+def mup_table(optimizer) -> str:
+    """The `models.mup_lr_multipliers` table of a registered optimizer: models/mup.py's own
+    for the width-aware ones (Muon, SOAP: multiplier 1, their hidden matrices' steps do not
+    grow with width), else the Adam family's (1 / r on hidden matrices; Shampoo's too)."""
+    return optimizer if optimizer in models.mup.WIDTH_AWARE else "adam"
 
 
 def _key_id(key) -> str:
@@ -396,19 +481,13 @@ class ArmFns:
         self.workload = lm_workload(arm)
         self.config, self.batch_size, self.seq_len = workloads.lm_config(
             arm.size, **arm.overrides())
-        # muP's per-leaf lr multipliers; the Adam table, which holds for the Adam family
-        # (see models/mup.py).
+        # muP's per-leaf lr multipliers, of the optimizer's table (`mup_table`).
         self.multipliers = (models.mup_lr_multipliers(
-            jax.eval_shape(self.workload.init, jax.random.key(0)), self.config)
-            if arm.parametrization == "mup" else None)
+            jax.eval_shape(self.workload.init, jax.random.key(0)), self.config,
+            mup_table(recipe.optimizer)) if arm.parametrization == "mup" else None)
         end = 1.0 if recipe.schedule == "constant" else None   # None: 0.1x the peak
         self.shape = optim.schedules.warmup_cosine(
             1.0, HORIZON, round(recipe.warmup * HORIZON), end_value=end)
-
-    def init_run(self, seed, lr, steps):
-        """A run's params (from its seed) and optimizer state."""
-        params = self.workload.init(jax.random.key(seed))
-        return params, self.make_tx(lr, steps).init(params)
 
     def make_tx(self, lr, steps):
         """The optimizer of a run with peak lr `lr` over `steps` steps (traced or not)."""
@@ -489,27 +568,56 @@ def _compile(fn, args, options, donate=()):
     return compiled
 
 
-def init_program(recipe, lanes, args):
-    """The compiled init of `lanes`: per lane, `jax.vmap` over its runs of `init_run` (the
-    optimizer's integer counters then kept once). One program for all lanes, as `program`."""
-    key = ("init", recipe, lanes)
-    if key not in _PROGRAMS:
-        fns = [arm_fns(lane.arm, recipe) for lane in lanes]
+def _params_fn(shapes):
+    """`seeds -> per lane the params of its runs`: the workload's init of each seed under
+    `jax.vmap`, for `shapes` ((arm, runs) per lane)."""
+    inits = [lm_workload(arm).init for arm, _ in shapes]
 
-        def init(seeds, lrs, steps):
+    def init_params(seeds):
+        return tuple(jax.vmap(lambda seed, init=init: init(jax.random.key(seed)))(x)
+                     for init, x in zip(inits, seeds))
+    return init_params
+
+
+def init_program(recipe, lanes, args):
+    """The init of `lanes`: `(seeds, lrs, steps) -> per lane (params, opt_state)`, a lane's
+    runs side by side (`jax.vmap`), the optimizer's integer counters kept once.
+
+    Two programs, each compiled once per process: the params of every lane, which depend on
+    the arms and run counts only, so that every optimizer's jobs of the same lanes share it
+    (the speedup study's optimizers: the vmapped init of the 4 widths compiles in 7.7 s of
+    CPU), and the optimizer states (`make_tx(lr, steps).init`, of each optimizer)."""
+    seeds = args[0]
+    shapes = tuple((lane.arm, lane.n_runs) for lane in lanes)
+    # Always with FAST_COMPILE: they run once per job, and XLA's optimisation of the vmapped
+    # threefry of every param shape is slow (measured 5.5 s of CPU for the tiny rung, 1.3 s
+    # without).
+    if ("params", shapes) not in _PROGRAMS:
+        _PROGRAMS["params", shapes] = _compile(_params_fn(shapes), (seeds,), FAST_COMPILE)
+    if ("init", recipe, shapes) not in _PROGRAMS:
+        fns = [arm_fns(arm, recipe) for arm, _ in shapes]
+
+        def init_states(params, lrs, steps):
             out = []
-            for f, *xs in zip(fns, seeds, lrs, steps):
-                params, state = jax.vmap(f.init_run)(*xs)
-                mask = shared_counters(jax.eval_shape(f.init_run, *(x[0] for x in xs))[1])
-                out.append((params, jax.tree.map(lambda leaf, shared: leaf[0] if shared
-                                                 else leaf, state, mask)))
+            for f, *xs in zip(fns, params, lrs, steps):
+                def one(p, lr, length, f=f):
+                    return f.make_tx(lr, length).init(p)
+                state = jax.vmap(one)(*xs)
+                mask = shared_counters(jax.eval_shape(one, *jax.tree.map(lambda x: x[0], xs)))
+                out.append(jax.tree.map(lambda leaf, shared: leaf[0] if shared else leaf,
+                                        state, mask))
             return tuple(out)
 
-        # Always with FAST_COMPILE: it runs once per job, and XLA's optimisation of the
-        # vmapped threefry of every param shape is slow (measured 5.5 s of CPU for the tiny
-        # rung, 1.3 s without).
-        _PROGRAMS[key] = _compile(init, args, FAST_COMPILE)
-    return _PROGRAMS[key]
+        params = jax.eval_shape(_params_fn(shapes), seeds)
+        _PROGRAMS["init", recipe, shapes] = _compile(init_states, (params, *args[1:]),
+                                                     FAST_COMPILE)
+    init_params = _PROGRAMS["params", shapes]
+    init_states = _PROGRAMS["init", recipe, shapes]
+
+    def init(seeds, lrs, steps):
+        params = init_params(seeds)
+        return tuple(zip(params, init_states(params, lrs, steps)))
+    return init
 
 
 def program(recipe, lanes, args):
@@ -673,21 +781,65 @@ def execute(runs, recipe, store, max_lanes=1, log=print) -> dict:
 # ------------------------------------------------------------------------------ the plan
 
 class Plan(NamedTuple):
-    """A validated invocation: which study, with which preset, where."""
+    """A validated invocation: which study, with which preset, where. `optimizer` trains
+    every run of a study, except `speedup`'s: there it is the baseline, and `optimizers`
+    (the baseline among them) are the optimizers compared."""
     what: str
     preset_name: str
     preset: Any
     workdir: str
     seeds: int
     optimizer: str
+    optimizers: tuple = ()
 
 
-def make_plan(what, preset="default", workdir=None, seeds=None, optimizer="adamw") -> Plan:
+def _check_optimizer(flag, name):
+    """Raises cli.UsageError unless `name` is registered and can run in these studies."""
+    try:
+        spec = optim.spec(name)
+    except ValueError:
+        raise cli.UsageError(f"unknown {flag} {name!r}; known: "
+                             f"{', '.join(s.name for s in optim.specs())}") from None
+    why = ("it brings its own train step" if not spec.is_transform else
+           "its update takes extra arguments" if spec.update_args is not None else
+           "it takes a constant learning rate (its own schedule)" if spec.constant_lr else
+           "its runs cannot share a vmapped program" if not spec.vmappable else None)
+    if why:
+        raise cli.UsageError(f"{flag} {name!r} cannot run in the scaling study: "
+                             f"{why}; the study trains Optax transforms side by side under "
+                             "one warmup schedule")
+
+
+def _check_width_ladder(preset_name, sizes):
+    """Raises cli.UsageError unless `sizes` are >= 4 known rungs of one depth and head
+    count, narrowest first, spanning >= 8x in non-embedding params (issue 29's ladder)."""
+    unknown = [s for s in sizes if s not in workloads.LM_LADDER]
+    if unknown:
+        raise cli.UsageError(f"the speedup preset {preset_name!r} names unknown ladder "
+                             f"size(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(workloads.LM_LADDER)}")
+    shapes = {(workloads.LM_LADDER[s]["n_layers"], workloads.LM_LADDER[s]["n_heads"])
+              for s in sizes}
+    widths = [workloads.LM_LADDER[s]["d_model"] for s in sizes]
+    # non-embedding params grow as width^2 at a fixed depth (d_ff = 4 d_model)
+    span = (widths[-1] / widths[0]) ** 2 if widths else 0.0
+    if len(sizes) < 4 or len(shapes) > 1 or widths != sorted(set(widths)) or span < 8:
+        raise cli.UsageError(
+            f"the speedup preset {preset_name!r} has sizes {','.join(sizes)}: it needs >= 4 "
+            "ladder rungs of one depth and head count, narrowest first, spanning >= 8x in "
+            f"non-embedding params (got {len(sizes)}, {span:.1f}x), e.g. "
+            f"{','.join(WIDTH_RUNGS)}")
+
+
+def make_plan(what, preset="default", workdir=None, seeds=None, optimizer="adamw",
+              optimizers=None) -> Plan:
     """Validates the flags' values (None: the preset's) into a `Plan`.
 
     Raises:
       cli.UsageError: naming the bad value (no or an unknown study or preset, no workdir,
-        seeds < 1, an unknown optimizer or one that cannot run here).
+        seeds < 1, an unknown optimizer or one that cannot run here; for `speedup`, a
+        baseline not among `optimizers`, an optimizer named twice, fewer than 2, a preset
+        without >= 4 sizes spanning >= 8x; `optimizers` for another study).
     """
     if not what:
         raise cli.UsageError(f"--what is required: one of {', '.join(WHATS)}")
@@ -702,23 +854,28 @@ def make_plan(what, preset="default", workdir=None, seeds=None, optimizer="adamw
     seeds = chosen.seeds if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise cli.UsageError(f"--seeds must be an integer >= 1, got {seeds!r}")
-    try:
-        spec = optim.spec(optimizer)
-    except ValueError:
-        raise cli.UsageError(f"unknown --optimizer {optimizer!r}; known: "
-                             f"{', '.join(s.name for s in optim.specs())}") from None
-    why = ("it brings its own train step" if not spec.is_transform else
-           "its update takes extra arguments" if spec.update_args is not None else
-           "it takes a constant learning rate (its own schedule)" if spec.constant_lr else
-           "its runs cannot share a vmapped program" if not spec.vmappable else None)
-    if why:
-        raise cli.UsageError(f"--optimizer {optimizer!r} cannot run in the scaling study: "
-                             f"{why}; the study trains Optax transforms side by side under "
-                             "one warmup schedule")
+    _check_optimizer("--optimizer", optimizer)
     if what == "ffn" and workloads.LM_LADDER[chosen.size]["d_model"] % 3:
         raise cli.UsageError(f"the ffn preset's size {chosen.size!r} needs d_model divisible "
                              "by 3 (gated d_ff = 2/3 of 4 d_model)")
-    return Plan(what, preset, chosen, workdir, seeds, optimizer)
+    if what != "speedup":
+        if optimizers:
+            raise cli.UsageError(f"--optimizers is for --what=speedup; --what={what} trains "
+                                 "one --optimizer")
+        return Plan(what, preset, chosen, workdir, seeds, optimizer)
+    _check_width_ladder(preset, chosen.sizes)
+    names = tuple(optimizers) if optimizers else chosen.optimizers
+    for name in names:
+        _check_optimizer("--optimizers entry", name)
+    if len(set(names)) != len(names):
+        raise cli.UsageError(f"--optimizers names an optimizer twice: {','.join(names)}")
+    if optimizer not in names:
+        raise cli.UsageError(f"the baseline --optimizer {optimizer!r} is not among "
+                             f"--optimizers={','.join(names)}")
+    if len(names) < 2:
+        raise cli.UsageError(f"--optimizers={','.join(names)}: the speedup study compares "
+                             "at least one optimizer with the baseline")
+    return Plan(what, preset, chosen, workdir, seeds, optimizer, names)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1639,6 +1796,414 @@ def plot_lr_batch(plan, results, path):
     fig.savefig(path, dpi=100)
 
 
+# ------------------------------------------------------------------------------ speedup
+
+def _speedup_recipe(plan, optimizer):
+    return Recipe(optimizer, "cosine", plan.preset.warmup, fast_compile=plan.preset.fast_compile)
+
+
+def _speedup_arm(plan, size):
+    """The rung with d_ff = 4 d_model in muP, base_width the narrowest size's width (where
+    muP is the same model as SP)."""
+    p = plan.preset
+    return _width_arm(size, p.batch_size, parametrization="mup",
+                      base_width=workloads.LM_LADDER[p.sizes[0]]["d_model"])
+
+
+def _scaled_runs(plan, size, lr, multiple=1, seeds=None):
+    """The runs of `size` at `lr` on `multiple` x its 1x data, one per seed of `seeds`
+    (default: all): a 1x run's chunk at every multiple (more calls), so the baseline's 1x,
+    2x and 4x runs of a size share one compiled program."""
+    return [run._replace(steps=run.steps * multiple, eval_every=run.steps * multiple)
+            for run in _sized_runs(plan, _speedup_arm(plan, size), lr)
+            if seeds is None or run.seed in seeds]
+
+
+def speedup_sizes(plan) -> list[dict]:
+    """Per size of the preset: its width, params (with and without embeddings, d_ff = 4
+    d_model), training FLOPs per token, and its 1x steps and tokens."""
+    rows = []
+    for size in plan.preset.sizes:
+        arm = _speedup_arm(plan, size)
+        config, batch, seq_len = workloads.lm_config(size, **arm.overrides())
+        steps = _scaled_runs(plan, size, 1.0, seeds={0})[0].steps
+        rows.append({"size": size, "width": config.d_model, "params": _params(arm),
+                     "non_embedding_params": models.non_embedding_params(config),
+                     "flops_per_token": models.flops_per_token(config, seq_len),
+                     "steps": steps, "tokens": steps * batch * seq_len})
+    return rows
+
+
+def speedup_flops(plan) -> dict:
+    """The study's training FLOPs (`flops_per_token` x tokens), known before it runs: the lr
+    grid at the narrowest size (every optimizer, every seed, 1x), the ladder (the baseline
+    at each multiple, the others at 1x, every seed; the grid's runs at the best lr left
+    out) and the re-tune at the widest size (seed 0; its x1 is the ladder's run)."""
+    p = plan.preset
+    rows = speedup_sizes(plan)
+    one = [row["flops_per_token"] * row["tokens"] for row in rows]   # a 1x run per size
+    n = len(plan.optimizers)
+    tune = n * len(p.lr_factors) * plan.seeds * one[0]
+    ladder = plan.seeds * sum(sum(p.multiples) * one[i] + (n - 1) * one[i]
+                              for i in range(len(rows))) - n * plan.seeds * one[0]
+    retune = n * len(set(p.retune_factors) - {1.0}) * one[-1]   # x1: the carried run
+    return {"tune": tune, "ladder": ladder, "retune": retune,
+            "total": tune + ladder + retune}
+
+
+def _speedups(params, base_tokens, base_losses, tokens, losses, sample):
+    """The speedups and slopes on the seeds of `sample` (indices into the per-seed lists,
+    repeats allowed: every loss is the mean over them). Per optimizer of `losses`:
+    ({size: speedup, None where a mean loss is not finite}, (coefficient, slope), the
+    slope None unless every speedup is finite and > 0). Arguments as `speedup_fits`."""
+    def mean(per_seed):
+        picked = [per_seed[i] for i in sample]
+        return (math.inf if any(x is None or not math.isfinite(x) for x in picked)
+                else float(np.mean(picked)))
+
+    curves = {size: [mean(per_seed) for per_seed in base_losses[size]] for size in params}
+    out = {}
+    for name, per_size in losses.items():
+        speedups = {}
+        for size in params:
+            loss, curve = mean(per_size[size]), curves[size]
+            speedups[size] = None
+            if math.isfinite(loss) and all(math.isfinite(x) for x in curve):
+                try:
+                    speedups[size] = scoring.data_speedup(base_tokens[size], curve,
+                                                          tokens[name][size], loss)
+                except ValueError:   # a baseline curve that no fit or interpolation takes
+                    pass
+        values = [speedups[size] for size in params]
+        law = (scaling.fit_power_law([params[size] for size in params], values)
+               if all(v is not None and 0 < v < math.inf for v in values) else (None, None))
+        out[name] = (speedups, law)
+    return out
+
+
+def speedup_fits(params, base_tokens, base_losses, tokens, losses, seeds, resamples) -> dict:
+    """Wen et al.'s speedup per size and its slope in model size, with bootstrap intervals.
+
+    Args:
+      params: {size: non-embedding params}, the x of the slope.
+      base_tokens: {size: the baseline's token counts} (its 1x, 2x, 4x runs).
+      base_losses: {size: [[final loss per seed] per token count]}.
+      tokens: {optimizer: {size: the tokens it trained on}}.
+      losses: {optimizer: {size: [final loss per seed]}} (None: diverged).
+      seeds: the seed indices of the per-seed lists (the same seeds everywhere: a draw takes
+        every optimizer's and the baseline's runs of the seeds it draws).
+      resamples: bootstrap draws of the seeds (`_seed_resamples`).
+
+    Returns:
+      Per optimizer: `speedups` {size: `scoring.data_speedup` of the mean losses},
+      `intervals` {size: 95% percentile interval}, `slope` and `coefficient` (speedup =
+      coefficient x params^slope, `scaling.fit_power_law`), `slope_interval`, and `dropped`
+      (draws without a slope: a speedup not finite).
+    """
+    point = _speedups(params, base_tokens, base_losses, tokens, losses, seeds)
+    draws = {name: {"slope": [], **{size: [] for size in params}} for name in losses}
+    # A draw's estimates depend on the multiset of its seeds only (means): each is fitted
+    # once (2 seeds: 3 multisets for any number of draws).
+    cache = {}
+    for sample in _seed_resamples(list(seeds), resamples):
+        drawn = tuple(sorted(sample))
+        if drawn not in cache:
+            cache[drawn] = _speedups(params, base_tokens, base_losses, tokens, losses, drawn)
+        for name, (speedups, (_, slope)) in cache[drawn].items():
+            draws[name]["slope"].append(math.nan if slope is None else slope)
+            for size, value in speedups.items():
+                draws[name][size].append(math.nan if value is None else value)
+    out = {}
+    for name, (speedups, (coefficient, slope)) in point.items():
+        out[name] = {"speedups": speedups,
+                     "intervals": {size: _interval(draws[name][size]) for size in params},
+                     "coefficient": coefficient, "slope": slope,
+                     "slope_interval": _interval(draws[name]["slope"]),
+                     "dropped": sum(not math.isfinite(x) for x in draws[name]["slope"])}
+    return out
+
+
+def _speedup_ladder(plan, optimizer, lr) -> tuple[dict, dict]:
+    """The runs at `optimizer`'s carried `lr`: {(optimizer, size, multiple): runs} (the
+    baseline at every multiple, the others at 1x; every seed) and {(optimizer, factor): the
+    widest size's seed-0 run at lr x factor} (the re-tune)."""
+    p = plan.preset
+    ladder = {(optimizer, size, k): _scaled_runs(plan, size, lr, k) for size in p.sizes
+              for k in (p.multiples if optimizer == plan.optimizer else (1,))}
+    retune = {(optimizer, f): _scaled_runs(plan, p.sizes[-1], lr * f, seeds={0})
+              for f in p.retune_factors}
+    return ladder, retune
+
+
+def run_speedup(plan, store, log=print) -> dict:
+    """The lr grid at the narrowest size, the ladder at the best lr (muP), the re-tune at
+    the widest size; then the speedups over the baseline and their slope in model size."""
+    p = plan.preset
+    base, seeds = plan.optimizer, list(range(plan.seeds))
+    smallest, largest = p.sizes[0], p.sizes[-1]
+    recipes = {o: _speedup_recipe(plan, o) for o in plan.optimizers}
+    # Runs are keyed by optimizer too: two optimizers' runs may share every Run field.
+    done = {o: {} for o in plan.optimizers}
+    tune = {(o, f): _scaled_runs(plan, smallest, optim.spec(o).centre_lr * f)
+            for o in plan.optimizers for f in p.lr_factors}
+    tuning, best = {}, {}
+    for o in plan.optimizers:
+        # A one-point grid (the smoke preset's) knows its best lr before training: the
+        # ladder trains with the grid then, in fewer jobs (fewer programs to compile).
+        known = (_speedup_ladder(plan, o, tune[o, p.lr_factors[0]][0].lr)[0]
+                 if len(p.lr_factors) == 1 else {})
+        done[o].update(execute([r for f in p.lr_factors for r in tune[o, f]]
+                               + [r for rs in known.values() for r in rs], recipes[o],
+                               store, p.lanes, log))
+        per_seed = [[done[o][r]["final_loss"] for r in tune[o, f]] for f in p.lr_factors]
+        means = [math.inf if None in losses else float(np.mean(losses))
+                 for losses in per_seed]
+        i = int(np.argmin(means))
+        best[o] = tune[o, p.lr_factors[i]][0].lr if math.isfinite(means[i]) else None
+        tuning[o] = {"lrs": [tune[o, f][0].lr for f in p.lr_factors],
+                     "losses": [_finite(m) for m in means], "per_seed": per_seed,
+                     "best_lr": best[o],
+                     "edge": len(p.lr_factors) > 1 and i in (0, len(p.lr_factors) - 1)}
+    ladder, retune = {}, {}
+    for o in plan.optimizers:
+        if best[o] is None:   # diverged at every lr of the grid: nothing to carry
+            continue
+        runs, checks = _speedup_ladder(plan, o, best[o])
+        ladder.update(runs)
+        retune.update(checks)
+        # Apart: in one job the re-tune's runs would join the widest size's 1x lane, which
+        # then would not match its 2x and 4x lanes, and the multiples could not share one
+        # program (the re-tune alone, seed 0 x 2 factors, has the lane shape of 2 seeds).
+        for part in (runs, checks):
+            done[o].update(execute([r for rs in part.values() for r in rs], recipes[o],
+                                   store, p.lanes, log))
+    rows = speedup_sizes(plan)
+    losses = {o: {size: {str(k): [done[o][r]["final_loss"] for r in ladder[o, size, k]]
+                         for k in (p.multiples if o == base else (1,))}
+                  for size in p.sizes} for o in plan.optimizers if best[o] is not None}
+    compared = [o for o in plan.optimizers if o != base and o in losses]
+    fits = {}
+    if base in losses and compared:
+        fits = speedup_fits(
+            {row["size"]: row["non_embedding_params"] for row in rows},
+            {row["size"]: [k * row["tokens"] for k in p.multiples] for row in rows},
+            {size: [losses[base][size][str(k)] for k in p.multiples] for size in p.sizes},
+            {o: {row["size"]: row["tokens"] for row in rows} for o in compared},
+            {o: {size: losses[o][size]["1"] for size in p.sizes} for o in compared},
+            seeds, p.resamples)
+    checks = {}
+    for o in losses:
+        factors = sorted({1.0, *p.retune_factors})
+        runs = [ladder[o, largest, 1][0] if f == 1.0 else retune[o, f][0] for f in factors]
+        checks[o] = {"factors": factors, "lrs": [r.lr for r in runs],
+                     "losses": [done[o][r]["final_loss"] for r in runs]}
+    every = {}   # (optimizer, run) of every distinct run, in training order
+    for key, rs in [*tune.items(), *ladder.items(), *retune.items()]:
+        every.update(dict.fromkeys((key[0], r) for r in rs))
+    return {"what": "speedup", "baseline": base, "compared": compared, "sizes": rows,
+            "tuning": tuning, "losses": losses, "speedups": fits, "retune": checks,
+            "flops": speedup_flops(plan), "n_runs": len(every),
+            "runs": [done[o][r] for o, r in every]}
+
+
+def _speedup_verdict(name, fit):
+    interval = fit["slope_interval"]
+    if fit["slope"] is None or interval is None:
+        return f"{name}: no slope (a speedup that is not finite)."
+    if interval[1] < 0:
+        trend = "falls with model size (the interval lies below 0), as in Wen et al. 2025"
+    elif interval[0] > 0:
+        trend = "grows with model size (the interval lies above 0), unlike in Wen et al. 2025"
+    else:
+        trend = "has no trend these seeds can resolve (the interval contains 0)"
+    return f"{name}'s speedup {trend}."
+
+
+def render_speedup(plan, results):
+    p = plan.preset
+    base, compared = results["baseline"], results["compared"]
+    rows = results["sizes"]
+    smallest, largest = rows[0], rows[-1]
+    multiples = ", ".join(f"{k:g}x" for k in p.multiples)
+    lines = ["# Speedup against model size (Wen et al. 2025)", "",
+             f"Preset `{plan.preset_name}` ({p.about}). Wen et al. 2025 "
+             "(https://arxiv.org/abs/2509.02046) measure an optimizer's speedup at a model "
+             f"size as the data {base} needs to reach its loss / the data it used, at "
+             "Chinchilla's 1x = 20 tokens per parameter. Here 1x = "
+             f"{p.tokens_per_param:g} tokens per parameter (with embeddings); {base} trains "
+             f"at {multiples} (its loss-against-tokens curve), "
+             + ", ".join(o for o in plan.optimizers if o != base) + " at 1x. The ladder's "
+             "width rungs " + ", ".join(p.sizes) + " (one depth, d_ff = 4 d_model) in muP "
+             f"(`parametrization=\"mup\"`, base_width {smallest['width']}, the narrowest "
+             "width; hidden matrices' lr x base_width / width for the Adam family, none for "
+             "Muon and SOAP, whose steps do not grow with width: `models.mup_lr_multipliers`, "
+             "`mup_table`); batch "
+             f"{p.batch_size} x {workloads.LM_LADDER[smallest['size']]['seq_len']} tokens at "
+             "every size; "
+             + (f"linear warmup over the first {p.warmup:.0%} of each run's steps, then "
+                if p.warmup else "no warmup, ")
+             + "a half cosine to 0.1x at each run's last step; no gradient clipping; "
+             f"{plan.seeds} seed(s) (initial params and data order, the same for every "
+             "optimizer). Loss: the final eval loss (nats per byte) on 64 fixed held-out "
+             "windows.", "",
+             "## Sizes", "",
+             "| size | width | params | non-embedding | FLOPs / token | 1x steps | 1x tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['size']} | {row['width']} | {row['params']:,} | "
+                     f"{row['non_embedding_params']:,} | {row['flops_per_token']:,} | "
+                     f"{row['steps']} | {row['tokens']:,} |")
+    lines += ["", f"## Learning rates: tuned at `{smallest['size']}`, carried up with muP",
+              "",
+              f"Mean final loss over seeds at 1x on `{smallest['size']}` for lr = centre_lr x "
+              "f (`optim.spec`; the spec's `race_hparams` fixed); the best lr trains every "
+              "size unchanged (muP transfers it). edge: the best is at the grid's edge.", "",
+              "| optimizer | fixed | muP table | " + " | ".join(f"f = {f:g}" for f in
+                                                              p.lr_factors)
+              + " | carried lr |", "|---|---|---|" + "---|" * (len(p.lr_factors) + 1)]
+    for o in plan.optimizers:
+        t = results["tuning"][o]
+        fixed = ", ".join(f"{k}={v}" for k, v in optim.spec(o).race_hparams.items()) or "-"
+        cells = [f"{_fmt(loss, '.4f')} (lr {lr:.3g})" for lr, loss in zip(t["lrs"],
+                                                                         t["losses"])]
+        carried = ("diverged at every lr" if t["best_lr"] is None else
+                   f"{t['best_lr']:.3g}" + (" (edge)" if t["edge"] else "")
+                   + (" (not tuned: one point)" if len(t["lrs"]) == 1 else ""))
+        lines.append(f"| {o} | {fixed} | {mup_table(o)} | " + " | ".join(cells)
+                     + f" | {carried} |")
+    columns = [(base, k) for k in p.multiples] + [(o, 1) for o in compared]
+    lines += ["", "## Final losses", "",
+              "Mean over seeds (each seed's in brackets); - = diverged or not run.", "",
+              "| size | " + " | ".join(f"{o} {k:g}x" for o, k in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for o, k in columns:
+            per_seed = results["losses"].get(o, {}).get(row["size"], {}).get(str(k))
+            cells.append("-" if per_seed is None else
+                         f"{_fmt(_mean(per_seed), '.4f')} ("
+                         + " ".join(_fmt(x, ".4f") for x in per_seed) + ")")
+        lines.append(f"| {row['size']} | " + " | ".join(cells) + " |")
+    fits = results["speedups"]
+    lines += ["", f"## Speedup over {base}", "",
+              f"Speedup = D_needed / D: D_needed from `scoring.data_speedup` on {base}'s "
+              f"loss against tokens at that size (its {multiples} losses, mean over seeds: the "
+              "saturating power law L = E + B D^-beta through them, log-log interpolation "
+              "where the fit is poor; beyond its largest run it extrapolates), D the 1x tokens "
+              f"(> 1: less data than {base}). Slope: of log speedup against log non-embedding "
+              f"params (`scaling.fit_power_law`). {CONFIDENCE:.0%} bootstrap intervals over "
+              f"seeds ({p.resamples} resamples of the {plan.seeds} seeds, each draw's means "
+              "for every optimizer and size; with 2 seeds an interval spans the seeds' own "
+              "estimates). Wen et al.: matrix-based optimizers' speedup falls from 1.4x at "
+              "0.1B params to 1.1x at 1.2B, a slope of about -0.1.", ""]
+    if not fits:
+        lines.append(f"Not computed: {base} or every compared optimizer diverged at every "
+                     "lr of its grid.")
+    else:
+        lines += ["| size | non-embedding | " + " | ".join(compared) + " |",
+                  "|---|---|" + "---|" * len(compared)]
+        for row in rows:
+            cells = [f"{_fmt(fits[o]['speedups'][row['size']], '.3f')} "
+                     f"{_fmt_interval(fits[o]['intervals'][row['size']])}" for o in compared]
+            lines.append(f"| {row['size']} | {row['non_embedding_params']:,} | "
+                         + " | ".join(cells) + " |")
+        lines.append("| slope | | " + " | ".join(
+            f"{_fmt(fits[o]['slope'], '.3f')} {_fmt_interval(fits[o]['slope_interval'])}"
+            for o in compared) + " |")
+        lines += [""] + [_speedup_verdict(o, fits[o]) for o in compared]
+        dropped = [f"{o} {fits[o]['dropped']}" for o in compared if fits[o]["dropped"]]
+        if dropped:
+            lines += ["", f"Draws without a slope (a speedup not finite), of {p.resamples}: "
+                      + ", ".join(dropped) + "."]
+    factors = sorted({1.0, *p.retune_factors})
+    lines += ["", f"## Re-tune at `{largest['size']}`", "",
+              "Is the carried lr still right at the widest size? Seed 0 at 1x with the "
+              "carried lr x " + ", ".join(f"{f:g}" for f in factors) + ".", "",
+              "| optimizer | carried lr | " + " | ".join(f"x{f:g}" for f in factors)
+              + " | best | loss gained by re-tuning |",
+              "|---|---|" + "---|" * (len(factors) + 2)]
+    kept = 0
+    for o, check in results["retune"].items():
+        losses = [math.inf if x is None else x for x in check["losses"]]
+        i = int(np.argmin(losses))
+        carried = check["factors"].index(1.0)
+        kept += i == carried
+        gain = (losses[carried] - losses[i]) if math.isfinite(losses[i]) else None
+        lines.append(f"| {o} | {check['lrs'][carried]:.3g} | "
+                     + " | ".join(_fmt(x, ".4f") for x in check["losses"])
+                     + f" | x{check['factors'][i]:g} | {_fmt(gain, '.4f')} |")
+    if results["retune"] and len(factors) > 1:
+        lines += ["", f"The carried lr is the best of these {len(factors)} for "
+                  f"{kept} of {len(results['retune'])} optimizer(s)."]
+    elif results["retune"]:
+        lines += ["", "Not re-tuned in this preset (its only factor is 1: the carried runs)."]
+    flops = results["flops"]
+    lines += ["", "## Compute", "",
+              f"Training FLOPs of the study (`models.flops_per_token` x tokens; evaluation and "
+              f"the optimizers' own work excluded): {flops['total']:.3g} = the lr grid "
+              f"{flops['tune']:.3g} + the ladder {flops['ladder']:.3g} + the re-tune "
+              f"{flops['retune']:.3g}, in {results['n_runs']} runs."]
+    return lines
+
+
+def plot_speedup(plan, results, path):
+    """Speedup against non-embedding params (log x) per optimizer with its interval, the
+    baseline = 1 dashed; and every size's loss against tokens."""
+    fig = Figure(figsize=(12, 4.4))
+    ax = fig.add_subplot(1, 2, 1)
+    base, rows, fits = results["baseline"], results["sizes"], results["speedups"]
+    params = [row["non_embedding_params"] for row in rows]
+    ax.axhline(1.0, linestyle="--", color="gray", label=f"{base} (= 1)")
+    for o, color in zip(results["compared"], ("tab:blue", "tab:orange", "tab:green",
+                                              "tab:red", "tab:purple", "tab:brown")):
+        if o not in fits:
+            continue
+        values = [fits[o]["speedups"][row["size"]] for row in rows]
+        values = [math.nan if v is None or not math.isfinite(v) else v for v in values]
+        low = [v - i[0] if i is not None else 0.0 for v, i in
+               zip(values, (fits[o]["intervals"][row["size"]] for row in rows))]
+        high = [i[1] - v if i is not None else 0.0 for v, i in
+                zip(values, (fits[o]["intervals"][row["size"]] for row in rows))]
+        ax.errorbar(params, values, yerr=[np.maximum(low, 0), np.maximum(high, 0)], fmt="o-",
+                    color=color, capsize=3,
+                    label=f"{o}: slope {_fmt(fits[o]['slope'], '.2f')} "
+                    f"{_fmt_interval(fits[o]['slope_interval'], '.2f')}")
+        if fits[o]["slope"] is not None:   # the fitted power law
+            grid = np.geomspace(min(params), max(params), 20)
+            ax.plot(grid, fits[o]["coefficient"] * grid ** fits[o]["slope"], ":",
+                    color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel(f"speedup over {base} (data {base} needs / data used)")
+    ax.set_title("speedup against model size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    markers = dict(zip(results["compared"], "s^vDP*"))
+    for row, color in zip(rows, _colors(len(rows))):
+        losses = results["losses"]
+        if base in losses:
+            curve = [(k * row["tokens"], _mean(per_seed))
+                     for k, per_seed in ((float(k), v) for k, v in
+                                         losses[base][row["size"]].items())]
+            ax.plot([t for t, _ in curve], [math.nan if x is None else x for _, x in curve],
+                    "o-", color=color, label=f"{row['size']}: {base}")
+        for o in results["compared"]:
+            loss = _mean(losses[o][row["size"]]["1"])
+            ax.plot([row["tokens"]], [math.nan if loss is None else loss], markers[o],
+                    color=color, markersize=8, markeredgecolor="black",
+                    label=o if row is rows[0] else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("final eval loss (nats / byte)")
+    ax.set_title(f"{base} at " + ", ".join(f"{k:g}x" for k in plan.preset.multiples)
+                 + "; the others at 1x")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.07, right=0.98, wspace=0.25, bottom=0.12)
+    fig.savefig(path, dpi=100)
+
+
 # ----------------------------------------------------------------------------- the job
 
 STUDIES = {
@@ -1646,6 +2211,7 @@ STUDIES = {
     "critical_batch": (run_critical_batch, render_critical_batch, plot_critical_batch),
     "lr_batch": (run_lr_batch, render_lr_batch, plot_lr_batch),
     "ffn": (run_ffn, render_ffn, plot_ffn),
+    "speedup": (run_speedup, render_speedup, plot_speedup),
 }
 
 
@@ -1676,13 +2242,18 @@ def _flag_values():
     values = flags.FlagValues()
     flags.DEFINE_string("what", None, f"The study: {', '.join(WHATS)}.", flag_values=values)
     flags.DEFINE_string("preset", "default", "smoke (the tests' seconds-long check) or "
-                        "default (the study; <= 40 min on 2 cores).", flag_values=values)
+                        "default (the study; <= 40 min on 2 cores, speedup <= 60).",
+                        flag_values=values)
     flags.DEFINE_string("workdir", None, "Output folder; a rerun resumes from its "
                         f"{RUNS_FILE}.", flag_values=values)
     flags.DEFINE_integer("seeds", None, "Seeds per setting (default: the preset's).",
                          flag_values=values)
     flags.DEFINE_string("optimizer", "adamw", "A registered optimizer (`optim.spec`): its "
-                        "centre_lr and race_hparams set the runs.", flag_values=values)
+                        "centre_lr and race_hparams set the runs (speedup: the baseline).",
+                        flag_values=values)
+    flags.DEFINE_list("optimizers", None, "speedup only: the optimizers compared, the "
+                      "baseline (--optimizer) among them (default: the preset's).",
+                      flag_values=values)
     return values
 
 
@@ -1723,6 +2294,8 @@ def run_study(plan, log=print) -> tuple[dict, str]:
     compiling = compile_seconds() - before
     results.update(preset=plan.preset_name, preset_settings=plan.preset._asdict(),
                    optimizer=plan.optimizer, seeds=plan.seeds)
+    if plan.optimizers:
+        results.update(optimizers=list(plan.optimizers))
     lines = render(plan, results)
     lines += timing_section(results, trained, len(results["runs"]) - trained,
                             compiling, matmul_flops_per_second())
@@ -1745,7 +2318,7 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     with cli.usage_errors():
         plan = make_plan(values.what, values.preset, values.workdir, values.seeds,
-                         values.optimizer)
+                         values.optimizer, values.optimizers)
     with workdir_lib.lock(plan.workdir):
         _, text = run_study(plan)
     print(text)

@@ -5,7 +5,8 @@ fits themselves: tests/test_scaling_fits.py.
 
 Time (2 CPU cores shared with other jobs, load average 5-7, 2026-12-06): 55-67 s (43-48 s of
 CPU) with a cold compilation cache, ~45 s (33 s of CPU) with the tests' cache warm. Compiling
-dominates: each smoke preset compiles one init and one train program holding all its lanes."""
+dominates: each smoke preset compiles two init programs (params, optimizer states) and one train
+program holding all its lanes."""
 import json
 import shutil
 import tomllib
@@ -28,9 +29,9 @@ def isoflop_dir(tmp_path_factory):
     programs = len(scaling_study._PROGRAMS)
     assert scaling_study.main(["--what=isoflop", "--preset=smoke",
                                f"--workdir={workdir}"]) == 0
-    # every size and budget in one train program (and one init program): the budgets share
-    # it, the cosine's length being data
-    assert len(scaling_study._PROGRAMS) - programs == 2
+    # every size and budget in one train program (and one init program each of the params
+    # and the optimizer states): the budgets share it, the cosine's length being data
+    assert len(scaling_study._PROGRAMS) - programs == 3
     return workdir
 
 
