@@ -197,16 +197,30 @@ class Checkpoints:
 
 
 class _FailedReadFilter(std_logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of Orbax's array reads.
+    """Drops asyncio's "... exception was never retrieved" reports of Orbax's array reads.
     Reading a damaged checkpoint fails in several of Orbax's parallel read tasks; the first
     failure is raised (and reported in one line), the others are left to the garbage
     collector, which logs each with a 60-line spec of the array, at any later moment
-    (often as the process exits, after its last line)."""
+    (often as the process exits, after its last line). asyncio words it after what was
+    dropped: a Task, a Future (TensorStore's read) or a _GatheringFuture (Orbax's gather of
+    an array's reads); a report is Orbax's when its message or its traceback names Orbax
+    or TensorStore."""
 
     def filter(self, record):
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved")
-                    and "orbax" in message)
+        return not ("exception was never retrieved" in message
+                    and _from_orbax_read(message, record.exc_info))
+
+
+def _from_orbax_read(message, exc_info) -> bool:
+    if any(name in message for name in ("orbax", "OCDBT", "TensorStore")):
+        return True
+    frame = exc_info[2] if exc_info else None
+    while frame is not None:
+        if "orbax" in frame.tb_frame.f_code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _hush_failed_reads():
