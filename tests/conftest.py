@@ -29,15 +29,19 @@ jax.config.update("jax_num_cpu_devices", 8)
 # `make test` runs each file whole on one of 2 workers (--dist loadfile), handing files out
 # in collection order (the Makefile turns off xdist's reordering by test count): a heavy file
 # collected last runs alone at the end. Heaviest first, by the seconds each took in a full
-# run (2026-12-06, 2 cores); the order of tests within a file is kept.
-HEAVY_FILES_FIRST = ("test_race.py", "test_train.py", "test_benchmarks.py", "test_workflow.py",
-                     "test_demos.py", "test_sharding.py", "test_pipeline.py",
-                     "test_clients.py", "test_kfac.py", "test_muon.py", "test_bench.py",
-                     "test_scaling_study.py", "test_diagnostics.py", "test_accounting_hlo.py",
-                     "test_train_sophia_schedule_free.py", "test_mup.py", "test_faults.py",
-                     "test_zero.py", "test_first_order.py", "test_mup_demos.py",
-                     "test_lesson_precision.py", "test_blocks.py", "test_shampoo.py",
-                     "test_optax_contrib.py", "test_readme.py", "test_lessons.py")
+# run from a clean clone (2026-12-06, 2 cores, 17:16 UTC); the order of tests within a file
+# is kept.
+HEAVY_FILES_FIRST = ("test_race.py", "test_benchmarks.py", "test_train.py", "test_workflow.py",
+                     "test_first_order.py", "test_clients.py", "test_sharding.py",
+                     "test_demos.py", "test_optax_contrib.py", "test_pipeline.py",
+                     "test_kfac.py", "test_optax_alias.py", "test_shampoo.py", "test_muon.py",
+                     "test_models.py", "test_accounting_hlo.py", "test_scaling_study.py",
+                     "test_mup_demos.py", "test_lessons.py",
+                     "test_train_sophia_schedule_free.py", "test_mup.py",
+                     "test_new_optimizers.py", "test_bench.py", "test_diagnostics.py",
+                     "test_landscape.py", "test_lesson_warmup.py", "test_faults.py",
+                     "test_blocks.py", "test_readme.py", "test_zero.py", "test_soap.py",
+                     "test_sophia.py", "test_speedup_study.py", "test_packaging.py")
 
 
 def pytest_collection_modifyitems(items):
