@@ -2,24 +2,45 @@
 
 No timing is asserted (times depend on the machine); the tests check that every candidate
 gets a row, that state sizes are the true ones and that the ratio columns are ratios.
+
+Every run is a `python -m` process of its own (its exit status, its stdout and stderr, one
+CPU device), forked by tests/scripts.py's `Jobs` from one server that imported what the
+benchmarks import: a fresh start spends 3-4 s of CPU on imports, more than a bad flag run.
 """
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-ENV.pop("JAX_NUM_CPU_DEVICES", None)
+from tests.scripts import Jobs
+
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+# What the benchmarks import, none of it a module that defines flags (bench_shampoo's and
+# race's `--optimizers` would clash in a child that runs the other).
+PRELOAD = ["ravine.optim", "ravine.models", "flax.linen", "optax",
+           "ravine.experiments.runtime.cli", "ravine.experiments.runtime.train_lib",
+           "ravine.experiments.runtime.timing", "ravine.experiments.runtime.loop",
+           "ravine.experiments.runtime.sweep", "ravine.experiments.race_stats",
+           "ravine.experiments.configs.lm", "matplotlib.pyplot"]
 
 
-def run_script(module, *flags):
-    return subprocess.run(
-        [sys.executable, "-m", f"ravine.experiments.benchmarks.{module}", *flags], cwd=REPO,
-        env=ENV, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    # As before, when each run was `subprocess.run`: JAX on the CPU, one device (the
+    # worker's 8 emulated devices are a config update, not this environment).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    server = Jobs(str(tmp_path_factory.mktemp("bench_jobs")), env, PRELOAD)
+    try:
+        # What the preloaded imports print would lead each process's stderr.
+        assert server.import_noise() == ""
+        yield server
+    finally:
+        server.close()
+
+
+def run_script(jobs, module, *flags):
+    return jobs.run([f"ravine.experiments.benchmarks.{module}", *flags], timeout=600)
 
 
 def table_rows(stdout, names):
@@ -41,16 +62,25 @@ def printed_ratio_is(ratio, a, b, digit, ratio_digit):
     return low - half_ratio <= ratio <= high + half_ratio
 
 
-# The smoke-test command in experiments/benchmarks/bench_shampoo.py's docstring (no reference).
-SHAMPOO_SMOKE = ["--d_model=64", "--vocab_size=64", "--block_size=32", "--precondition_every=2",
-                 "--steps_per_call=2", "--reps=1", "--calls=1", "--reference_dir=",
-                 "--train_step", "--lm_d_model=32", "--lm_layers=1", "--lm_seq_len=16",
-                 "--lm_batch=2", "--lm_shampoo=shampoo_eigh,shampoo_newton_bf16x6"]
+# Smaller than the smoke-test command in experiments/benchmarks/bench_shampoo.py's docstring
+# (no reference), for compile time, which is nearly all of the run: it grows with the leaves
+# and with the distinct block shapes (eigh is unrolled per block on the CPU, and Newton
+# compiles a loop per block shape). The pytree: --n_layers=0, the embedding, final norm and
+# head (matrices and a vector, the kinds every candidate treats apart), 256 x 256 matrices
+# in one block shape; 0.13M params, more than the docstring's 0.11M, so the state sizes,
+# printed to 0.1 MiB, are checked as closely (AdamW's 1.0 MiB). The LM: the narrowest (width
+# 16, one transformer block), all of whose leaves fit one Shampoo block, so its two Shampoo
+# train steps compile the fewest block shapes. One untimed warm-up call instead of two.
+SHAMPOO_SMOKE = ["--d_model=256", "--vocab_size=256", "--n_layers=0", "--block_size=256",
+                 "--precondition_every=2", "--steps_per_call=2", "--reps=1", "--calls=1",
+                 "--warmup=1", "--reference_dir=", "--train_step", "--lm_d_model=16",
+                 "--lm_layers=1", "--lm_seq_len=16", "--lm_batch=2",
+                 "--lm_shampoo=shampoo_eigh,shampoo_newton_bf16x6"]
 
 
 @pytest.mark.slow
-def test_bench_shampoo_reports_every_candidate_and_the_true_state_sizes():
-    done = run_script("bench_shampoo", *SHAMPOO_SMOKE)
+def test_bench_shampoo_reports_every_candidate_and_the_true_state_sizes(jobs):
+    done = run_script(jobs, "bench_shampoo", *SHAMPOO_SMOKE)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     n_params = float(re.search(rf"params: ({NUMBER})M float32", out).group(1)) * 1e6
@@ -78,9 +108,12 @@ def test_bench_shampoo_reports_every_candidate_and_the_true_state_sizes():
 
 
 @pytest.mark.slow
-def test_bench_optimizers_reports_ours_against_optax():
-    done = run_script("bench_optimizers", "--d_model=32", "--n_layers=1", "--vocab_size=64",
-                      "--reps=2", "--calls=2", "--steps_per_call=2")
+def test_bench_optimizers_reports_ours_against_optax(jobs):
+    # --n_layers=0: the embedding, final norm and head (matrices and a vector), a quarter of
+    # the leaves to compile for each of the 17 programs; vocab 128 x width 32 = 4096
+    # entries per matrix, 8-bit AdamW's min_8bit_size, so its moments are quantized.
+    done = run_script(jobs, "bench_optimizers", "--d_model=32", "--n_layers=0",
+                      "--vocab_size=128", "--reps=2", "--calls=2", "--steps_per_call=2")
     assert done.returncode == 0, done.stderr
     against_optax = ["adamw", "lion", "sgd_nesterov", "ademamix", "adopt"]
     rows = table_rows(done.stdout, against_optax)
@@ -116,18 +149,18 @@ def test_bench_optimizers_reports_ours_against_optax():
     ("bench_optimizers", ["--reps=0"], "reps"),
     ("bench_optimizers", ["extra"], "extra"),
 ])
-def test_bad_flags_exit_2_with_one_line_naming_them(module, flags, bad):
-    done = run_script(module, *flags)
+def test_bad_flags_exit_2_with_one_line_naming_them(jobs, module, flags, bad):
+    done = run_script(jobs, module, *flags)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and bad in lines[0], done.stderr
 
 
 @pytest.mark.slow
-def test_bench_race_times_the_grid_three_ways_with_ratios():
+def test_bench_race_times_the_grid_three_ways_with_ratios(jobs):
     # --noshampoo: Shampoo's two sweeps would double the time; its line is the same
     # arithmetic on the same clocks.
-    done = run_script("bench_race", "--steps=3", "--grid_lrs=2", "--grid_seeds=1",
+    done = run_script(jobs, "bench_race", "--steps=3", "--grid_lrs=2", "--grid_seeds=1",
                       "--run_evals=1", "--noshampoo")
     assert done.returncode == 0, done.stderr
     out = done.stdout
