@@ -24,7 +24,8 @@ What it does, per workload of the suite (`experiments.workloads`) and per optimi
    default is an int (Shampoo's `precondition_every`) are compile-time constants: trials
    are grouped by them, one program per value. The optimizer's integer step counters stay
    unbatched, as in the race's sweep, so a refresh `lax.cond` stays a cond. An optimizer
-   whose spec is not `vmappable` (extra update arguments, Schedule-Free) runs trial by trial
+   whose spec is not `vmappable` (extra update arguments, Schedule-Free), or any optimizer
+   on a workload that is not (`Workload.vmappable`: the conv net), runs trial by trial
    through one program with its hyperparameters still as data; one with a train step of its
    own (K-FAC) is skipped with one line. A `constant_lr` spec gets a constant lr and its
    warmup fraction goes to its own `warmup_hparam`.
@@ -481,7 +482,7 @@ class PairRunner:
         self.space = search_space(name, plan.lr_factor)
         self.static = static_knobs(name, self.space)
         self.fixed = fixed_hparams(name, self.space)
-        self.vectorized = optim.spec(name).vmappable
+        self.vectorized = optim.spec(name).vmappable and workload.vmappable
         self.programs = {}
 
     def trials(self):

@@ -171,6 +171,17 @@ def test_vmapped_trials_equal_the_same_trials_one_by_one(user_workload, user_opt
         assert len(alone.programs) == len(together.programs)   # hyperparameters are data
 
 
+def test_a_workload_that_is_not_vmappable_runs_its_trials_one_by_one(user_workload):
+    wl = workloads.get("user_lines")._replace(vmappable=False)
+    plan = bench.make_plan("unused", suite=["user_lines"], optimizers=["adamw"], trials=3,
+                           studies=2)
+    runner = bench.PairRunner(wl, "adamw", plan, None)
+    assert not runner.vectorized
+    assert [len(group) for group in runner.groups(runner.trials())] == [1] * 6
+    # the conv net is the built-in that is not (its vmapped step is slower on XLA:CPU)
+    assert not workloads.get("digits_cnn").vmappable and workloads.get("digits_mlp").vmappable
+
+
 # ---------------------------------------------------------------------- flags and resume
 
 def test_bad_flag_values_are_usage_errors_naming_them(tmp_path):
