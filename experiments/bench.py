@@ -24,10 +24,10 @@ What it does, per workload of the suite (`experiments.workloads`) and per optimi
    default is an int (Shampoo's `precondition_every`) are compile-time constants: trials
    are grouped by them, one program per value. The optimizer's integer step counters stay
    unbatched, as in the race's sweep, so a refresh `lax.cond` stays a cond. An optimizer
-   whose spec is not `vmappable` (extra update arguments, Schedule-Free), or any optimizer
-   on a workload that is not (`Workload.vmappable`: the conv net), runs trial by trial
+   whose spec is not `vmappable` (extra update arguments, Schedule-Free) runs trial by trial
    through one program with its hyperparameters still as data; one with a train step of its
-   own (K-FAC) is skipped with one line. A `constant_lr` spec gets a constant lr and its
+   own (K-FAC) is skipped with one line. A workload without `batched_steps` (the conv net)
+   runs every optimizer trial by trial and step by step (one compiled step per call). A `constant_lr` spec gets a constant lr and its
    warmup fraction goes to its own `warmup_hparam`.
 3. Scores. Per workload a target: the workload's own, or the baseline's (`--baseline`,
    default adamw) median over studies of its best eval metric (the upper of the two middle
@@ -411,11 +411,13 @@ class Program:
 
     `vectorized`: the trials side by side under `jax.vmap` (every array with a leading trial
     axis, the integer step counters unbatched); else a single trial, no trial axis.
+    `scanned`: `chunk` is one program; else (`Workload.batched_steps` False) it calls one
+    compiled step `every` times, then a compiled evaluation.
     """
 
     def __init__(self, workload, name, static, total_steps, every, vectorized,
-                 example_params, example_hparams):
-        self.vectorized, self.every = vectorized, every
+                 example_params, example_hparams, scanned=True):
+        self.vectorized, self.every, self.scanned = vectorized, every, scanned
         fns = trial_fns(workload, name, static, total_steps)
         abstract = jax.eval_shape(fns.init, example_params, example_hparams)
         mask = shared_counters(abstract)
@@ -435,32 +437,53 @@ class Program:
         else:
             init, step, evaluate = fns
 
-        def chunk(carry, batches, hparams, seeds, start):
-            def body(carry, xs):
-                batch, index = xs
-                params, opt_state, loss = step(*carry, batch, hparams, seeds, index)
-                return (params, opt_state), loss
+        def one_step(carry, batch, hparams, seeds, index):
+            params, opt_state, loss = step(*carry, batch, hparams, seeds, index)
+            return (params, opt_state), loss
 
+        def chunk(carry, batches, hparams, seeds, start):
             indices = start + jnp.arange(every, dtype=jnp.int32)
-            carry, losses = jax.lax.scan(body, carry, (batches, indices))
+            carry, losses = jax.lax.scan(
+                lambda carry, xs: one_step(carry, xs[0], hparams, seeds, xs[1]), carry,
+                (batches, indices))
             return carry, losses.mean(0), evaluate(*carry)
 
         self.init = jax.jit(init)
-        self._chunk = jax.jit(chunk, donate_argnums=(0,))
+        if scanned:
+            self._jitted = (jax.jit(chunk, donate_argnums=(0,)),)
+        else:
+            self._jitted = (jax.jit(one_step, donate_argnums=(0,)),
+                            jax.jit(lambda carry: evaluate(*carry)))
         self._compiled = None
         self.compile_seconds = 0.0
 
     def compile(self, carry, batches, hparams, seeds, start):
-        """Compiles `chunk` for these argument shapes (once; timed in `compile_seconds`)."""
+        """Compiles the chunk's program(s) for these argument shapes (once; timed in
+        `compile_seconds`)."""
         if self._compiled is None:
             began = time.perf_counter()
-            self._compiled = self._chunk.lower(carry, batches, hparams, seeds, start).compile()
+            if self.scanned:
+                (chunk,) = self._jitted
+                self._compiled = (chunk.lower(carry, batches, hparams, seeds, start).compile(),)
+            else:
+                step, evaluate = self._jitted
+                batch = jax.tree.map(lambda leaf: leaf[0], batches)
+                self._compiled = (step.lower(carry, batch, hparams, seeds, start).compile(),
+                                  evaluate.lower(carry).compile())
             self.compile_seconds = time.perf_counter() - began
 
     def chunk(self, carry, batches, hparams, seeds, start):
         """`every` steps of every trial, then an evaluation: (carry, mean losses, metrics)."""
         self.compile(carry, batches, hparams, seeds, start)
-        return self._compiled(carry, batches, hparams, seeds, start)
+        if self.scanned:
+            return self._compiled[0](carry, batches, hparams, seeds, start)
+        step, evaluate = self._compiled
+        losses = []
+        for i in range(self.every):
+            batch = jax.tree.map(lambda leaf: leaf[i], batches)   # noqa: B023 - used at once
+            carry, loss = step(carry, batch, hparams, seeds, np.int32(start + i))
+            losses.append(loss)
+        return carry, jnp.mean(jnp.stack(losses), 0), evaluate(carry)
 
 
 def _stack(trees):
@@ -482,7 +505,7 @@ class PairRunner:
         self.space = search_space(name, plan.lr_factor)
         self.static = static_knobs(name, self.space)
         self.fixed = fixed_hparams(name, self.space)
-        self.vectorized = optim.spec(name).vmappable and workload.vmappable
+        self.vectorized = optim.spec(name).vmappable and workload.batched_steps
         self.programs = {}
 
     def trials(self):
@@ -512,7 +535,8 @@ class PairRunner:
         if key not in self.programs:
             static = {**self.fixed, **dict(zip(self.static, static_values))}
             self.programs[key] = Program(self.workload, self.name, static, self.steps,
-                                         self.every, self.vectorized, params, hparams)
+                                         self.every, self.vectorized, params, hparams,
+                                         scanned=self.workload.batched_steps)
         return self.programs[key]
 
     def _batches(self, seeds, start):
@@ -585,7 +609,8 @@ class PairRunner:
         n = len(trials)
         compile_seconds = sum(p.compile_seconds for p in self.programs.values())
         wall = time.perf_counter() - began
-        mode = "vmap" if self.vectorized else "one by one"
+        mode = ("vmap" if self.vectorized else "one by one") + \
+            ("" if self.workload.batched_steps else ", step by step")
         log(f"bench: {self.workload.name} / {self.name}: {n} trials in {len(self.programs)} "
             f"program(s) ({mode}), {self.steps} steps, {wall:.1f} s (compile "
             f"{compile_seconds:.1f} s)")

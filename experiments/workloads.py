@@ -73,9 +73,10 @@ class Workload(NamedTuple):
         for optimizers that sample labels from the model (Sophia's GNB); None if there are
         no logits.
       examples_per_step: loss terms a step averages (tokens for an LM; default batch_size).
-      vmappable: whether trials may share one `jax.vmap`-ed program (the benchmark's
-        default); False runs them one after another through one shared program, for models
-        whose vmapped step is slower than that (XLA:CPU's batch-grouped convolutions).
+      batched_steps: whether the benchmark may batch the steps of its trials: the trials
+        side by side under `jax.vmap`, a chunk of steps in one `lax.scan` (the default).
+        False: each trial alone, one compiled step per call, through programs the trials
+        share, for models that XLA compiles badly batched (a conv net on XLA:CPU).
     """
     name: str
     description: str
@@ -91,7 +92,7 @@ class Workload(NamedTuple):
     target: float | None = None
     logits_fn: Callable[[Any, Any], Any] | None = None
     examples_per_step: int | None = None
-    vmappable: bool = True
+    batched_steps: bool = True
 
 
 _FACTORIES: dict[str, Callable[[], Workload]] = {}   # name -> factory, registration order
@@ -247,7 +248,7 @@ def _digits_batch(batch_size, images=False):
     return batch
 
 
-def _classifier(name, model, example, batch_size, steps, images, what, vmappable=True):
+def _classifier(name, model, example, batch_size, steps, images, what, batched_steps=True):
     _, _, x_test, y_test = digits_split()
     x_test = x_test.reshape(-1, 8, 8, 1) if images else x_test
 
@@ -273,7 +274,7 @@ def _classifier(name, model, example, batch_size, steps, images, what, vmappable
                      "test error on the 450 held-out images."),
         init=init, loss_fn=loss_fn, batch=_digits_batch(batch_size, images), eval=evaluate,
         steps=steps, batch_size=batch_size, n_params=n_params, data=DIGITS_DATA,
-        metric="test error", logits_fn=logits_fn, vmappable=vmappable)
+        metric="test error", logits_fn=logits_fn, batched_steps=batched_steps)
 
 
 def digits_mlp(hidden=(128, 128), batch_size=64, steps=600) -> Workload:
@@ -296,12 +297,14 @@ class DigitsCNN(nn.Module):
 
 def digits_cnn(batch_size=64, steps=600) -> Workload:
     """A small conv net (`DigitsCNN`) classifying the digits; metric test error."""
-    # Not vmappable: vmapping the conv net's step over trials makes XLA:CPU's convolutions
-    # batch-grouped, 151.6 ms for 15 AdamW trials against 1.87 ms for one (5.4x slower than
-    # one by one; `jax.vmap` of the jitted step, batch 64, 2 cores, 2026-12-06).
+    # Steps not batched: XLA:CPU makes the vmapped convolutions batch-grouped (a step of 15
+    # AdamW trials 151.6 ms against 1.87 ms for one) and runs them inside a loop's body
+    # without its fast kernels (one trial's step in a 30-step `lax.scan`: 44.8 ms against
+    # 2.6 ms called one by one; any unroll short of the whole loop the same). 2 cores, batch
+    # 64, 2026-12-06.
     return _classifier("digits_cnn", DigitsCNN(), jnp.zeros((1, 8, 8, 1)), batch_size, steps,
                        True, "conv net 3x3x16, 3x3x32, 2x2 avg pool, linear head",
-                       vmappable=False)
+                       batched_steps=False)
 
 
 AUTOENCODER_WIDTHS = (128, 64, 32, 8)   # encoder; the decoder mirrors it back to 64 pixels

@@ -47,11 +47,39 @@ def run_updates(tx, params, grads_seq):
     return out
 
 
+def stack_trees(trees):
+    """A list of same-shaped trees as one tree of arrays with a leading step axis."""
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+
+
+def scan_updates(txs, params, grads_seq, compiler_options=None):
+    """Each transform's updates on the gradient trees `grads_seq`, stacked along a leading
+    step axis, with params moved by its own updates (as `run_updates`: `init`, then `update`
+    step after step). All the transforms' inits and steps run as one compiled `lax.scan`
+    program: one compile instead of one per transform, no op-by-op init and no dispatch per
+    step (for 20 steps or more, cheaper than a loop of jitted steps)."""
+    import optax
+
+    def run(tx, params, grads):
+        def step(carry, g):
+            params, state = carry
+            updates, state = tx.update(g, state, params)
+            return (optax.apply_updates(params, updates), state), updates
+        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
+
+    program = jax.jit(lambda params, grads: [run(tx, params, grads) for tx in txs],
+                      compiler_options=compiler_options)
+    return jax.device_get(program(params, stack_trees(grads_seq)))
+
+
 def assert_same_updates(ours, theirs, steps=100, seed=0, shapes=None, rtol=1e-5, atol=1e-7,
-                        numpy_draws=False):
+                        numpy_draws=False, scanned=False, compiler_options=None):
     """Runs both transforms `steps` steps on the same random params and gradients and
     compares their updates. `numpy_draws`: the params and gradients from `numpy_tree`
-    (params from seed `seed`, step t's gradients from (seed, 1 + t)) instead of jax.random."""
+    (params from seed `seed`, step t's gradients from (seed, 1 + t)) instead of jax.random.
+    `scanned`: both transforms' steps in one program (`scan_updates`, with
+    `compiler_options`) instead of a jitted step each; every step's update of every leaf is
+    compared either way."""
     if numpy_draws:
         params = numpy_tree(seed, shapes)
         grads_seq = [numpy_tree((seed, 1 + t), shapes) for t in range(steps)]
@@ -59,6 +87,12 @@ def assert_same_updates(ours, theirs, steps=100, seed=0, shapes=None, rtol=1e-5,
         pkey, gkey = jax.random.split(jax.random.key(seed))
         params = random_tree(pkey, shapes)
         grads_seq = [random_tree(k, shapes) for k in jax.random.split(gkey, steps)]
+    if scanned:
+        a, b = scan_updates([ours, theirs], params, grads_seq, compiler_options)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol,
+                                       err_msg=f"leaf {name}, axis 0 the step")
+        return
     for t, (a, b) in enumerate(zip(run_updates(ours, params, grads_seq),
                                    run_updates(theirs, params, grads_seq))):
         for name in a:

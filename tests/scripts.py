@@ -170,6 +170,12 @@ class Job:
             return f.read(), self.stderr()
 
 
+def json_lines(path):
+    """The records of a JSON-lines file a job wrote (a study's runs.jsonl, a race's logs)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def demo_runs(folder, runs):
     """{key: CompletedProcess} of `runs`, {key: (demo name, flags)}, each run as `python -m
     ravine.experiments.demos.<name> <flags>` by a child of one process that imported what the

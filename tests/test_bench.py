@@ -171,15 +171,27 @@ def test_vmapped_trials_equal_the_same_trials_one_by_one(user_workload, user_opt
         assert len(alone.programs) == len(together.programs)   # hyperparameters are data
 
 
-def test_a_workload_that_is_not_vmappable_runs_its_trials_one_by_one(user_workload):
-    wl = workloads.get("user_lines")._replace(vmappable=False)
-    plan = bench.make_plan("unused", suite=["user_lines"], optimizers=["adamw"], trials=3,
-                           studies=2)
-    runner = bench.PairRunner(wl, "adamw", plan, None)
-    assert not runner.vectorized
-    assert [len(group) for group in runner.groups(runner.trials())] == [1] * 6
-    # the conv net is the built-in that is not (its vmapped step is slower on XLA:CPU)
-    assert not workloads.get("digits_cnn").vmappable and workloads.get("digits_mlp").vmappable
+def test_a_workload_without_batched_steps_runs_each_trial_step_by_step_alike(user_workload):
+    wl = workloads.get("user_lines")
+    plan = bench.make_plan("unused", suite=["user_lines"], optimizers=["adamw"], trials=2,
+                           studies=1)._replace(step_scale=1.0, evals=4)
+    params = {0: jax.device_get(wl.init(jax.random.key(0)))}
+    scanned = bench.PairRunner(wl, "adamw", plan, params.__getitem__)
+    scanned.vectorized = False
+    stepwise = bench.PairRunner(wl._replace(batched_steps=False), "adamw", plan,
+                                params.__getitem__)
+    assert not stepwise.vectorized
+    trials = stepwise.trials()
+    assert [len(group) for group in stepwise.groups(trials)] == [1, 1]
+    for trial in trials:
+        (curve, ), losses, _ = stepwise.run_group([trial])
+        (expected, ), expected_losses, _ = scanned.run_group([trial])
+        np.testing.assert_allclose(np.array(curve), np.array(expected), rtol=1e-5)
+        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    assert len(stepwise.programs) == 1 and not stepwise.programs[((), 1)].scanned
+    # the conv net is the built-in without (XLA:CPU compiles its batched steps badly)
+    assert not workloads.get("digits_cnn").batched_steps
+    assert workloads.get("digits_mlp").batched_steps
 
 
 # ---------------------------------------------------------------------- flags and resume

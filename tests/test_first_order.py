@@ -13,6 +13,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ravine import optim
+from tests import oracle
 from tests.oracle import numpy_tree
 
 LR = 0.01
@@ -33,39 +34,11 @@ LARGE_SHAPES = {"bias": (130,), "narrow": (127, 160), "dense": (128, 160), "stac
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 
 
-def _stack(trees):
-    """A list of same-shaped trees as one tree of arrays with a leading step axis."""
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
-
-
-def _scan_updates(txs, params, grads_seq):
-    """Each transform's updates on the gradient trees `grads_seq`, stacked along a leading
-    step axis, with params moved by its own updates (as `tests.oracle.run_updates`: `init`,
-    then `update` step after step). All the transforms' inits and steps run as one compiled
-    `lax.scan` program: one compile instead of one per transform, no op-by-op init and no
-    dispatch per step (for 20 steps or more, cheaper than a loop of jitted steps)."""
-    def run(tx, params, grads):
-        def step(carry, g):
-            params, state = carry
-            updates, state = tx.update(g, state, params)
-            return (optax.apply_updates(params, updates), state), updates
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
-
-    program = jax.jit(lambda params, grads: [run(tx, params, grads) for tx in txs],
-                      compiler_options=FAST_COMPILE)
-    return jax.device_get(program(params, _stack(grads_seq)))
-
-
-def assert_same_updates(ours, theirs, steps=100, seed=0, shapes=None, rtol=1e-5, atol=1e-7):
-    """`tests.oracle.assert_same_updates(..., numpy_draws=True)` (the same params, gradients,
-    steps and tolerances) with both transforms' steps in one scanned program
-    (`_scan_updates`): every step's update of every leaf is compared."""
-    params = numpy_tree(seed, shapes)
-    grads_seq = [numpy_tree((seed, 1 + t), shapes) for t in range(steps)]
-    a, b = _scan_updates([ours, theirs], params, grads_seq)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol,
-                                   err_msg=f"leaf {name}, axis 0 the step")
+# The steps of both transforms as one scanned program (tests.oracle.scan_updates), on
+# numpy-drawn params and gradients.
+assert_same_updates = functools.partial(oracle.assert_same_updates, numpy_draws=True,
+                                        scanned=True, compiler_options=FAST_COMPILE)
+_stack = oracle.stack_trees
 
 
 def _momentum_wd_chain(momentum, nesterov, weight_decay, mask, learning_rate):
@@ -369,7 +342,7 @@ def _complex_tree(seed, shapes=COMPLEX_SHAPES):
 
 def _assert_same_complex_updates(ours, theirs, steps=20):
     """Both transforms on the same complex gradients, params moved by ours' updates (the
-    steps as one scanned program, as `_scan_updates`)."""
+    steps as one scanned program, as `tests.oracle.scan_updates`)."""
     def step(carry, grads):
         params, our_state, their_state = carry
         updates, our_state = ours.update(grads, our_state, params)

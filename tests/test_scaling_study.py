@@ -16,11 +16,7 @@ import numpy as np
 import pytest
 
 from ravine.experiments import scaling_study, workloads
-
-
-def _records(workdir):
-    with open(workdir / scaling_study.RUNS_FILE) as f:
-        return [json.loads(line) for line in f]
+from tests.scripts import json_lines
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def test_isoflop_smoke_reports_the_numbers_of_its_runs(isoflop_dir):
     report = (isoflop_dir / scaling_study.REPORT_FILE).read_text()
     assert (isoflop_dir / "isoflop.png").stat().st_size > 10_000
     preset = scaling_study.PRESETS["isoflop"]["smoke"]
-    records = _records(isoflop_dir)
+    records = json_lines(isoflop_dir / scaling_study.RUNS_FILE)
     assert len(records) == len(preset.budgets) * len(preset.sizes) * preset.seeds
     cells = {}
     for record in sorted(records, key=lambda r: r["key"]["seed"]):
@@ -109,7 +105,7 @@ def test_ffn_smoke_writes_the_table_of_the_eight_variants(tmp_path):
     report = (tmp_path / scaling_study.REPORT_FILE).read_text()
     assert (tmp_path / "ffn.png").stat().st_size > 5_000
     by_variant = {}
-    for record in sorted(_records(tmp_path), key=lambda r: r["key"]["seed"]):
+    for record in sorted(json_lines(tmp_path / scaling_study.RUNS_FILE), key=lambda r: r["key"]["seed"]):
         by_variant.setdefault(record["key"]["mlp"], []).append(record["result"])
     assert sorted(by_variant) == sorted(scaling_study.FFN_NAMES)
     params = set()

@@ -17,13 +17,9 @@ import pytest
 
 from ravine.experiments import bench, scaling_study, workloads
 from ravine.experiments.runtime import cli
+from tests.scripts import json_lines
 
 SMOKE = scaling_study.PRESETS["speedup"]["smoke"]
-
-
-def _records(workdir):
-    with open(workdir / scaling_study.RUNS_FILE) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def test_smoke_preset_writes_the_speedups_their_slope_and_the_figure(smoke_dir):
     assert params[-1] / params[0] >= 8
     # every run: the baseline at each multiple and the other at 1x, every seed; the grid's
     # runs are the narrowest size's 1x runs, the re-tune's (x1, seed 0) the widest size's
-    records = _records(smoke_dir)
+    records = json_lines(smoke_dir / scaling_study.RUNS_FILE)
     assert SMOKE.lr_factors == SMOKE.retune_factors == (1.0,)
     expected = SMOKE.seeds * len(SMOKE.sizes) * (len(SMOKE.multiples) + 1)
     assert len(records) == results["n_runs"] == expected
