@@ -38,10 +38,12 @@ What it does, per workload of the suite (`experiments.workloads`) and per optimi
    `scoring.algoperf_score` (r_max = 4) and `scoring.bootstrap_score` intervals over
    studies, `scoring.performance_profile` (DIR/performance_profile.png), the end-of-training
    metric of each study's best trial with a paired t-test against the baseline (studies
-   share seeds), and when the ranking settles (`scoring.ranking_stability`).
+   share seeds), when the ranking settles (`scoring.ranking_stability`), and the tuning
+   budget's curve: the expected best of k trials against k (`scoring.expected_best`, Dodge
+   et al. 2019) with bootstrap bands (DIR/tuning_budget.png).
 
 Outputs: DIR/results.json (everything the report is rendered from), DIR/report.md (printed)
-and DIR/performance_profile.png. Resumable after SIGKILL: each (workload, optimizer) result
+DIR/performance_profile.png and DIR/tuning_budget.png. Resumable after SIGKILL: each (workload, optimizer) result
 is written to DIR/runs/<workload>/<optimizer>.json atomically when done and read back on a
 rerun with the same settings; a resumed run's report equals an uninterrupted one's above its
 "Wall clock" section (the only place timings enter). Bad flags exit 2 with one line.
@@ -51,8 +53,6 @@ Speedup against model size: `--preset=scale` also runs the scaling study's `spee
 LM ladder's width rungs with the bench's optimizers and baseline, in DIR/speedup/ (its
 runs.jsonl, resumable as the study is; its own report.md and results.json); its tables join
 DIR/report.md above the wall clock, and DIR/speedup_vs_size.png is written.
-
-Not yet (issue 29): ranking-stability plots, `tuning_budget.png`.
 """
 import contextlib
 import inspect
@@ -81,6 +81,7 @@ from ravine.experiments.runtime.timing import matmul_flops_per_second
 R_MAX = 4.0
 BOOTSTRAP_RESAMPLES = 2000
 RESULTS_FILE, REPORT_FILE, PROFILE_FILE = "results.json", "report.md", "performance_profile.png"
+BUDGET_FILE = "tuning_budget.png"
 SPEEDUP_FILE = scaling_study.FIGURES["speedup"]   # speedup_vs_size.png
 RUNS_DIR, SPEEDUP_DIR = "runs", "speedup"
 TIMING_HEADING = "## Wall clock"   # everything measured in seconds sits below it
@@ -677,7 +678,8 @@ def run_benchmark(plan, log=print) -> dict:
                     "steps": steps, "budget_steps": workload.steps, "every": every,
                     "batch_size": workload.batch_size, "data": workload.data,
                     "metric": workload.metric, "target": workload.target,
-                    "model_flops_per_step": model_flops_per_step(workload)}
+                    "model_flops_per_step": model_flops_per_step(workload),
+                    "batched_steps": workload.batched_steps}
         cache, init = {}, jax.jit(workload.init)
 
         def initial_params(seed, cache=cache, init=init):  # one per study seed, shared
@@ -806,6 +808,34 @@ def summarize(results) -> dict:
     out["p_values"] = {w: {o: race_stats.paired_p_value(final[w][o], final[w][base])
                            for o in opts if o != base} for w in wls}
     out["stability"] = {w: _stability(pairs[w], opts, S) for w in wls}
+    out["tuning_budget"] = {w: _tuning_budget(pairs[w], opts) for w in wls}
+    return out
+
+
+def trial_bests(pair):
+    """Per trial: the best eval metric it reached (inf if none finite)."""
+    return [min((_metric(m) for _, m in t["curve"]), default=math.inf)
+            for t in pair["trials"]]
+
+
+def _tuning_budget(pairs, opts):
+    """Per optimizer the expected best of k trials drawn from its N x S trials, k = 1..N x S
+    (`scoring.expected_best`), with a 95% bootstrap interval over its trials; a trial that
+    never reached a finite metric counts as the worst best of any trial of the workload.
+    None for an optimizer without trials (or a workload where no trial is finite)."""
+    bests = {o: trial_bests(pairs[o]) for o in opts}
+    finite = [b for o in opts for b in bests[o] if math.isfinite(b)]
+    out = {}
+    for o in opts:
+        if not bests[o] or not finite:
+            out[o] = None
+            continue
+        values = [b if math.isfinite(b) else max(finite) for b in bests[o]]
+        ks = np.arange(1, len(values) + 1)
+        low, high = scoring.bootstrap_expected_best(values, ks, BOOTSTRAP_RESAMPLES, seed=0)
+        out[o] = {"ks": ks.tolist(), "expected": scoring.expected_best(values, ks).tolist(),
+                  "low": low.tolist(), "high": high.tolist(),
+                  "failed": sum(not math.isfinite(b) for b in bests[o])}
     return out
 
 
@@ -928,6 +958,23 @@ def render_report(results) -> str:
         else:
             taus = " ".join(_fmt(t, ".2f") for t in st["taus"])
             lines.append(f"| {w} | {_fmt(st['stable_from'])} of {st['last_step']} | {taus} |")
+    lines += ["", "## Tuning budget", "",
+              "Expected best eval metric of k trials drawn from an optimizer's "
+              f"{N * S} (with replacement; Dodge et al. 2019's expected validation "
+              "performance), with a 95% bootstrap interval over its trials; a trial that "
+              "never reached a finite metric counts as the worst best of the workload's "
+              f"trials. k = 1 is a single untuned trial, k = {N} one study's budget. The "
+              f"curves against k are in {BUDGET_FILE}.", "",
+              f"| workload | optimizer | k = 1 | k = {N} | k = {N * S} |", "|---|---|---|---|---|"]
+    for w in wls:
+        for o in opts:
+            curve = s["tuning_budget"][w][o]
+            if curve is None:
+                lines.append(f"| {w} | {o} | - | - | - |")
+                continue
+            cells = [f"{_fmt(curve['expected'][k - 1])} [{_fmt(curve['low'][k - 1])}, "
+                     f"{_fmt(curve['high'][k - 1])}]" for k in (1, N, N * S)]
+            lines.append(f"| {w} | {o} | " + " | ".join(cells) + " |")
     lines += ["", "## Best hyperparameters", "",
               "The trial with the best final metric over all studies.", "",
               "| workload | optimizer | hyperparameters |", "|---|---|---|"]
@@ -972,7 +1019,8 @@ def _timing_section(results, s):
         for o in opts:
             p = pairs[w][o]
             lines.append(f"| {w} | {o} | {p['programs']} | "
-                         f"{'vmap' if p['vectorized'] else 'one by one'} | "
+                         f"{'vmap' if p['vectorized'] else 'one by one'}"
+                         f"{'' if results['workloads'][w].get('batched_steps', True) else ', step by step'} | "
                          f"{_fmt(p['seconds_per_step'], '.2e')} | {p['compile_seconds']:.1f} |")
             total_seconds += p["run_seconds"]
             flops = results["workloads"][w]["model_flops_per_step"]
@@ -1021,14 +1069,43 @@ def plot_profiles(results, path, summary=None):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+def plot_tuning_budget(results, path, summary=None):
+    """Per workload the expected best metric against the number of trials, a line and its
+    95% bootstrap band per optimizer."""
+    s = summary or summarize(results)
+    wls = list(results["workloads"])
+    cols = min(3, len(wls))
+    rows = math.ceil(len(wls) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    for i, w in enumerate(wls):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for o, curve in s["tuning_budget"][w].items():
+            if curve is None:
+                continue
+            line, = ax.plot(curve["ks"], curve["expected"], marker=".", label=o)
+            ax.fill_between(curve["ks"], curve["low"], curve["high"], alpha=0.15,
+                            color=line.get_color())
+        ax.axvline(results["trials"], color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("trials k")
+        ax.set_ylabel(f"expected best {results['workloads'][w]['metric']}")
+        ax.set_title(w, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
 def write_outputs(workdir, results):
-    """DIR/results.json, DIR/report.md, DIR/performance_profile.png and, with a speedup
-    study, DIR/speedup_vs_size.png; returns the report."""
+    """DIR/results.json, DIR/report.md, DIR/performance_profile.png, DIR/tuning_budget.png
+    and, with a speedup study, DIR/speedup_vs_size.png; returns the report."""
     os.makedirs(workdir, exist_ok=True)
     write_atomically(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=1))
     text = render_report(results)
     write_atomically(os.path.join(workdir, REPORT_FILE), text)
-    plot_profiles(results, os.path.join(workdir, PROFILE_FILE))
+    summary = summarize(results)
+    plot_profiles(results, os.path.join(workdir, PROFILE_FILE), summary)
+    plot_tuning_budget(results, os.path.join(workdir, BUDGET_FILE), summary)
     if results.get("speedup"):
         scaling_study.plot_speedup(_speedup_plan(results["speedup"]), results["speedup"],
                                    os.path.join(workdir, SPEEDUP_FILE))

@@ -13,6 +13,9 @@ Pure numpy / scipy functions on small tables of results; the benchmark job
 - `ranking_stability`: Kendall's tau between the ranking at each evaluation and the final
   one (rankings can flip during training, Wen et al. 2025; Semenov et al. 2025,
   https://arxiv.org/abs/2509.01440).
+- `expected_best`, `bootstrap_expected_best`: the expected best result of k trials against
+  k, the tuning budget's curve (Dodge et al. 2019, "Show Your Work",
+  https://arxiv.org/abs/1909.03004).
 
     times = {"adamw": {"lm": 100.0, "digits": 50.0}, "muon": {"lm": 80.0, "digits": inf}}
     scoring.algoperf_score(times)   # {"adamw": 0.9583, "muon": 0.5}
@@ -515,3 +518,88 @@ def ranking_stability(rankings_over_time: Mapping[int, Mapping[str, float]],
         unsettled = np.nonzero(~settled)[0]
         stable_from = steps[unsettled[-1] + 1] if unsettled.size else steps[0]
     return RankingStability(np.array(steps), taus, stable_from)
+
+
+# ------------------------------------------------------------------ tuning budget curves
+
+def _check_trial_values(values):
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"values must be a non-empty 1-D sequence of finite trial results, "
+                         f"got {values!r}")
+    return values
+
+
+def _check_ks(ks):
+    ks = np.asarray(ks)
+    if ks.ndim != 1 or ks.size == 0 or not np.issubdtype(ks.dtype, np.integer) or \
+            (ks < 1).any():
+        raise ValueError(f"ks must be a non-empty 1-D sequence of ints >= 1, got {ks!r}")
+    return ks
+
+
+def expected_best(values: Sequence[float], ks: Sequence[int]) -> np.ndarray:
+    """The expected best (lowest) result of k trials drawn from `values`, for each k in `ks`.
+
+    Dodge et al.'s expected validation performance: k trials drawn with replacement from
+    the empirical distribution of the trials run; exactly, with v_1 <= ... <= v_n sorted,
+    E[min of k] = sum_i v_i ((n - i + 1)^k - (n - i)^k) / n^k. At k = 1 it is the mean, as
+    k grows it falls to the best trial run.
+
+    Args:
+      values: the trials' results (lower is better; finite: count a failed trial as the
+        worst result you accept).
+      ks: trial counts (ints >= 1).
+
+    Returns:
+      array of `len(ks)` expected bests.
+
+    Raises:
+      ValueError: empty or non-finite values, ks below 1 or not ints.
+
+    References:
+      Dodge et al. 2019, "Show Your Work: Improved Reporting of Experimental Results",
+      https://arxiv.org/abs/1909.03004.
+
+    >>> expected_best([1.0, 3.0], [1, 2])   # k = 2: min 1 unless both draws are 3
+    array([2. , 1.5])
+    """
+    values = np.sort(_check_trial_values(values))
+    ks = _check_ks(ks)
+    n = values.size
+    at_least = np.arange(n, 0, -1, dtype=np.float64) / n   # P(draw >= v_i), i = 1..n
+    above = np.append(at_least[1:], 0.0)                    # P(draw > v_i)
+    weights = at_least[None, :] ** ks[:, None] - above[None, :] ** ks[:, None]
+    return weights @ values
+
+
+def bootstrap_expected_best(values: Sequence[float], ks: Sequence[int],
+                            num_resamples: int = 1000, confidence: float = 0.95,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A percentile-bootstrap interval of `expected_best(values, ks)` over the trials.
+
+    Each resample draws `len(values)` trials with replacement and recomputes the curve.
+
+    Args:
+      values, ks: as for `expected_best`.
+      num_resamples: bootstrap resamples (>= 1).
+      confidence: the interval's coverage, in (0, 1).
+      seed: seed of the resampling.
+
+    Returns:
+      `(low, high)`, arrays of `len(ks)`.
+
+    Raises:
+      ValueError: as `expected_best`, or a bad `num_resamples` / `confidence`.
+    """
+    values = _check_trial_values(values)
+    ks = _check_ks(ks)
+    if not isinstance(num_resamples, numbers.Integral) or num_resamples < 1:
+        raise ValueError(f"num_resamples must be an int >= 1, got {num_resamples!r}")
+    if not _is_real(confidence) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, values.size, size=(num_resamples, values.size))
+    curves = np.stack([expected_best(values[row], ks) for row in draws])
+    low, high = np.quantile(curves, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    return low, high

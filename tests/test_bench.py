@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 
 from ravine import models, optim
-from ravine.experiments import bench, workloads
+from ravine.experiments import bench, scoring, workloads
 from ravine.experiments.runtime import cli, user_modules
 from tests.scripts import run_main
 
@@ -217,8 +217,16 @@ def test_user_workload_runs_through_the_bench_and_resumes(tmp_path, user_workloa
                                                           user_optimizer):
     plan = bench.make_plan(str(tmp_path), suite=["user_lines", "noisy_quadratic"],
                            optimizers=["adamw", user_optimizer], trials=2, studies=2)
-    first = bench.render_report(bench.run_benchmark(plan, log=lambda line: None))
+    results = bench.run_benchmark(plan, log=lambda line: None)
+    first = bench.render_report(results)
     assert "user_lines" in first and "refresh_every" in first
+    # the tuning budget's curve: every trial's best metric, all 2 x 2 of them
+    pair = results["pairs"]["user_lines"]["adamw"]
+    bests = [min(m for _, m in t["curve"]) for t in pair["trials"]]
+    curve = bench.summarize(results)["tuning_budget"]["user_lines"]["adamw"]
+    assert curve["ks"] == [1, 2, 3, 4] and curve["failed"] == 0
+    np.testing.assert_allclose(curve["expected"], scoring.expected_best(bests, [1, 2, 3, 4]))
+    assert "## Tuning budget" in first
     saved = json.load(open(bench.pair_path(str(tmp_path), "user_lines", user_optimizer)))
     assert all("momentum" in t["hparams"] for t in saved["trials"])
     os.remove(bench.pair_path(str(tmp_path), "user_lines", "adamw"))
@@ -240,9 +248,10 @@ def test_smoke_preset_writes_the_report_and_profile(tmp_path, capfd):
     assert "bench: " in out
     report = (tmp_path / bench.REPORT_FILE).read_text()
     for heading in ("## Search spaces", "## Time to target", "## Scores", "## End of training",
-                    bench.TIMING_HEADING):
+                    "## Tuning budget", bench.TIMING_HEADING):
         assert heading in report
     assert (tmp_path / bench.PROFILE_FILE).stat().st_size > 10_000
+    assert (tmp_path / bench.BUDGET_FILE).stat().st_size > 10_000
     results = json.loads((tmp_path / bench.RESULTS_FILE).read_text())
     preset = bench.PRESETS["smoke"]
     assert list(results["workloads"]) == list(preset.workloads)

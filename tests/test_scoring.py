@@ -1,4 +1,5 @@
 """AlgoPerf scores, performance profiles, data speedups and ranking stability (scoring.py)."""
+import itertools
 import math
 
 import numpy as np
@@ -211,3 +212,40 @@ def test_ranking_stability_rejects_bad_inputs():
         scoring.ranking_stability({0: {"a": 1.0}}, {"a": 1.0})
     with pytest.raises(ValueError, match="threshold must be in"):
         scoring.ranking_stability({0: FINAL}, FINAL, threshold=2.0)
+
+
+# ------------------------------------------------------------------ tuning budget curves
+
+def test_expected_best_is_the_mean_minimum_over_every_draw():
+    values = [0.31, 0.12, 0.5, 0.12, 0.27]   # a tie included
+    ks = [1, 2, 3, 4]
+    by_enumeration = [np.mean([min(draw) for draw in itertools.product(values, repeat=k)])
+                      for k in ks]
+    np.testing.assert_allclose(scoring.expected_best(values, ks), by_enumeration, rtol=1e-12)
+    assert scoring.expected_best(values, [1])[0] == pytest.approx(np.mean(values))
+    assert scoring.expected_best(values, [500])[0] == pytest.approx(0.12)
+
+
+def test_bootstrap_expected_best_brackets_the_curve_and_is_seeded():
+    values = np.random.default_rng(0).uniform(0.1, 1.0, 15)
+    ks = np.arange(1, 16)
+    low, high = scoring.bootstrap_expected_best(values, ks, num_resamples=400, seed=3)
+    curve = scoring.expected_best(values, ks)
+    assert (low <= curve).all() and (curve <= high).all() and (low < high).all()
+    assert (np.diff(low) <= 1e-12).all()   # more trials never expect a worse best
+    again = scoring.bootstrap_expected_best(values, ks, num_resamples=400, seed=3)
+    np.testing.assert_array_equal(again[0], low)
+    # the resampled trials: their curve's lower quantile sits at the best's neighbourhood
+    assert low[-1] >= values.min() and high[0] <= values.max()
+
+
+@pytest.mark.parametrize("args, match", [
+    (([], [1]), "values"), (([1.0, np.inf], [1]), "values"), (([1.0], [0]), "ks"),
+    (([1.0], [1.5]), "ks")])
+def test_expected_best_rejects_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        scoring.expected_best(*args)
+    with pytest.raises(ValueError, match=match):
+        scoring.bootstrap_expected_best(*args)
+    with pytest.raises(ValueError, match="num_resamples"):
+        scoring.bootstrap_expected_best([1.0], [1], num_resamples=0)
