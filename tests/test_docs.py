@@ -198,3 +198,45 @@ def test_new_optimizers_bench_rows_are_its_output():
             assert ours == ms and table[name][4] == f"{ratio} ({theirs})", name
         else:
             assert table[name][4] == "-", name
+
+
+def report_table(report, heading):
+    """The lines of the first table under `## heading` of a markdown report."""
+    lines = report.split(f"\n## {heading}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")),
+               len(lines))
+    return lines[start:end]
+
+
+def test_benchmark_tables_are_the_default_suites_report_and_results():
+    import json
+    import math
+
+    from ravine.experiments import bench
+
+    folder = os.path.join(ROOT, "docs/benchmarks/bench_default")
+    report = open(os.path.join(folder, "report.md")).read()
+    results = json.load(open(os.path.join(folder, "results.json")))
+    times = report_table(report, "Time to target (steps)")
+    scores = report_table(report, "Scores (time to target in steps)")
+    for table in (times, scores):   # README's tables are the report's
+        assert "\n".join(table) in README
+    summary = bench.summarize(results)   # the report's numbers are the results file's
+    for row in scores[2:]:
+        name, score, interval = [c.strip() for c in row.strip("|").split("|")]
+        iv = summary["steps"]["intervals"][name]
+        assert [score, interval] == [f"{iv.score:.3f}", f"{iv.low:.3f} .. {iv.high:.3f}"]
+    header = [c.strip() for c in times[0].strip("|").split("|")]
+    for row in times[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name, cell in zip(header[1:], cells[1:]):
+            median = summary["steps"]["times"][name][cells[0]]
+            hits = sum(math.isfinite(t) for t in summary["steps"]["study_times"][name][cells[0]])
+            shown = "inf" if math.isinf(median) else f"{median:.0f}"
+            assert cell == f"{shown} ({hits}/{results['studies']})", (cells[0], name)
+    # the run's wall time and CPU as README states them come from its log
+    log = open(os.path.join(folder, "run.log")).read()
+    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:17.80" in log
+    assert "User time (seconds): 893.12" in log
+    assert "10 min\n18 s of wall time, 893 s of CPU" in README
