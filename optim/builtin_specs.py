@@ -100,7 +100,12 @@ register_builtin("ademamix", ademamix, centre_lr=3e-3,
                  search_space={"alpha": (2.0, 10.0, "linear")})
 register_builtin("adopt", adopt, centre_lr=3e-3)
 register_builtin("mars", mars, centre_lr=3e-3, search_space={"gamma": (0.005, 0.1, "log")})
-register_builtin("kron", kron, centre_lr=1e-3)
+# Not vmappable: vmapped over runs, Kron's triangular solves become batched LAPACK trsm
+# calls, and inside a loop (the bench's scanned chunk: 15 trials of digits_mlp) two of them
+# running at once can each wait on sub-tasks queued to the same XLA:CPU thread pool: on 2
+# cores both pool threads block in jaxlib's TriMatrixEquationSolver and the program hangs
+# at 0% CPU (jax 0.10.2, gdb, 2026-12-06). One run at a time, the solves are unbatched.
+register_builtin("kron", kron, centre_lr=1e-3, vmappable=False)
 register_builtin("adamsage", adamsage, centre_lr=1e-2)
 # The paper's C-AdamW: Adam's direction masked, decay outside the mask; the kept coordinates
 # are rescaled by 1 / (kept fraction), so the step keeps its size on average: AdamW's centre.

@@ -37,7 +37,8 @@ class OptimizerSpec(NamedTuple):
       centre_lr: a good peak learning rate on the race's default workload (the tiny LM,
         warmup-cosine): the centre of the race's learning-rate grid.
       vmappable: whether runs with different learning rates and seeds can share one
-        vmapped program (False for an extra update argument or a train step of its own).
+        vmapped program (False for an extra update argument, a train step of its own, or
+        a program that XLA runs badly batched: Kron's LAPACK solves on CPU).
       eval_params: `(params, opt_state) -> params` to evaluate and average at (Schedule-
         Free's x), `opt_state` being the state of the factory's transform; None: the params
         themselves.

@@ -194,6 +194,16 @@ def test_a_workload_without_batched_steps_runs_each_trial_step_by_step_alike(use
     assert workloads.get("digits_mlp").batched_steps
 
 
+def test_kron_trials_run_one_by_one(user_workload):
+    # vmapped over trials its batched LAPACK solves can deadlock XLA:CPU's thread pool
+    # (optim/builtin_specs.py); its spec says so and the bench asks the spec
+    plan = bench.make_plan("unused", suite=["user_lines"], optimizers=["kron"], trials=2,
+                           studies=2)
+    runner = bench.PairRunner(workloads.get("user_lines"), "kron", plan, None)
+    assert not optim.spec("kron").vmappable and not runner.vectorized
+    assert [len(group) for group in runner.groups(runner.trials())] == [1] * 4
+
+
 # ---------------------------------------------------------------------- flags and resume
 
 def test_bad_flag_values_are_usage_errors_naming_them(tmp_path):
