@@ -31,8 +31,9 @@ What it does, per workload of the suite (`experiments.workloads`) and per optimi
    whose spec is not `vmappable` (extra update arguments, Schedule-Free) runs trial by trial
    through one program with its hyperparameters still as data; one with a train step of its
    own (K-FAC) is skipped with one line. A workload without `batched_steps` (the conv net)
-   runs every optimizer trial by trial and step by step (one compiled step per call). A `constant_lr` spec gets a constant lr and its
-   warmup fraction goes to its own `warmup_hparam`.
+   runs every optimizer trial by trial and step by step (one compiled step per call). A
+   `constant_lr` spec gets a constant lr and its warmup fraction goes to its own
+   `warmup_hparam`.
 3. Scores. Per workload a target: the workload's own, or the baseline's (`--baseline`,
    default adamw) median over studies of its best eval metric (the upper of the two middle
    values for an even S, so the baseline reaches it in more than half of its studies). Time
@@ -46,11 +47,12 @@ What it does, per workload of the suite (`experiments.workloads`) and per optimi
    budget's curve: the expected best of k trials against k (`scoring.expected_best`, Dodge
    et al. 2019) with bootstrap bands (DIR/tuning_budget.png).
 
-Outputs: DIR/results.json (everything the report is rendered from), DIR/report.md (printed)
-DIR/performance_profile.png and DIR/tuning_budget.png. Resumable after SIGKILL: each (workload, optimizer) result
-is written to DIR/runs/<workload>/<optimizer>.json atomically when done and read back on a
-rerun with the same settings; a resumed run's report equals an uninterrupted one's above its
-"Wall clock" section (the only place timings enter). Bad flags exit 2 with one line.
+Outputs: DIR/results.json (everything the report is rendered from), DIR/report.md (printed),
+DIR/performance_profile.png and DIR/tuning_budget.png. Resumable after SIGKILL: each
+(workload, optimizer) result is written to DIR/runs/<workload>/<optimizer>.json atomically
+when done and read back on a rerun with the same settings; a resumed run's report equals an
+uninterrupted one's above its "Wall clock" section (the only place timings enter). Bad flags
+exit 2 with one line.
 
 Speedup against model size: `--preset=scale` also runs the scaling study's `speedup` study
 (`ravine-scaling --what=speedup`, experiments/scaling_study.py: one implementation) on the
@@ -1022,9 +1024,10 @@ def _timing_section(results, s):
     for w in wls:
         for o in opts:
             p = pairs[w][o]
-            lines.append(f"| {w} | {o} | {p['programs']} | "
-                         f"{'vmap' if p['vectorized'] else 'one by one'}"
-                         f"{'' if results['workloads'][w].get('batched_steps', True) else ', step by step'} | "
+            mode = "vmap" if p["vectorized"] else "one by one"
+            if not results["workloads"][w].get("batched_steps", True):
+                mode += ", step by step"
+            lines.append(f"| {w} | {o} | {p['programs']} | {mode} | "
                          f"{_fmt(p['seconds_per_step'], '.2e')} | {p['compile_seconds']:.1f} |")
             total_seconds += p["run_seconds"]
             flops = results["workloads"][w]["model_flops_per_step"]
