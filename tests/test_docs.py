@@ -240,3 +240,28 @@ def test_benchmark_tables_are_the_default_suites_report_and_results():
     assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:17.80" in log
     assert "User time (seconds): 893.12" in log
     assert "10 min\n18 s of wall time, 893 s of CPU" in README
+
+
+def test_speedup_table_is_the_speedup_studys_report_and_results():
+    import json
+
+    folder = os.path.join(ROOT, "docs/scaling/speedup")
+    report = open(os.path.join(folder, "report.md")).read()
+    results = json.load(open(os.path.join(folder, "results.json")))
+    table = report_table(report, "Speedup over adamw")
+    assert "\n".join(table) in README
+    fits = results["speedups"]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[2:] == ["muon", "soap"]
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name, cell in zip(header[2:], cells[2:]):
+            value = (fits[name]["slope"] if cells[0] == "slope"
+                     else fits[name]["speedups"][cells[0]])
+            assert cell.startswith(f"{value:.3f} ["), (cells[0], name)
+    log = open(os.path.join(folder, "run.log")).read()
+    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 22:28.60" in log
+    assert "User time (seconds): 2149.91" in log
+    assert "22 min 29 s of wall time, 2150 s of CPU" in README
+    assert (results["n_runs"], f"{results['flops']['total']:.3g}") == (70, "3.65e+13")
+    assert "70 runs, 3.65e13 training FLOPs" in README
