@@ -209,19 +209,21 @@ def report_table(report, heading):
     return lines[start:end]
 
 
-def test_benchmark_tables_are_the_default_suites_report_and_results():
+def check_bench_tables(folder, document):
+    """The time-to-target and score tables of the bench report in `folder` are in
+    `document`, and their cells are the results file's (`bench.summarize`)."""
     import json
     import math
 
     from ravine.experiments import bench
 
-    folder = os.path.join(ROOT, "docs/benchmarks/bench_default")
+    folder = os.path.join(ROOT, folder)
     report = open(os.path.join(folder, "report.md")).read()
     results = json.load(open(os.path.join(folder, "results.json")))
     times = report_table(report, "Time to target (steps)")
     scores = report_table(report, "Scores (time to target in steps)")
-    for table in (times, scores):   # README's tables are the report's
-        assert "\n".join(table) in README
+    for table in (times, scores):   # the document's tables are the report's
+        assert "\n".join(table) in document
     summary = bench.summarize(results)   # the report's numbers are the results file's
     for row in scores[2:]:
         name, score, interval = [c.strip() for c in row.strip("|").split("|")]
@@ -235,8 +237,12 @@ def test_benchmark_tables_are_the_default_suites_report_and_results():
             hits = sum(math.isfinite(t) for t in summary["steps"]["study_times"][name][cells[0]])
             shown = "inf" if math.isinf(median) else f"{median:.0f}"
             assert cell == f"{shown} ({hits}/{results['studies']})", (cells[0], name)
+    return open(os.path.join(folder, "run.log")).read()
+
+
+def test_benchmark_tables_are_the_default_suites_report_and_results():
+    log = check_bench_tables("docs/benchmarks/bench_default", README)
     # the run's wall time and CPU as README states them come from its log
-    log = open(os.path.join(folder, "run.log")).read()
     assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:17.80" in log
     assert "User time (seconds): 893.12" in log
     assert "10 min\n18 s of wall time, 893 s of CPU" in README
@@ -265,3 +271,10 @@ def test_speedup_table_is_the_speedup_studys_report_and_results():
     assert "22 min 29 s of wall time, 2150 s of CPU" in README
     assert (results["n_runs"], f"{results['flops']['total']:.3g}") == (70, "3.65e+13")
     assert "70 runs, 3.65e13 training FLOPs" in README
+
+
+def test_new_optimizers_bench_tables_are_their_suites_report_and_results():
+    log = check_bench_tables("docs/benchmarks/bench_new_optimizers", BENCHMARKS)
+    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:48.84" in log
+    assert "User time (seconds): 994.61" in log
+    assert "took 10 min 49 s (995 s of CPU)" in BENCHMARKS
