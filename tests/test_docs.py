@@ -241,7 +241,16 @@ def check_bench_tables(folder, document):
 
 
 def test_benchmark_tables_are_the_default_suites_report_and_results():
+    from ravine.experiments import bench
+
     log = check_bench_tables("docs/benchmarks/bench_default", README)
+    report = open(os.path.join(ROOT, "docs/benchmarks/bench_default/report.md")).read()
+    seconds = report.split(bench.TIMING_HEADING)[1]
+    for row in ("| adamw | 0.914 | 0.510 .. 0.943 |", "| muon | 0.753 |", "| soap | 0.611 |",
+                "| schedule_free_adamw | 0.200 |", "| lion | 0.000 |"):
+        assert row in seconds
+    assert ("AdamW 0.914 [0.510, 0.943], Muon 0.753, SOAP 0.611, Schedule-Free\n0.200, Lion 0"
+            in README)
     # the run's wall time and CPU as README states them come from its log
     assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:17.80" in log
     assert "User time (seconds): 893.12" in log
