@@ -287,3 +287,34 @@ def test_new_optimizers_bench_tables_are_their_suites_report_and_results():
     assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:48.84" in log
     assert "User time (seconds): 994.61" in log
     assert "took 10 min 49 s (995 s of CPU)" in BENCHMARKS
+
+
+def check_scaling_tables(what, headings, wall, cpu, readme_time):
+    """The tables under `headings` of docs/scaling/<what>/report.md are in README; the run's
+    wall time and CPU are its log's, as README states them. Returns (report, results)."""
+    import json
+
+    folder = os.path.join(ROOT, "docs/scaling", what)
+    report = open(os.path.join(folder, "report.md")).read()
+    for heading in headings:
+        assert "\n".join(report_table(report, heading)) in README, heading
+    log = open(os.path.join(folder, "run.log")).read()
+    assert f"Elapsed (wall clock) time (h:mm:ss or m:ss): {wall}" in log
+    assert f"User time (seconds): {cpu}" in log
+    assert readme_time in README
+    return report, json.load(open(os.path.join(folder, "results.json")))
+
+
+def test_isoflop_tables_are_the_studys_report_and_results():
+    report, results = check_scaling_tables(
+        "isoflop", ["Approach 2: optima per budget", "Exponents"], "7:00.74", "633.19",
+        "7 min 1 s of\nwall time, 633 s of CPU")
+    exponents = dict(row.strip("|").split("|", 1)
+                     for row in report_table(report, "Exponents")[2:])
+    for label, fit in (("approach 2, N with embeddings", "chinchilla"),
+                       ("approach 2, N without embeddings", "kaplan")):
+        f = results["fits"][fit]
+        cells = [c.strip() for c in exponents[f" {label} "].split("|")[:2]]
+        assert cells == [f"{f[k]:.3f} [{f[k + '_interval'][0]:.3f}, "
+                         f"{f[k + '_interval'][1]:.3f}]" for k in ("a", "b")], label
+    assert "a = 0.41 [0.39, 0.43] counting embeddings" in README
