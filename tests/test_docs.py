@@ -318,3 +318,21 @@ def test_isoflop_tables_are_the_studys_report_and_results():
         assert cells == [f"{f[k]:.3f} [{f[k + '_interval'][0]:.3f}, "
                          f"{f[k + '_interval'][1]:.3f}]" for k in ("a", "b")], label
     assert "a = 0.41 [0.39, 0.43] counting embeddings" in README
+
+
+def test_ffn_table_is_the_studys_report_and_results():
+    report, results = check_scaling_tables(
+        "ffn", ["Table 1, at this scale"], "5:06.40", "486.84", "5 min 6 s, 487 s of CPU")
+    import numpy as np
+    import scipy.stats
+
+    rows = report_table(report, "Table 1, at this scale")[2:]
+    assert len(rows) == len(results["rows"]) == 8
+    for line, row in zip(rows, results["rows"]):
+        losses = np.array(row["losses"])   # the interval recomputed from the seeds' losses
+        half = scipy.stats.t.ppf(0.975, len(losses) - 1) * losses.std(ddof=1) / np.sqrt(
+            len(losses))
+        np.testing.assert_allclose([row["mean"], row["half"]], [losses.mean(), half])
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3] == f"{row['mean']:.4f} +/- {row['half']:.4f} ({len(losses)})"
+        assert row["variant"] in cells[0].lower()
