@@ -336,3 +336,26 @@ def test_ffn_table_is_the_studys_report_and_results():
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[3] == f"{row['mean']:.4f} +/- {row['half']:.4f} ({len(losses)})"
         assert row["variant"] in cells[0].lower()
+
+
+def test_critical_batch_table_is_the_studys_report_and_results():
+    from ravine.experiments import scaling
+
+    report, results = check_scaling_tables(
+        "critical_batch", ["Critical batch size"], "8:06.83", "767.44",
+        "8 min 7 s, 767 s of CPU")
+    rows = report_table(report, "Critical batch size")[2:]
+    assert len(rows) == len(results["rows"]) == 6
+    for line, row in zip(rows, results["rows"]):
+        # the fit, redone on the steps the results file holds, is the report's
+        sizes = sorted(int(b) for b, s in row["steps"].items() if s is not None)
+        s_min, b_crit = scaling.fit_critical_batch(sizes, [row["steps"][str(b)] for b in sizes])
+        assert (s_min, b_crit) == (row["s_min"], row["b_crit"])
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [row["axis"], row["size"]]
+        assert cells[3].startswith(f"{s_min:.4g} [") and cells[4].startswith(f"{b_crit:.3g} [")
+    x, y = results["exponents"]["model"], results["exponents"]["data"]
+    assert (f"x = {x['value']:.3f} [{x['interval'][0]:.3f}, {x['interval'][1]:.3f}]"
+            in README)
+    assert (f"y = {y['value']:.3f} [{y['interval'][0]:.3f}, {y['interval'][1]:.3f}]"
+            in README)
