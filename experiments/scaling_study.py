@@ -288,8 +288,8 @@ PRESETS = {
             sizes=("tiny", "mini"), reference="tiny", data=(1.0, 2.0), batch_sizes=(2, 4, 8),
             lr_factors=(1.0, 2.0), seeds=2, overshoot=2.0, evals=5, warmup=0.05,
             resamples=100, lanes=8, fast_compile=True,
-            about="a check that everything runs: 2 sizes, 2 data sizes, 3 batch sizes; its "
-            "numbers say nothing"),
+            about="a check that everything runs (the tests run it): 2 sizes, 2 data sizes, "
+            "3 batch sizes; its numbers say nothing"),
         "default": CriticalBatchPreset(
             sizes=("tiny", "small", "medium"), reference="small", data=(4.0, 8.0, 16.0),
             batch_sizes=(2, 4, 8, 16, 32, 64), lr_factors=(0.5, 1.0, 2.0), seeds=2,
@@ -301,18 +301,19 @@ PRESETS = {
     },
     "lr_batch": {
         "smoke": LrBatchPreset(
-            sizes=("small", "compact", "medium"), lr_factors=(0.5, 1.0, 2.0),
+            sizes=("small", "compact"), lr_factors=(0.5, 1.0, 2.0),
             batch_sizes=(8, 16), reference_batch=16, tokens_per_param=0.25, seeds=2,
             warmup=0.1, calls=1, resamples=100, lanes=8, fast_compile=True,
-            about="a check that everything runs: 3 widths, 3 lrs, 2 batch sizes, a few "
-            "steps; its numbers say nothing"),
+            about="a check that everything runs (the tests run it): 2 widths, 3 lrs, 2 "
+            "batch sizes, a few steps; its numbers say nothing"),
         "default": LrBatchPreset(
             sizes=("small", "compact", "medium", "wide"),
-            lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0), batch_sizes=(8, 16, 32),
+            lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), batch_sizes=(8, 16, 32),
             reference_batch=16, tokens_per_param=3.0, seeds=2, warmup=0.1, calls=10,
             resamples=500, lanes=1, fast_compile=False,
-            about="the width ladder (16, 24, 32, 48 at depth 2), 5 lrs x 3 batch sizes x 2 "
-            "seeds at 3 tokens per param, then the transfer runs: 8e12 training FLOPs"),
+            about="the width ladder (16, 24, 32, 48 at depth 2), 7 lrs (0.25x to 16x the "
+            "spec's) x 3 batch sizes x 2 seeds at 3 tokens per param, then the transfer "
+            "runs: 1.1e13 training FLOPs"),
     },
     "ffn": {
         "smoke": FfnPreset(
@@ -1628,10 +1629,12 @@ def _lr_optima(plan, runs, done, sample):
              for size in p.sizes}
     params = [_params(_width_arm(size, p.reference_batch)) for size in p.sizes]
     laws = {}
-    for name, values in (("lr", [lr_opt[s, p.reference_batch][0] for s in p.sizes]),
-                         ("batch", [b_opt[s][0] for s in p.sizes])):
-        laws[name] = (scaling.fit_power_law(params, values)
-                      if all(v is not None for v in values) else (None, None))
+    # An optimum at the grid's edge is a bound, not a value: no law is fitted through one.
+    for name, optima in (("lr", [lr_opt[s, p.reference_batch] for s in p.sizes]),
+                         ("batch", [b_opt[s] for s in p.sizes])):
+        laws[name] = (scaling.fit_power_law(params, [value for value, _, _ in optima])
+                      if all(value is not None and not edge for value, _, edge in optima)
+                      else (None, None))
     return mean, lr_opt, b_opt, laws
 
 
@@ -1682,12 +1685,24 @@ def run_lr_batch(plan, store, log=print) -> dict:
                          "losses": [done[r]["final_loss"] for r in rs]}
         rows.append(row)
     return {"what": "lr_batch", "ladder": _ladder(p.sizes), "rows": rows, "base_lr": lr0,
+            "reference_batch": p.reference_batch,
             "lrs": [centre * f for f in p.lr_factors],
             "laws": {name: {"coefficient": laws[name][0], "exponent": laws[name][1],
                             "interval": _interval(draws[name])} for name in ("lr", "batch")},
             "runs": [done[r] for r in dict.fromkeys(
                 [r for rs in sweep.values() for r in rs]
                 + [r for t in transfer.values() for rs in t.values() for r in rs])]}
+
+
+def _law_text(law, results, name):
+    """`N^exponent [interval]`, or why it was not fitted (an optimum at a grid edge)."""
+    if law["exponent"] is not None:
+        return f"N^{_fmt(law['exponent'], '.3f')} {_fmt_interval(law['interval'])}"
+    ref = str(results["reference_batch"])
+    edges = [r["size"] for r in results["rows"]
+             if (r["lr_opt"][ref] if name == "lr" else r["b_opt"])[2]]
+    return ("N^? (not fitted: the optimum is at the grid's edge at " + ", ".join(edges)
+            + ", so only a bound is known there)")
 
 
 def render_lr_batch(plan, results):
@@ -1726,10 +1741,9 @@ def render_lr_batch(plan, results):
                      + (" (edge)" if edge else "") + " |")
     laws = results["laws"]
     lines += ["", "Power laws in N (params with d_ff = 4 d_model): "
-              f"lr_opt ~ N^{_fmt(laws['lr']['exponent'], '.3f')} "
-              f"{_fmt_interval(laws['lr']['interval'])} (at batch {p.reference_batch}); "
-              f"B_opt ~ N^{_fmt(laws['batch']['exponent'], '.3f')} "
-              f"{_fmt_interval(laws['batch']['interval'])}. Published: DeepSeek LLM (2024) fit "
+              f"lr_opt ~ {_law_text(laws['lr'], results, 'lr')} (at batch "
+              f"{p.reference_batch}); B_opt ~ {_law_text(laws['batch'], results, 'batch')}. "
+              "Published: DeepSeek LLM (2024) fit "
               "lr_opt ~ C^-0.125 and B_opt ~ C^0.327 in compute; with the lr scaling as "
               "1/width and width ~ N^(1/2), lr_opt ~ N^-0.5.", "",
               "## Transfer from the narrowest width", "",

@@ -1,5 +1,5 @@
 """The scaling study's entry point (`ravine-scaling`, experiments/scaling_study.py): the smoke
-presets of isoflop and ffn end to end, in process (one run per preset, shared by the tests),
+presets of isoflop, ffn, critical_batch and lr_batch end to end, in process (one run per preset, shared by the tests),
 the isoflop analysis on Chinchilla's loss surface, bad flags, and a resume after a kill. The
 fits themselves: tests/test_scaling_fits.py.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ravine.experiments import scaling_study, workloads
+from ravine.experiments import scaling, scaling_study, workloads
 from tests.scripts import json_lines
 
 
@@ -100,12 +100,65 @@ def test_isoflop_fits_recover_chinchillas_exponents_from_its_loss_surface(tmp_pa
 
 
 @pytest.mark.slow
+def test_critical_batch_smoke_fits_each_setting_from_its_steps(tmp_path):
+    assert scaling_study.main(["--what=critical_batch", "--preset=smoke",
+                               f"--workdir={tmp_path}"]) == 0
+    report = (tmp_path / scaling_study.REPORT_FILE).read_text()
+    assert (tmp_path / "critical_batch.png").stat().st_size > 5_000
+    results = json.loads((tmp_path / scaling_study.RESULTS_FILE).read_text())
+    preset = scaling_study.PRESETS["critical_batch"]["smoke"]
+    assert [(r["axis"], r["size"]) for r in results["rows"]] == (
+        [("model", size) for size in preset.sizes]
+        + [("data", preset.reference)] * len(preset.data))
+    fitted = 0
+    for row in results["rows"]:
+        assert sorted(int(b) for b in row["steps"]) == list(preset.batch_sizes)
+        reached = [b for b in preset.batch_sizes if row["steps"][str(b)] is not None]
+        if row["s_min"] is not None:   # the fit is redone on the steps the results hold
+            assert scaling.fit_critical_batch(
+                reached, [row["steps"][str(b)] for b in reached]) == (row["s_min"],
+                                                                      row["b_crit"])
+            fitted += 1
+    assert fitted >= 1
+    for heading in ("## Steps to the target", "## Critical batch size",
+                    "## Model size or data size?", scaling_study.TIMING_HEADING):
+        assert heading in report
+
+
+@pytest.mark.slow
+def test_lr_batch_smoke_fits_no_law_through_an_optimum_at_the_grids_edge(tmp_path):
+    assert scaling_study.main(["--what=lr_batch", "--preset=smoke",
+                               f"--workdir={tmp_path}"]) == 0
+    report = (tmp_path / scaling_study.REPORT_FILE).read_text()
+    assert (tmp_path / "lr_batch.png").stat().st_size > 5_000
+    results = json.loads((tmp_path / scaling_study.RESULTS_FILE).read_text())
+    preset = scaling_study.PRESETS["lr_batch"]["smoke"]
+    ref = str(preset.reference_batch)
+    assert [r["size"] for r in results["rows"]] == list(preset.sizes)
+    for row in results["rows"]:
+        assert (f"| {row['size']} | {row['width']} | {row['params']:,} | "
+                + " | ".join(f"{x:.4f}" for x in row["losses"][ref]) + " |") in report
+    for name, edges in (("lr", [r["lr_opt"][ref][2] for r in results["rows"]]),
+                        ("batch", [r["b_opt"][2] for r in results["rows"]])):
+        law = results["laws"][name]
+        assert (law["exponent"] is None) == any(edges), name
+        if law["exponent"] is None:
+            assert f"{'lr_opt' if name == 'lr' else 'B_opt'} ~ N^? (not fitted" in report
+    # the transfer: the seed's 1/width rule and muP from the narrowest width's optimum
+    w0 = results["rows"][0]["width"]
+    for row in results["rows"][1:]:
+        assert row["rule"]["lr"] == pytest.approx(results["base_lr"] * w0 / row["width"])
+        assert row["mup"]["lr"] == pytest.approx(results["base_lr"])
+
+
+@pytest.mark.slow
 def test_ffn_smoke_writes_the_table_of_the_eight_variants(tmp_path):
     assert scaling_study.main(["--what=ffn", "--preset=smoke", f"--workdir={tmp_path}"]) == 0
     report = (tmp_path / scaling_study.REPORT_FILE).read_text()
     assert (tmp_path / "ffn.png").stat().st_size > 5_000
     by_variant = {}
-    for record in sorted(json_lines(tmp_path / scaling_study.RUNS_FILE), key=lambda r: r["key"]["seed"]):
+    for record in sorted(json_lines(tmp_path / scaling_study.RUNS_FILE),
+                         key=lambda r: r["key"]["seed"]):
         by_variant.setdefault(record["key"]["mlp"], []).append(record["result"])
     assert sorted(by_variant) == sorted(scaling_study.FFN_NAMES)
     params = set()
