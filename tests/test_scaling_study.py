@@ -1,7 +1,7 @@
 """The scaling study's entry point (`ravine-scaling`, experiments/scaling_study.py): the smoke
 presets of isoflop, ffn, critical_batch and lr_batch end to end, in process (one run per
-preset, shared by the tests), the isoflop analysis on Chinchilla's loss surface, bad flags, and a resume after a kill. The
-fits themselves: tests/test_scaling_fits.py.
+preset, shared by the tests), the isoflop analysis on Chinchilla's loss surface, bad flags,
+and a resume after a kill. The fits themselves: tests/test_scaling_fits.py.
 
 Time (2 CPU cores shared with other jobs, load average 5-7, 2026-12-06): 55-67 s (43-48 s of
 CPU) with a cold compilation cache, ~45 s (33 s of CPU) with the tests' cache warm. Compiling
