@@ -88,14 +88,12 @@ CPU are what a quiet machine would take): smoke presets isoflop 49 s (22 s of CP
 (23 s), critical_batch 54 s (34 s), lr_batch 70 s (62 s); with the fusion emitters off
 (`FAST_COMPILE`, load average 4-6): isoflop 41 s (21 s), ffn 40 s (22 s), speedup 38 s (27 s:
 per optimizer one train program holds its 4 widths and serves 1x, 2x and 4x, and the widths'
-vmapped params init is shared by both optimizers). The default presets were not run here;
-their training FLOPs (6-8e12 each, in each preset's `about`) take 10-25 min at the 5-15
-GFLOP/s measured for these models on 2 cores (2 runs vmapped, XLA's default optimisation);
-speedup's 3.65e13 ~45 min at the 12-21 GFLOP per CPU second measured for its medium and wide
-rungs (AdamW 21, Muon 19, SOAP 16 at wide). Measured (quiet, 2026-12-06 18:21 UTC): the
-default speedup study in 22 min 29 s (2150 s of CPU, 29.8 GFLOP/s aggregate): SOAP 1.47-1.63x
-AdamW's data at every width, Muon 0.54x at the narrowest to 1.21x at the widest
-(docs/scaling/speedup/report.md).
+vmapped params init is shared by both optimizers). The default presets, measured one at a
+time on the quiet machine (2026-12-06; reports, results and logs in docs/scaling/<what>/):
+isoflop 7 min 1 s, ffn 5 min 6 s, critical_batch 8 min 7 s, lr_batch 8 min 45 s (its
+widened 7-point grid), speedup 22 min 29 s (2150 s of CPU, 29.8 GFLOP/s aggregate: SOAP
+1.47-1.63x AdamW's data at every width, Muon 0.54x at the narrowest to 1.21x at the widest).
+README's "Scaling laws" section gives their tables and what they say.
 """
 import functools
 import json

@@ -359,3 +359,17 @@ def test_critical_batch_table_is_the_studys_report_and_results():
             in README)
     assert (f"y = {y['value']:.3f} [{y['interval'][0]:.3f}, {y['interval'][1]:.3f}]"
             in README)
+
+
+def test_lr_batch_tables_are_the_studys_report_and_results():
+    report, results = check_scaling_tables(
+        "lr_batch", ["Optima", "Transfer from the narrowest width"], "8:44.72", "774.40",
+        "8 min 45 s, 774 s of CPU")
+    lr_law, batch_law = results["laws"]["lr"], results["laws"]["batch"]
+    stated = (f"lr_opt ~ N^{lr_law['exponent']:.3f} [{lr_law['interval'][0]:.3g}, "
+              f"{lr_law['interval'][1]:.3g}] at batch 16")
+    assert stated in README and stated.replace(" at batch", " (at batch") in report
+    assert batch_law["exponent"] is None and all(r["b_opt"][:3:2] == [8, True]
+                                                 for r in results["rows"])
+    by_size = {r["size"]: r for r in results["rows"]}
+    assert by_size["wide"]["mup"]["loss"] < min(by_size["wide"]["losses"]["16"])
