@@ -745,12 +745,17 @@ def _metric(value):
     return math.inf if value is None else value
 
 
+def trial_bests(pair):
+    """Per trial: the best eval metric it reached (inf if none finite)."""
+    return [min((_metric(m) for _, m in t["curve"]), default=math.inf)
+            for t in pair["trials"]]
+
+
 def study_bests(pair, studies):
     """Per study: the best eval metric any trial reached (inf if none finite)."""
     best = [math.inf] * studies
-    for t in pair["trials"]:
-        for _, m in t["curve"]:
-            best[t["study"]] = min(best[t["study"]], _metric(m))
+    for t, trial_best in zip(pair["trials"], trial_bests(pair)):
+        best[t["study"]] = min(best[t["study"]], trial_best)
     return best
 
 
@@ -816,12 +821,6 @@ def summarize(results) -> dict:
     out["stability"] = {w: _stability(pairs[w], opts, S) for w in wls}
     out["tuning_budget"] = {w: _tuning_budget(pairs[w], opts) for w in wls}
     return out
-
-
-def trial_bests(pair):
-    """Per trial: the best eval metric it reached (inf if none finite)."""
-    return [min((_metric(m) for _, m in t["curve"]), default=math.inf)
-            for t in pair["trials"]]
 
 
 def _tuning_budget(pairs, opts):

@@ -153,20 +153,23 @@ def test_warmup_and_landscape_rows_are_the_demos_results():
 BENCHMARKS = open(os.path.join(ROOT, "BENCHMARKS.md")).read()
 
 
+def cells(row):
+    """The stripped cells of a markdown table row."""
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
 def benchmarks_table(heading):
     """{first cell: cells} of the first table under the BENCHMARKS.md heading `heading`."""
     section = BENCHMARKS.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
-    return {cells[0]: cells for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    return {row[0]: row for row in map(cells, lines[1:])}
 
 
 def test_new_optimizers_race_table_is_the_races_report():
     report = open(os.path.join(ROOT, "docs/benchmarks/new_optimizers_race.md")).read()
     ranked = [line for line in report.split("\n## ")[0].splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in ranked[0].strip("|").split("|")]
-    report_rows = {cells[0]: cells for cells in
-                   ([c.strip() for c in line.strip("|").split("|")] for line in ranked[1:])}
+    header = cells(ranked[0])
+    report_rows = {row[0]: row for row in map(cells, ranked[1:])}
     table = benchmarks_table("### The optimizers optax lacks raced (issue 33)")
     assert set(table) == set(report_rows) == {
         "adamw", "ademamix", "adopt", "mars", "kron", "adamsage", "cautious_adamw"}
@@ -200,6 +203,15 @@ def test_new_optimizers_bench_rows_are_its_output():
             assert table[name][4] == "-", name
 
 
+def check_run_log(folder, wall, cpu, stated, document):
+    """The run's wall time and user CPU are its log's (`/usr/bin/time -v` lines in
+    `folder`/run.log), and `document` states them as `stated`."""
+    log = open(os.path.join(ROOT, folder, "run.log")).read()
+    assert f"Elapsed (wall clock) time (h:mm:ss or m:ss): {wall}" in log
+    assert f"User time (seconds): {cpu}" in log
+    assert stated in document
+
+
 def report_table(report, heading):
     """The lines of the first table under `## heading` of a markdown report."""
     lines = report.split(f"\n## {heading}\n", 1)[1].splitlines()
@@ -226,24 +238,25 @@ def check_bench_tables(folder, document):
         assert "\n".join(table) in document
     summary = bench.summarize(results)   # the report's numbers are the results file's
     for row in scores[2:]:
-        name, score, interval = [c.strip() for c in row.strip("|").split("|")]
+        name, score, interval = cells(row)
         iv = summary["steps"]["intervals"][name]
         assert [score, interval] == [f"{iv.score:.3f}", f"{iv.low:.3f} .. {iv.high:.3f}"]
-    header = [c.strip() for c in times[0].strip("|").split("|")]
+    header = cells(times[0])
     for row in times[2:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        for name, cell in zip(header[1:], cells[1:]):
-            median = summary["steps"]["times"][name][cells[0]]
-            hits = sum(math.isfinite(t) for t in summary["steps"]["study_times"][name][cells[0]])
+        workload, *shown_times = cells(row)
+        for name, cell in zip(header[1:], shown_times):
+            median = summary["steps"]["times"][name][workload]
+            hits = sum(math.isfinite(t) for t in summary["steps"]["study_times"][name][workload])
             shown = "inf" if math.isinf(median) else f"{median:.0f}"
-            assert cell == f"{shown} ({hits}/{results['studies']})", (cells[0], name)
-    return open(os.path.join(folder, "run.log")).read()
+            assert cell == f"{shown} ({hits}/{results['studies']})", (workload, name)
 
 
 def test_benchmark_tables_are_the_default_suites_report_and_results():
     from ravine.experiments import bench
 
-    log = check_bench_tables("docs/benchmarks/bench_default", README)
+    check_bench_tables("docs/benchmarks/bench_default", README)
+    check_run_log("docs/benchmarks/bench_default", "10:17.80", "893.12",
+                  "10 min\n18 s of wall time, 893 s of CPU", README)
     report = open(os.path.join(ROOT, "docs/benchmarks/bench_default/report.md")).read()
     seconds = report.split(bench.TIMING_HEADING)[1]
     for row in ("| adamw | 0.914 | 0.510 .. 0.943 |", "| muon | 0.753 |", "| soap | 0.611 |",
@@ -251,42 +264,29 @@ def test_benchmark_tables_are_the_default_suites_report_and_results():
         assert row in seconds
     assert ("AdamW 0.914 [0.510, 0.943], Muon 0.753, SOAP 0.611, Schedule-Free\n0.200, Lion 0"
             in README)
-    # the run's wall time and CPU as README states them come from its log
-    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:17.80" in log
-    assert "User time (seconds): 893.12" in log
-    assert "10 min\n18 s of wall time, 893 s of CPU" in README
 
 
 def test_speedup_table_is_the_speedup_studys_report_and_results():
-    import json
-
-    folder = os.path.join(ROOT, "docs/scaling/speedup")
-    report = open(os.path.join(folder, "report.md")).read()
-    results = json.load(open(os.path.join(folder, "results.json")))
+    report, results = check_scaling_tables(
+        "speedup", ["Speedup over adamw"], "22:28.60", "2149.91",
+        "22 min 29 s of wall time, 2150 s of CPU")
     table = report_table(report, "Speedup over adamw")
-    assert "\n".join(table) in README
     fits = results["speedups"]
-    header = [c.strip() for c in table[0].strip("|").split("|")]
+    header = cells(table[0])
     assert header[2:] == ["muon", "soap"]
     for row in table[2:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        for name, cell in zip(header[2:], cells[2:]):
-            value = (fits[name]["slope"] if cells[0] == "slope"
-                     else fits[name]["speedups"][cells[0]])
-            assert cell.startswith(f"{value:.3f} ["), (cells[0], name)
-    log = open(os.path.join(folder, "run.log")).read()
-    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 22:28.60" in log
-    assert "User time (seconds): 2149.91" in log
-    assert "22 min 29 s of wall time, 2150 s of CPU" in README
+        size, _, *shown = cells(row)
+        for name, cell in zip(header[2:], shown):
+            value = fits[name]["slope"] if size == "slope" else fits[name]["speedups"][size]
+            assert cell.startswith(f"{value:.3f} ["), (size, name)
     assert (results["n_runs"], f"{results['flops']['total']:.3g}") == (70, "3.65e+13")
     assert "70 runs, 3.65e13 training FLOPs" in README
 
 
 def test_new_optimizers_bench_tables_are_their_suites_report_and_results():
-    log = check_bench_tables("docs/benchmarks/bench_new_optimizers", BENCHMARKS)
-    assert "Elapsed (wall clock) time (h:mm:ss or m:ss): 10:48.84" in log
-    assert "User time (seconds): 994.61" in log
-    assert "took 10 min 49 s (995 s of CPU)" in BENCHMARKS
+    check_bench_tables("docs/benchmarks/bench_new_optimizers", BENCHMARKS)
+    check_run_log("docs/benchmarks/bench_new_optimizers", "10:48.84", "994.61",
+                  "took 10 min 49 s (995 s of CPU)", BENCHMARKS)
 
 
 def check_scaling_tables(what, headings, wall, cpu, readme_time):
@@ -298,10 +298,7 @@ def check_scaling_tables(what, headings, wall, cpu, readme_time):
     report = open(os.path.join(folder, "report.md")).read()
     for heading in headings:
         assert "\n".join(report_table(report, heading)) in README, heading
-    log = open(os.path.join(folder, "run.log")).read()
-    assert f"Elapsed (wall clock) time (h:mm:ss or m:ss): {wall}" in log
-    assert f"User time (seconds): {cpu}" in log
-    assert readme_time in README
+    check_run_log(folder, wall, cpu, readme_time, README)
     return report, json.load(open(os.path.join(folder, "results.json")))
 
 
@@ -314,18 +311,17 @@ def test_isoflop_tables_are_the_studys_report_and_results():
     for label, fit in (("approach 2, N with embeddings", "chinchilla"),
                        ("approach 2, N without embeddings", "kaplan")):
         f = results["fits"][fit]
-        cells = [c.strip() for c in exponents[f" {label} "].split("|")[:2]]
-        assert cells == [f"{f[k]:.3f} [{f[k + '_interval'][0]:.3f}, "
+        assert cells(exponents[f" {label} "])[:2] == [f"{f[k]:.3f} [{f[k + '_interval'][0]:.3f}, "
                          f"{f[k + '_interval'][1]:.3f}]" for k in ("a", "b")], label
     assert "a = 0.41 [0.39, 0.43] counting embeddings" in README
 
 
 def test_ffn_table_is_the_studys_report_and_results():
-    report, results = check_scaling_tables(
-        "ffn", ["Table 1, at this scale"], "5:06.40", "486.84", "5 min 6 s, 487 s of CPU")
     import numpy as np
     import scipy.stats
 
+    report, results = check_scaling_tables(
+        "ffn", ["Table 1, at this scale"], "5:06.40", "486.84", "5 min 6 s, 487 s of CPU")
     rows = report_table(report, "Table 1, at this scale")[2:]
     assert len(rows) == len(results["rows"]) == 8
     for line, row in zip(rows, results["rows"]):
@@ -333,9 +329,9 @@ def test_ffn_table_is_the_studys_report_and_results():
         half = scipy.stats.t.ppf(0.975, len(losses) - 1) * losses.std(ddof=1) / np.sqrt(
             len(losses))
         np.testing.assert_allclose([row["mean"], row["half"]], [losses.mean(), half])
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[3] == f"{row['mean']:.4f} +/- {row['half']:.4f} ({len(losses)})"
-        assert row["variant"] in cells[0].lower()
+        shown = cells(line)
+        assert shown[3] == f"{row['mean']:.4f} +/- {row['half']:.4f} ({len(losses)})"
+        assert row["variant"] in shown[0].lower()
 
 
 def test_critical_batch_table_is_the_studys_report_and_results():
@@ -351,9 +347,9 @@ def test_critical_batch_table_is_the_studys_report_and_results():
         sizes = sorted(int(b) for b, s in row["steps"].items() if s is not None)
         s_min, b_crit = scaling.fit_critical_batch(sizes, [row["steps"][str(b)] for b in sizes])
         assert (s_min, b_crit) == (row["s_min"], row["b_crit"])
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:2] == [row["axis"], row["size"]]
-        assert cells[3].startswith(f"{s_min:.4g} [") and cells[4].startswith(f"{b_crit:.3g} [")
+        shown = cells(line)
+        assert shown[:2] == [row["axis"], row["size"]]
+        assert shown[3].startswith(f"{s_min:.4g} [") and shown[4].startswith(f"{b_crit:.3g} [")
     x, y = results["exponents"]["model"], results["exponents"]["data"]
     assert (f"x = {x['value']:.3f} [{x['interval'][0]:.3f}, {x['interval'][1]:.3f}]"
             in README)
